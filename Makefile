@@ -1,0 +1,41 @@
+# steer_lens: set-up, demo, tests, docs and benchmarks. Every target works on a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first, pinned (constraints.txt): an unpinned torch pulls several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+SHARED ?= ../shared
+# Use the shared Hugging Face cache (offline) when it is there; elsewhere the hub is used as usual.
+HF_ENV := $(if $(wildcard $(SHARED)/models/hub),HF_HUB_CACHE=$(abspath $(SHARED)/models/hub) HF_HUB_OFFLINE=1,)
+DATA ?= $(wildcard $(SHARED)/data/tinystories/*.txt)
+PYTEST_WORKERS ?= 2
+
+.PHONY: install demo test lint docs bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev,docs]"
+	touch $@
+
+demo: install
+	$(HF_ENV) $(BIN)/steer-lens demo $(if $(DATA),--texts $(DATA),) --out demo-out
+
+lint: install
+	$(BIN)/ruff check steer_lens tests benchmarks
+
+test: install lint
+	$(HF_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(HF_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:jaxtyping --nbmake --nbmake-timeout=900 notebooks
+
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+bench: install
+	$(HF_ENV) $(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) site demo-out .pytest_cache

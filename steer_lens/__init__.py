@@ -1,0 +1,51 @@
+"""steer_lens: learned steering vectors for transformer language models.
+
+Train steering vectors (supervised or by reinforcement learning) as parameters at TransformerLens hook
+points, then read them: logit lens, activation/attribution/path patching, SAE features, and
+comparison with LoRA fine-tunes.
+
+Importing the package does nothing but import: submodules that need optional dependencies
+(``sae``, ``lora``) and the heavier analyses load on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from steer_lens.errors import SteerLensError
+from steer_lens.models import load_model, model_info, random_model
+from steer_lens.steering import SteeredTransformer
+from steer_lens.vectors import SteeringVectors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SteerLensError",
+    "SteeredTransformer",
+    "SteeringVectors",
+    "__version__",
+    "analysis",
+    "errors",
+    "lens",
+    "load_model",
+    "lora",
+    "model_info",
+    "patching",
+    "random_model",
+    "sae",
+    "train",
+]
+
+_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "plotting", "cli"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from steer_lens import analysis, errors, lens, lora, patching, sae, train
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f"steer_lens.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'steer_lens' has no attribute {name!r}")

@@ -1,0 +1,801 @@
+"""The steered model: a HookedTransformer with learned vectors added at hook points during each call.
+
+:class:`SteeredTransformer` wraps a model (anything with TransformerLens's hook API) and a
+:class:`~steer_lens.vectors.SteeringVectors` module. Every call (forward, :meth:`generate`,
+:meth:`run_with_cache`, :meth:`run_with_hooks`) installs one forward hook per vector through the
+model's own ``hooks()`` context manager, which removes them when the call ends, also when it raises.
+Between calls the wrapped model is exactly the model it was: run it directly (``steered.model``) or
+use ``with steered.disabled():`` for the base run.
+
+At hook ``h`` the activation becomes ``act + scale * mask[b, t] * delta_h(act)`` where ``delta_h`` is
+the vector (cast to the activation's dtype) and ``mask`` selects positions:
+
+* ``"all"``: every position (the default, as in ActAdd / CAA and "Small Vectors, Big Effects");
+* ``"prompt"``: positions whose *input* token belongs to the prompt;
+* ``"generated"``: positions whose input token was generated (or, in training, is a completion
+  token). The first generated token is predicted from the last prompt position, so under
+  ``"generated"`` it is produced by an unsteered pass;
+* an explicit boolean mask ``[pos]`` or ``[batch, pos]`` over absolute positions (positions past its
+  end are not steered).
+
+Methods: activation addition (Turner et al. 2023), contrastive activation addition (Rimsky et al.
+2024), and learned steering vectors (Subramani et al. 2022; Sinii et al. 2025).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from steer_lens.errors import (
+    ConfigError,
+    EmptyInputError,
+    HookNameError,
+    IncompatibleVectorError,
+    NonFiniteError,
+    SequenceTooLongError,
+    ShapeMismatchError,
+)
+from steer_lens.models import ModelInfo, check_hook_names, model_info
+from steer_lens.vectors import (
+    SteeringVectors,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    vector_kinds,
+)
+
+__all__ = ["Generation", "PositionSpec", "SteeredTransformer", "difference_of_means", "hook_shapes"]
+
+logger = logging.getLogger(__name__)
+
+PositionSpec = Literal["all", "prompt", "generated"] | Tensor
+FORMAT = "steer_lens.vectors"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+TENSOR_FILE = "vectors.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------
+# hook validation
+# ---------------------------------------------------------------------------------------------------
+def hook_shapes(model, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the activations at ``hook_names`` for a 2-token input (batch 1, pos 2).
+
+    Used to check that a hook carries ``d_model`` in its last dimension before steering it.
+
+    Raises:
+        HookNameError: a name is not a hook point of the model.
+    """
+    check_hook_names(model, list(hook_names))
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(act, hook):
+        shapes[hook.name] = tuple(act.shape)
+
+    device = _model_device(model)
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(h, record) for h in hook_names], return_type=None)
+    return shapes
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device(model.cfg.device)
+
+
+def _model_dtype(model) -> torch.dtype:
+    return getattr(model.cfg, "dtype", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# call context: which absolute positions the current forward pass covers
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class _CallContext:
+    offset: int = 0  # absolute position of the first input token of this forward pass
+    prompt_end: Tensor | None = None  # [batch] absolute index where the prompt ends
+    _mask_cache: dict = field(default_factory=dict)
+
+    def mask(self, positions: PositionSpec, batch: int, pos: int, device) -> Tensor | None:
+        if isinstance(positions, str) and positions == "all":
+            return None
+        key = (batch, pos, self.offset)
+        if key in self._mask_cache:
+            return self._mask_cache[key]
+        abs_pos = torch.arange(self.offset, self.offset + pos, device=device)
+        if isinstance(positions, Tensor):
+            m = positions.to(device)
+            if m.ndim == 1:
+                m = m[None]
+            full = torch.zeros(m.shape[0], self.offset + pos, dtype=torch.bool, device=device)
+            n = min(m.shape[1], self.offset + pos)
+            full[:, :n] = m[:, :n]
+            out = full[:, self.offset :].expand(batch, pos)
+        else:
+            end = self.prompt_end
+            if end is None:
+                end = torch.full((batch,), 1 << 30, device=device)
+            end = end.to(device)
+            in_prompt = abs_pos[None, :] < end[:, None]
+            out = in_prompt if positions == "prompt" else ~in_prompt
+        out = out.to(torch.float32)[..., None]
+        self._mask_cache[key] = out
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation result
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Generation:
+    """The output of :meth:`SteeredTransformer.sample`: prompts and completions, as tokens and text.
+
+    Attributes:
+        tokens: ``[batch, prompt_len + new]`` left-padded prompts followed by generated tokens
+            (positions after a sequence's EOS hold the pad id).
+        attention_mask: ``[batch, prompt_len + new]`` 1 for real tokens (prompt and generated up to and
+            including EOS), 0 for padding.
+        completion_mask: ``[batch, new]`` True for generated tokens up to and including EOS.
+        prompt_len: padded prompt length; generated tokens start at this index.
+        prompts: the prompt texts (``None`` when token ids were given).
+        completions: decoded generated text per sequence (EOS excluded; ``None`` without tokenizer).
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    completion_mask: Bool[Tensor, "batch new"]
+    prompt_len: int
+    prompts: list[str] | None
+    completions: list[str] | None
+
+    @property
+    def completion_tokens(self) -> Int[Tensor, "batch new"]:
+        """The generated part of :attr:`tokens`."""
+        return self.tokens[:, self.prompt_len :]
+
+    def texts(self) -> list[str] | None:
+        """Prompt + completion per sequence (``None`` without texts)."""
+        if self.prompts is None or self.completions is None:
+            return None
+        return [p + c for p, c in zip(self.prompts, self.completions, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the wrapper
+# ---------------------------------------------------------------------------------------------------
+class SteeredTransformer(nn.Module):
+    """A model plus learned steering vectors at hook points, applied only while a call runs.
+
+    Calling it like the model (``steered(tokens)``) returns logits ``[batch, pos, d_vocab]`` with the
+    vectors on; gradients flow into the vectors, never into the model (whose parameters are frozen
+    here). The wrapped model is not registered as a submodule: ``steered.parameters()`` are the
+    vectors only, so an optimiser over them holds no state for the model.
+
+    Args:
+        model: a ``HookedTransformer`` (or anything with the same hook API).
+        hooks: hook names, e.g. ``["blocks.1.hook_resid_pre"]``; each must carry ``d_model`` in its
+            last dimension (resid_pre/mid/post, attn_out, mlp_out).
+        scale: multiplier on every vector (finite float).
+        positions: ``"all"``, ``"prompt"``, ``"generated"``, or a boolean mask ``[pos]`` /
+            ``[batch, pos]`` (see the module docstring).
+        init: ``"zeros"``, ``"random"`` (with ``init_norm``), a tensor ``[d_model]`` or a dict
+            hook -> tensor; for the CAA vector pass ``difference_of_means(...)``.
+        init_norm: norm of a random init (residual-stream units).
+        vectors: a ready :class:`SteeringVectors` (or subclass) instead of ``init``.
+        seed: seed of a random init.
+
+    Raises:
+        HookNameError: a hook is not in the model (closest names suggested) or is not ``d_model`` wide.
+        ConfigError: bad ``scale``, ``positions`` or ``init``.
+        ShapeMismatchError, NonFiniteError: a bad init tensor.
+
+    Example:
+        >>> steered = SteeredTransformer(model, hooks=["blocks.1.hook_resid_pre"])
+        >>> logits = steered(tokens)              # vectors on
+        >>> with steered.disabled():
+        ...     base = steered(tokens)            # the same call, vectors off
+    """
+
+    def __init__(
+        self,
+        model,
+        hooks: Sequence[str] | str,
+        *,
+        scale: float = 1.0,
+        positions: PositionSpec = "all",
+        init: str | Tensor | Mapping[str, Tensor] = "zeros",
+        init_norm: float | None = None,
+        vectors: SteeringVectors | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(hooks, str):
+            hooks = [hooks]
+        hooks = list(hooks)
+        if not hooks:
+            raise ConfigError("hooks: expected at least one hook name, got an empty list.")
+        d_model = int(model.cfg.d_model)
+        shapes = hook_shapes(model, hooks)
+        for h, shp in shapes.items():
+            if len(shp) != 3 or shp[-1] != d_model:
+                raise HookNameError(
+                    f"hook {h!r} has activations of shape {list(shp)} (for batch 1, pos 2); a steering "
+                    f"vector needs [batch, pos, d_model={d_model}]. Use a residual-stream hook "
+                    "(hook_resid_pre/mid/post) or hook_attn_out / hook_mlp_out."
+                )
+        self._check_scale(scale)
+        positions = self._check_positions(positions)
+        if vectors is None:
+            vectors = SteeringVectors(hooks, d_model, init=init, init_norm=init_norm, seed=seed)
+        else:
+            if list(vectors.hook_names) != hooks or vectors.d_model != d_model:
+                raise ShapeMismatchError(
+                    f"vectors: given vectors are at {list(vectors.hook_names)} with d_model "
+                    f"{vectors.d_model}; expected hooks {hooks} and d_model {d_model}."
+                )
+        object.__setattr__(self, "model", model)  # not a submodule: parameters() = vectors only
+        self.vectors = vectors.to(_model_device(model))
+        self._scale = float(scale)
+        self._positions = positions
+        self._enabled = True
+        self._ctx = _CallContext()
+        self.training_config: dict[str, Any] | None = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- validation -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_scale(scale: float) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise NonFiniteError(f"scale: expected a finite number, got {scale!r}.")
+
+    @staticmethod
+    def _check_positions(positions: PositionSpec) -> PositionSpec:
+        if isinstance(positions, Tensor):
+            if positions.dtype != torch.bool or positions.ndim not in (1, 2):
+                raise ConfigError(
+                    "positions: an explicit mask must be a bool tensor [pos] or [batch, pos], got "
+                    f"dtype {positions.dtype} and shape {list(positions.shape)}."
+                )
+            return positions.detach().clone()
+        if positions not in ("all", "prompt", "generated"):
+            raise ConfigError(
+                f"positions: expected 'all', 'prompt', 'generated' or a bool mask, got {positions!r}."
+            )
+        return positions
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The hook points that carry a vector."""
+        return tuple(self.vectors.hook_names)
+
+    @property
+    def scale(self) -> float:
+        """Multiplier applied to every vector (settable; must be finite)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._check_scale(value)
+        self._scale = float(value)
+
+    @property
+    def positions(self) -> PositionSpec:
+        """Which positions are steered (settable): ``"all"``, ``"prompt"``, ``"generated"`` or a mask."""
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: PositionSpec) -> None:
+        self._positions = self._check_positions(value)
+
+    @property
+    def cfg(self):
+        """The wrapped model's config (``d_model``, ``n_layers``, ``n_ctx`` ...)."""
+        return self.model.cfg
+
+    @property
+    def info(self) -> ModelInfo:
+        """Name, architecture and weight processing of the wrapped model."""
+        return model_info(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the wrapped model."""
+        return _model_device(self.model)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls add the vectors (see :meth:`disabled`)."""
+        return self._enabled
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _hook_fn(self, hook_name: str):
+        def hook(act: Tensor, hook) -> Tensor:
+            delta = self.vectors.delta(hook_name, act)
+            if self._scale != 1.0:
+                delta = delta * self._scale
+            mask = self._ctx.mask(self._positions, act.shape[0], act.shape[1], act.device)
+            if mask is not None:
+                delta = delta * mask
+            return act + delta.to(act.dtype)
+
+        return hook
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        """The ``(hook_name, fn)`` pairs that add the vectors; for ``model.hooks(fwd_hooks=...)``.
+
+        Prefer the wrapper's own methods, which install and remove these for you; this is for code
+        that must compose them with other hooks in one ``model.hooks`` context.
+        """
+        if not self._enabled:
+            return []
+        return [(h, self._hook_fn(h)) for h in self.hook_names]
+
+    @contextlib.contextmanager
+    def _steering(self, *, offset: int = 0, prompt_end: Tensor | None = None) -> Iterator[None]:
+        prev = self._ctx
+        self._ctx = _CallContext(offset=offset, prompt_end=prompt_end)
+        try:
+            with self.model.hooks(fwd_hooks=self.fwd_hooks()):
+                yield
+        finally:
+            self._ctx = prev
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[SteeredTransformer]:
+        """Context manager: calls on this wrapper run the base model (no vectors) inside it.
+
+        ``steered.model`` is always the base model too; this is for code that takes a wrapper.
+        """
+        prev = self._enabled
+        self._enabled = False
+        try:
+            yield self
+        finally:
+            self._enabled = prev
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float) -> Iterator[SteeredTransformer]:
+        """Context manager: use ``scale`` for the calls inside it, then restore the previous scale."""
+        self._check_scale(scale)
+        prev = self._scale
+        self._scale = float(scale)
+        try:
+            yield self
+        finally:
+            self._scale = prev
+
+    # -- calls ----------------------------------------------------------------------------------
+    def _prompt_end(self, prompt_lengths, batch: int | None = None) -> Tensor | None:
+        if prompt_lengths is None:
+            return None
+        pl = torch.as_tensor(prompt_lengths, device=self.device).reshape(-1)
+        return pl
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"] | str | list[str],
+        *args: Any,
+        prompt_lengths: Int[Tensor, " batch"] | Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the model with the vectors on; arguments as ``HookedTransformer.forward``.
+
+        Args:
+            tokens: token ids ``[batch, pos]`` (or text, tokenized by the model).
+            prompt_lengths: per sequence, how many leading tokens are prompt (for
+                ``positions="prompt"/"generated"``); default: all tokens are prompt.
+            *args, **kwargs: passed to the model (``return_type``, ``attention_mask`` ...).
+
+        Returns:
+            What the model returns: logits ``[batch, pos, d_vocab]`` by default.
+        """
+        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+            return self.model(tokens, *args, **kwargs)
+
+    def run_with_cache(
+        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, **kwargs: Any
+    ) -> tuple[Any, Any]:
+        """``model.run_with_cache`` with the vectors on: the cache holds steered activations.
+
+        At a steered hook the cached value already includes the vector.
+
+        Returns:
+            ``(output, ActivationCache)`` as TransformerLens returns them.
+        """
+        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+            return self.model.run_with_cache(*args, **kwargs)
+
+    def run_with_hooks(
+        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """``model.run_with_hooks`` with the vectors on (user hooks at a steered hook see it steered)."""
+        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+            return self.model.run_with_hooks(*args, **kwargs)
+
+    # -- tokenization -----------------------------------------------------------------------------
+    @property
+    def pad_token_id(self) -> int:
+        """Id used for padding (the tokenizer's pad, else EOS, else 0)."""
+        tok = getattr(self.model, "tokenizer", None)
+        if tok is not None:
+            if tok.pad_token_id is not None:
+                return int(tok.pad_token_id)
+            if tok.eos_token_id is not None:
+                return int(tok.eos_token_id)
+        return 0
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's EOS id (``None`` without a tokenizer)."""
+        tok = getattr(self.model, "tokenizer", None)
+        return None if tok is None or tok.eos_token_id is None else int(tok.eos_token_id)
+
+    def to_tokens(self, text: str, *, prepend_bos: bool = True) -> Int[Tensor, " pos"]:
+        """Token ids of one text (BOS first when ``prepend_bos``), on the model's device.
+
+        Raises:
+            ConfigError: the model has no tokenizer.
+        """
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ConfigError("this model has no tokenizer; pass token ids instead of text.")
+        return self.model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0]
+
+    def left_pad(
+        self, sequences: Sequence[Tensor]
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Left-pad 1-D token tensors into ``(tokens, attention_mask)``, both ``[batch, max_len]``."""
+        n = max(int(s.shape[0]) for s in sequences)
+        toks = torch.full((len(sequences), n), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(sequences), n), dtype=torch.long, device=self.device)
+        for i, s in enumerate(sequences):
+            toks[i, n - s.shape[0] :] = s.to(self.device)
+            mask[i, n - s.shape[0] :] = 1
+        return toks, mask
+
+    def _prompt_batch(self, prompts) -> tuple[Tensor, Tensor, list[str] | None]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(prompts, Tensor):
+            toks = prompts if prompts.ndim == 2 else prompts[None]
+            if toks.shape[0] == 0 or toks.shape[1] == 0:
+                raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
+            return toks.to(self.device), torch.ones_like(toks, device=self.device), None
+        prompts = list(prompts)
+        if not prompts:
+            raise EmptyInputError("prompts: got an empty list; give at least one prompt.")
+        toks, mask = self.left_pad([self.to_tokens(p) for p in prompts])
+        return toks, mask, prompts
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
+        max_new_tokens: int = 40,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        do_sample: bool = True,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        use_kv_cache: bool = True,
+    ) -> Generation:
+        """Sample continuations with the vectors on (batched, left-padded, KV cache).
+
+        Prompts of different lengths are left-padded and masked; each sequence stops at its own EOS
+        (later positions hold the pad id and are masked). ``positions`` is honoured while decoding:
+        the hook knows each step's absolute position.
+
+        Args:
+            prompts: one text, a list of texts, or token ids ``[batch, pos]`` (no padding).
+            max_new_tokens: tokens to generate per sequence.
+            temperature: softmax temperature (> 0) when sampling.
+            top_p: nucleus sampling mass in (0, 1].
+            top_k: keep only the k most likely tokens (``None``: all).
+            do_sample: ``False`` for greedy decoding.
+            seed: seed of a private ``torch.Generator`` (same seed, same samples on the same device).
+            stop_at_eos: stop each sequence at the tokenizer's EOS.
+            use_kv_cache: reuse keys/values (HookedTransformer); ``False`` recomputes every step.
+
+        Returns:
+            A :class:`Generation`.
+
+        Raises:
+            EmptyInputError: no prompts.
+            SequenceTooLongError: prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
+            ConfigError: bad sampling parameters.
+        """
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: expected >= 1, got {max_new_tokens}.")
+        if do_sample and not (temperature > 0 and math.isfinite(temperature)):
+            raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
+        if not (0 < top_p <= 1):
+            raise ConfigError(f"top_p: expected a value in (0, 1], got {top_p}.")
+        tokens, attn, texts = self._prompt_batch(prompts)
+        batch, plen = tokens.shape
+        n_ctx = int(self.model.cfg.n_ctx)
+        if plen + max_new_tokens > n_ctx:
+            raise SequenceTooLongError(
+                f"prompt of {plen} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                f"context n_ctx={n_ctx}. Fix: shorten the prompt or lower max_new_tokens."
+            )
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        eos = self.eos_token_id if stop_at_eos else None
+        pad = self.pad_token_id
+        cache = self._new_kv_cache(batch) if use_kv_cache else None
+        prompt_end = torch.full((batch,), plen, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        new_tokens: list[Tensor] = []
+        alive: list[Tensor] = []
+        with self._steering(prompt_end=prompt_end):
+            logits = self.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
+            for i in range(max_new_tokens):
+                nxt = _pick(logits, do_sample, temperature, top_p, top_k, gen)
+                alive.append(~finished)
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                new_tokens.append(nxt)
+                if eos is not None:
+                    finished = finished | (nxt == eos)
+                if i == max_new_tokens - 1 or (eos is not None and i % 8 == 7 and bool(finished.all())):
+                    break
+                self._ctx = _CallContext(offset=plen + i, prompt_end=prompt_end)
+                if cache is not None:
+                    logits = self.model(
+                        nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache
+                    )[:, -1]
+                else:
+                    self._ctx = _CallContext(offset=0, prompt_end=prompt_end)
+                    full = torch.cat([tokens, torch.stack(new_tokens, 1)], 1)
+                    full_mask = torch.cat([attn, torch.stack(alive, 1).long() * 0 + 1], 1)
+                    logits = self.model(full, attention_mask=full_mask)[:, -1]
+        new = torch.stack(new_tokens, 1)
+        completion_mask = torch.stack(alive, 1)
+        all_tokens = torch.cat([tokens, new], 1)
+        all_mask = torch.cat([attn, completion_mask.long()], 1)
+        completions = None
+        tok = getattr(self.model, "tokenizer", None)
+        if tok is not None:
+            completions = []
+            for row, m in zip(new.tolist(), completion_mask.tolist(), strict=True):
+                ids = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
+                completions.append(tok.decode(ids))
+        return Generation(
+            tokens=all_tokens,
+            attention_mask=all_mask,
+            completion_mask=completion_mask,
+            prompt_len=plen,
+            prompts=texts,
+            completions=completions,
+        )
+
+    def _new_kv_cache(self, batch: int):
+        try:
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        except ImportError:  # pragma: no cover
+            return None
+        from transformer_lens import HookedTransformer
+
+        if not isinstance(self.model, HookedTransformer):
+            return None
+        return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
+        max_new_tokens: int = 40,
+        **kwargs: Any,
+    ) -> str | list[str] | Int[Tensor, "batch seq"]:
+        """Generate text with the vectors on.
+
+        Like TransformerLens's ``generate``: a string gives a string (prompt + continuation), a list
+        gives a list, token ids give token ids ``[batch, pos + new]``. Keyword arguments as
+        :meth:`sample` (``temperature``, ``top_p``, ``top_k``, ``do_sample``, ``seed`` ...).
+        Use ``with steered.disabled():`` for the unsteered continuation.
+
+        Raises:
+            As :meth:`sample`.
+        """
+        out = self.sample(prompts, max_new_tokens, **kwargs)
+        if isinstance(prompts, Tensor) or out.completions is None:
+            return out.tokens
+        texts = out.texts()
+        assert texts is not None
+        return texts[0] if isinstance(prompts, str) else texts
+
+    # -- save / load ------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON config written next to the tensors by :meth:`save`."""
+        from steer_lens import __version__
+
+        info = self.info
+        pos = self._positions
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "kind": self.vectors.kind,
+            "kind_config": self.vectors.kind_config(),
+            "hook_names": list(self.hook_names),
+            "d_model": int(self.cfg.d_model),
+            "model": {**info.to_dict(), "dtype": str(_model_dtype(self.model)).replace("torch.", "")},
+            "weight_processing": info.processing(),
+            "positions": pos if isinstance(pos, str) else "mask",
+            "scale": self._scale,
+            "training": self.training_config,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Save the vectors to a folder: ``vectors.safetensors`` and ``config.json``.
+
+        Each file is written atomically (temporary file, then rename); the tensors are written before
+        the config, so a folder with a config always has matching tensors. The config records the
+        model name, architecture, d_model, dtype, weight processing, hook names, positions, scale,
+        training config and library version.
+
+        Returns:
+            The folder's path.
+        """
+        path = Path(path)
+        tensors = self.vectors.tensors()
+        if isinstance(self._positions, Tensor):
+            tensors = {**tensors, "__positions_mask__": self._positions.to(torch.uint8)}
+        atomic_save_safetensors(path / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+        atomic_write_json(path / CONFIG_FILE, self.config_dict())
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, model, *, allow_other_model: bool = False
+    ) -> SteeredTransformer:
+        """Load vectors saved by :meth:`save` onto ``model``.
+
+        Args:
+            path: the folder written by :meth:`save`.
+            model: the model to steer.
+            allow_other_model: accept a model with another name (same d_model and processing), e.g.
+                to study how a vector transfers; a warning is logged.
+
+        Raises:
+            IncompatibleVectorError: d_model, model name or weight processing differ (the message
+                names both sides), or the folder is not a steer_lens vector folder.
+            FileNotFoundError: the folder or one of its files does not exist.
+        """
+        path = Path(path)
+        cfg_path = path / CONFIG_FILE
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {str(path)!r}; is it a folder written by save()?")
+        cfg = read_json(cfg_path)
+        if cfg.get("format") != FORMAT:
+            raise IncompatibleVectorError(f"{str(cfg_path)!r} is not a steer_lens vector config.")
+        info = model_info(model)
+        saved_model = cfg.get("model", {})
+        if int(cfg["d_model"]) != int(model.cfg.d_model):
+            raise IncompatibleVectorError(
+                f"saved vectors have d_model={cfg['d_model']} (model {saved_model.get('name')!r}); the "
+                f"given model {info.name!r} has d_model={model.cfg.d_model}."
+            )
+        if cfg.get("weight_processing") != info.processing():
+            raise IncompatibleVectorError(
+                f"saved vectors were made on weights processed as {cfg.get('weight_processing')}; the "
+                f"given model {info.name!r} is processed as {info.processing()}. Fix: load the model "
+                "with the same processing flags (load_model(..., fold_ln=...))."
+            )
+        if saved_model.get("name") != info.name:
+            if not allow_other_model:
+                raise IncompatibleVectorError(
+                    f"saved vectors were made on model {saved_model.get('name')!r}; the given model is "
+                    f"{info.name!r}. Pass allow_other_model=True to load them anyway (same d_model)."
+                )
+            logger.warning("loading vectors made on %s into %s", saved_model.get("name"), info.name)
+        kinds = vector_kinds()
+        if cfg["kind"] not in kinds:
+            raise IncompatibleVectorError(
+                f"saved vectors are of kind {cfg['kind']!r}, which this version does not know "
+                f"(known: {sorted(kinds)})."
+            )
+        tensors = load_safetensors(path / TENSOR_FILE)
+        vectors = kinds[cfg["kind"]].from_config(cfg["hook_names"], int(cfg["d_model"]), cfg["kind_config"])
+        vectors.load_tensors(tensors)
+        positions: PositionSpec = cfg["positions"]
+        if positions == "mask":
+            positions = tensors["__positions_mask__"].bool()
+        steered = cls(model, cfg["hook_names"], scale=cfg["scale"], positions=positions, vectors=vectors)
+        steered.training_config = cfg.get("training")
+        return steered
+
+    def extra_repr(self) -> str:
+        return (
+            f"model={self.info.name!r}, hooks={list(self.hook_names)}, scale={self._scale}, "
+            f"positions={self._positions if isinstance(self._positions, str) else 'mask'}"
+        )
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen) -> Tensor:
+    """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus)."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def difference_of_means(
+    model,
+    hooks: Sequence[str] | str,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    position: Literal["mean", "last"] = "mean",
+) -> dict[str, Float[Tensor, " d_model"]]:
+    """Difference of mean activations between two sets of prompts at each hook (the CAA vector).
+
+    ``v_h = mean_{x in positive} a_h(x) - mean_{x in negative} a_h(x)``, where ``a_h(x)`` is the
+    activation at hook ``h`` averaged over the prompt's tokens (``position="mean"``, as in ActAdd-style
+    concept vectors; BOS excluded) or taken at its last token (``position="last"``, as in contrastive
+    activation addition, Rimsky et al. 2024, where the answer letter is last).
+
+    Args:
+        model: the model (unsteered).
+        hooks: hook name(s).
+        positive, negative: prompt texts (non-empty lists).
+        position: ``"mean"`` or ``"last"``.
+
+    Returns:
+        ``{hook_name: vector [d_model]}`` in fp32, ready for ``SteeredTransformer(..., init=...)``.
+
+    Raises:
+        EmptyInputError: an empty prompt list.
+        HookNameError: unknown hook.
+        ConfigError: bad ``position``.
+    """
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not positive or not negative:
+        raise EmptyInputError("difference_of_means needs at least one positive and one negative prompt.")
+    if position not in ("mean", "last"):
+        raise ConfigError(f"position: expected 'mean' or 'last', got {position!r}.")
+    check_hook_names(model, list(hooks))
+
+    def mean_act(texts: Sequence[str]) -> dict[str, Tensor]:
+        sums = {h: torch.zeros(int(model.cfg.d_model), dtype=torch.float64) for h in hooks}
+        for t in texts:
+            toks = model.to_tokens(t, prepend_bos=True)
+            _, cache = model.run_with_cache(toks, names_filter=list(hooks))
+            for h in hooks:
+                a = cache[h][0].double().cpu()
+                a = a[-1] if position == "last" else (a[1:].mean(0) if a.shape[0] > 1 else a[0])
+                sums[h] += a
+        return {h: s / len(texts) for h, s in sums.items()}
+
+    pos, neg = mean_act(positive), mean_act(negative)
+    return {h: (pos[h] - neg[h]).float() for h in hooks}
