@@ -46,7 +46,14 @@ def register_kind(cls: type[SteeringVectors]) -> type[SteeringVectors]:
 
 
 def vector_kinds() -> dict[str, type[SteeringVectors]]:
-    """The registered parameterisations, by ``kind`` name."""
+    """The registered parameterisations, by ``kind`` name (built-in extra kinds are imported first)."""
+    import importlib
+
+    try:
+        importlib.import_module("steer_lens.parameterisations")
+    except ModuleNotFoundError as e:  # pragma: no cover - only while the module does not exist
+        if e.name != "steer_lens.parameterisations":
+            raise
     return dict(_KINDS)
 
 
