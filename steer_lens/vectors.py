@@ -202,6 +202,15 @@ class SteeringVectors(nn.Module):
                 n = p.norm()
                 p.mul_(torch.clamp(max_norm / (n + 1e-12), max=1.0))
 
+    def lr_groups(self, resid_rms: Mapping[str, float] | None) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameter groups and their learning-rate scale for the training loop.
+
+        With ``resid_rms`` (relative learning rates) each hook's vector is scaled by that hook's
+        typical residual RMS; with ``None`` every scale is 1. Subclasses with other parameters
+        override this.
+        """
+        return [([self[h]], 1.0 if resid_rms is None else float(resid_rms[h])) for h in self.hook_names]
+
     # -- persistence --------------------------------------------------------------------------
     def kind_config(self) -> dict[str, Any]:
         """Constructor arguments beyond hook names and d_model (saved in the JSON config)."""

@@ -1,0 +1,409 @@
+"""The optimisation loop shared by every objective (SFT, RL): AdamW over the vectors only.
+
+An objective supplies ``step_fn(step) -> (loss, metrics)``; :func:`run_loop` does the rest: per-hook
+learning rates, warm-up, gradient clipping, an optional max-norm projection, a tqdm progress bar,
+JSONL metrics, checkpoints (atomic, resumable), and a NaN/inf guard that restores the last finite
+state and stops with :class:`~steer_lens.errors.TrainingDivergedError`.
+
+**Learning-rate units.** Residual norms differ by one to two orders of magnitude between hooks (on
+TinyStories-656K the median per-token norm is ≈ 5.5 at ``blocks.0.hook_resid_pre`` and ≈ 160 at
+``blocks.1.hook_resid_pre``), and Adam's step is about ``lr`` per coordinate whatever the gradient's
+size. So with ``lr_units="relative"`` (the default) each hook's learning rate is ``lr`` times that
+hook's typical per-coordinate residual RMS, ``median_t ||x_t|| / sqrt(d_model)``, measured on the
+training data with the vectors off before the first step. One ``lr`` then means the same relative
+step at every hook. ``lr_units="absolute"`` uses ``lr`` as given.
+
+The loop synchronises with the device once per optimisation step (to log and to check finiteness);
+nothing inside a step does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
+from steer_lens.vectors import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+
+__all__ = ["OptimConfig", "TrainResult", "run_loop", "typical_resid_rms"]
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[int], tuple[Tensor, dict[str, Tensor]]]
+
+
+def _check(cond: bool, field_name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: expected {expected}, got {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Optimisation settings shared by :class:`~steer_lens.train.SFTConfig` and ``RLConfig``.
+
+    Attributes:
+        steps: optimisation steps (>= 1).
+        lr: learning rate; in units of each hook's residual RMS when ``lr_units="relative"``.
+        lr_units: ``"relative"`` (default; see the module docstring) or ``"absolute"``.
+        weight_decay: AdamW weight decay on the vectors.
+        betas: AdamW betas.
+        grad_clip: max global gradient norm (``None``: no clipping).
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many steps.
+        max_norm: after each step, project every vector onto the ball of this radius (residual
+            units; ``None``: no bound).
+        seed: seed of data order and sampling; the same seed gives the same run on the CPU.
+        checkpoint_dir: folder for checkpoints (``None``: none).
+        checkpoint_every: save every this many steps (0: only at the end or on interruption).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
+        log_path: JSONL file receiving one line of metrics per step (``None``: none).
+        progress: show a tqdm progress bar.
+    """
+
+    steps: int = 200
+    lr: float = 1e-2
+    lr_units: Literal["relative", "absolute"] = "relative"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    max_norm: float | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_path: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an int >= 1")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive finite float")
+        _check(self.lr_units in ("relative", "absolute"), "lr_units", self.lr_units,
+               "'relative' or 'absolute'")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+               "two floats in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "None or > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
+        _check(self.max_norm is None or self.max_norm > 0, "max_norm", self.max_norm, "None or > 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an int >= 0")
+        _check(not self.resume or self.checkpoint_dir is not None, "resume", self.resume,
+               "False unless checkpoint_dir is set (resume reads checkpoint_dir)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict."""
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run returns: per-step metrics on the CPU.
+
+    Attributes:
+        metrics: ``{name: Float[Tensor, "steps"]}``, e.g. ``"loss"`` (nats/token), ``"lr"``,
+            ``"grad_norm"``, ``"norm/<hook>"`` (vector norms); NaN where a metric was not computed
+            at a step (e.g. held-out loss between evaluations).
+        config: the config the run used, as a dict.
+        resid_rms: the per-hook residual RMS used for relative learning rates.
+        seconds: wall-clock time of the run.
+        objective: ``"sft"``, ``"rl"`` ...
+    """
+
+    metrics: dict[str, Float[Tensor, " steps"]]
+    config: dict[str, Any]
+    resid_rms: dict[str, float]
+    seconds: float
+    objective: str = "sft"
+
+    @property
+    def steps(self) -> int:
+        """Number of steps recorded."""
+        return int(next(iter(self.metrics.values())).shape[0]) if self.metrics else 0
+
+    @property
+    def losses(self) -> Float[Tensor, " steps"]:
+        """The ``"loss"`` metric per step."""
+        return self.metrics["loss"]
+
+    def to_pandas(self):
+        """The metrics as a ``pandas.DataFrame`` indexed by step."""
+        import pandas as pd
+
+        df = pd.DataFrame({k: v.numpy() for k, v in self.metrics.items()})
+        df.index.name = "step"
+        return df
+
+    def plot(self, metrics: Sequence[str] | None = None):
+        """Plotly figure: one panel per metric against the step (loss first)."""
+        from steer_lens.plotting import metric_panels
+
+        names = list(metrics) if metrics is not None else [k for k in self.metrics if k != "lr"]
+        return metric_panels(
+            {k: self.metrics[k] for k in names}, title=f"{self.objective.upper()} training"
+        )
+
+    def _repr_html_(self) -> str:
+        last = {k: float(v[~torch.isnan(v)][-1]) for k, v in self.metrics.items() if (~torch.isnan(v)).any()}
+        rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in last.items())
+        return (f"<b>{self.objective.upper()} run</b>: {self.steps} steps in {self.seconds:.1f} s"
+                f"<table><tr><th>metric</th><th>last</th></tr>{rows}</table>")
+
+
+@torch.no_grad()
+def typical_resid_rms(
+    steered,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> dict[str, float]:
+    """Typical per-coordinate residual RMS at each steered hook: ``median_t ||x_t|| / sqrt(d_model)``.
+
+    Measured with the vectors off, over real tokens only (padding and each sequence's first token,
+    usually BOS with an outsized norm, are left out).
+
+    Args:
+        steered: the :class:`~steer_lens.SteeredTransformer`.
+        tokens: ``[batch, pos]`` token ids.
+        attention_mask: ``[batch, pos]`` 1 for real tokens (``None``: all real).
+
+    Returns:
+        ``{hook_name: rms}`` in residual-stream units.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    attention_mask = attention_mask.to(tokens.device)
+    keep = attention_mask.bool().clone()
+    first = attention_mask.long().argmax(dim=1)  # first real token per row
+    keep[torch.arange(tokens.shape[0], device=tokens.device), first] = False
+    if not keep.any():
+        keep = attention_mask.bool()
+    names = list(steered.hook_names)
+    with steered.disabled():
+        _, cache = steered.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names,
+                                          return_type=None)
+    d = int(steered.cfg.d_model)
+    out = {}
+    for h in names:
+        norms = cache[h].float().norm(dim=-1)[keep]
+        out[h] = float(norms.median()) / math.sqrt(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints: step-NNNNNN folders plus a `latest.json` pointer written last (atomically)
+# ---------------------------------------------------------------------------------------------------
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                scalars[f"state.{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in tensors.items():
+        _, idx, k = name.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for name, v in meta["scalars"].items():
+        _, idx, k = name.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_checkpoint(folder: Path, step: int, steered, opt, history, resid_rms, config) -> None:
+    sub = folder / f"step-{step:06d}"
+    steered.save(sub / "vectors")
+    opt_tensors, opt_meta = _optimizer_to_files(opt)
+    atomic_save_safetensors(sub / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(0)})
+    atomic_write_json(sub / "state.json", {
+        "step": step, "optimizer": opt_meta, "history": history, "resid_rms": resid_rms,
+        "config": config, "hook_names": list(steered.hook_names),
+    })
+    atomic_write_json(folder / "latest.json", {"step": step, "folder": sub.name})
+    # keep the newest two checkpoints
+    olds = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != sub.name)
+    for old in olds[:-1]:
+        for f in sorted(old.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        old.rmdir()
+
+
+def _load_checkpoint(folder: Path, steered, opt) -> tuple[int, dict, dict] | None:
+    latest = folder / "latest.json"
+    if not latest.exists():
+        return None
+    ptr = read_json(latest)
+    sub = folder / ptr["folder"]
+    state = read_json(sub / "state.json")
+    if state["hook_names"] != list(steered.hook_names):
+        raise IncompatibleVectorError(
+            f"checkpoint in {str(folder)!r} is for hooks {state['hook_names']}; this run steers "
+            f"{list(steered.hook_names)}. Fix: use another checkpoint_dir or resume=False."
+        )
+    from steer_lens.vectors import load_safetensors as _lt
+
+    steered.vectors.load_tensors(_lt(sub / "vectors" / "vectors.safetensors"))
+    tensors = {k: v for k, v in load_safetensors(sub / "optimizer.safetensors").items() if k != "_empty"}
+    _optimizer_from_files(opt, {k: v.to(steered.device) if not k.endswith(".step") else v
+                                for k, v in tensors.items()}, state["optimizer"])
+    return int(state["step"]), state["history"], state["resid_rms"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------
+def run_loop(
+    steered,
+    step_fn: StepFn,
+    config: OptimConfig,
+    *,
+    resid_rms: dict[str, float],
+    objective: str = "sft",
+    extra_config: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Optimise ``steered.vectors`` with AdamW, calling ``step_fn(step)`` for each step's loss.
+
+    ``step_fn(step)`` must build its batch deterministically from ``step`` (and the config's seed)
+    so that a resumed run sees the same data as an uninterrupted one. It returns the scalar loss
+    (with gradients into the vectors) and a dict of scalar metric tensors (kept on the device).
+
+    Args:
+        steered: the :class:`~steer_lens.SteeredTransformer` whose vectors are trained.
+        step_fn: the objective for one step.
+        config: optimisation settings.
+        resid_rms: per-hook residual RMS (from :func:`typical_resid_rms`) for relative lrs.
+        objective: a name for logs and the result.
+        extra_config: the objective's own settings, saved with checkpoints and the vectors.
+
+    Returns:
+        A :class:`TrainResult`; the vectors are left at their final values, and
+        ``steered.training_config`` records the run.
+
+    Raises:
+        TrainingDivergedError: the loss or a gradient became non-finite; the vectors are restored
+            to the last finite state (and checkpointed when ``checkpoint_dir`` is set).
+        IncompatibleVectorError: ``resume=True`` with a checkpoint made for other hooks.
+    """
+    from tqdm.auto import tqdm
+
+    vectors = steered.vectors
+    groups = []
+    for params, rms_scale in vectors.lr_groups(resid_rms if config.lr_units == "relative" else None):
+        lr = config.lr * (rms_scale if config.lr_units == "relative" else 1.0)
+        groups.append({"params": params, "lr": lr, "initial_lr": lr})
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    all_config = {"optim": config.to_dict(), **(extra_config or {}), "objective": objective}
+    history: dict[str, list[float]] = {}
+    start = 0
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if ckpt_dir is not None and config.resume:
+        loaded = _load_checkpoint(ckpt_dir, steered, opt)
+        if loaded is not None:
+            start, history, resid_rms = loaded
+            logger.info("resumed from %s at step %d", ckpt_dir, start)
+    log_file = None
+    if config.log_path:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(config.log_path, "a" if start else "w")  # noqa: SIM115
+    params = [p for g in groups for p in g["params"]]
+    good = {k: v.detach().clone() for k, v in vectors.state_dict().items()}
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start, desc=objective, disable=not config.progress, leave=False)
+    step = start
+    try:
+        for step in range(start, config.steps):
+            warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * warm
+            opt.zero_grad(set_to_none=True)
+            loss, metrics = step_fn(step)
+            loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                if grads else torch.zeros((), device=loss.device)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+            names = ["loss", "grad_norm", *metrics]
+            values = torch.stack([loss.detach().float(), gnorm.float(),
+                                  *[torch.as_tensor(m, device=loss.device).detach().float().reshape(())
+                                    for m in metrics.values()], finite.float()]).cpu()  # one sync per step
+            if values[-1] < 0.5:
+                vectors.load_state_dict(good)
+                if ckpt_dir is not None:
+                    _save_checkpoint(ckpt_dir, step, steered, opt, history, resid_rms, all_config)
+                raise TrainingDivergedError(
+                    f"{objective}: loss or gradient became non-finite at step {step} "
+                    f"(loss={float(values[0])}, grad_norm={float(values[1])}). The vectors were restored "
+                    "to the last finite state. Fix: lower lr, set grad_clip / max_norm, or check the data."
+                )
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            if config.max_norm is not None:
+                vectors.clamp_norm_(config.max_norm)
+            good = {k: v.detach().clone() for k, v in vectors.state_dict().items()}
+            row = dict(zip(names, values[:-1].tolist(), strict=True))
+            row["lr"] = opt.param_groups[0]["lr"]
+            for h, n in vectors.norms().items():
+                row[f"norm/{h}"] = n
+            _append_row(history, row)
+            if log_file is not None:
+                log_file.write(json.dumps({"step": step, **row}) + "\n")
+                log_file.flush()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if not k.startswith("norm/")}, refresh=False)
+            bar.update(1)
+            if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                _save_checkpoint(ckpt_dir, step + 1, steered, opt, history, resid_rms, all_config)
+        step = config.steps
+    except KeyboardInterrupt:
+        if ckpt_dir is not None:
+            vectors.load_state_dict(good)
+            _save_checkpoint(ckpt_dir, len(history.get("loss", [])) or start,
+                             steered, opt, history, resid_rms, all_config)
+            logger.warning("interrupted: checkpoint saved in %s", ckpt_dir)
+        raise
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    if ckpt_dir is not None:
+        _save_checkpoint(ckpt_dir, config.steps, steered, opt, history, resid_rms, all_config)
+    steered.training_config = {**all_config, "resid_rms": resid_rms}
+    return TrainResult(
+        metrics={k: torch.tensor(v, dtype=torch.float32) for k, v in history.items()},
+        config=all_config,
+        resid_rms=dict(resid_rms),
+        seconds=time.perf_counter() - t0,
+        objective=objective,
+    )
+
+
+def _append_row(history: dict[str, list[float]], row: dict[str, float]) -> None:
+    """Append one step's metrics; a metric missing at a step (or new since) is NaN there."""
+    n = len(history["loss"]) if "loss" in history else 0
+    for k in row:
+        history.setdefault(k, [math.nan] * n)
+    for k, col in history.items():
+        col.append(row.get(k, math.nan))
