@@ -1,0 +1,351 @@
+"""Result objects of the patching analyses: CPU tensors with axis labels, plots and tables."""
+
+from __future__ import annotations
+
+import html
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["PatchResult", "PathPatchResult", "VectorAttribution"]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.4g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatchResult:
+    """The metric for every patched site (or its attribution estimate), with axis labels.
+
+    Attributes:
+        values: ``[*axes]`` tensor on the CPU, one value per site. For ``activation_patch`` and
+            ``steering_patch`` this is the metric of the patched run (exactly what TransformerLens's
+            ``get_act_patch_*`` returns); for ``attribution_patch`` it is the first-order estimate of
+            the *change* ``metric(patched) - metric(corrupted)``.
+        axes: axis names, e.g. ``("layer", "pos")`` or ``("layer", "pos", "head")``.
+        labels: for each axis, one label per index (positions carry their token, e.g. ``"3: dog"``).
+        hook: the short hook name patched (``"resid_pre"``, ``"z"`` ...).
+        kind: ``"activation"``, ``"denoise"``, ``"noise"`` or ``"attribution"``.
+        metric_name: name of the metric.
+        clean_metric: metric of the clean run (source of the patched activations).
+        corrupted_metric: metric of the corrupted run (the run that is patched).
+    """
+
+    values: Float[Tensor, "..."]
+    axes: tuple[str, ...]
+    labels: dict[str, list[str]]
+    hook: str
+    kind: str
+    metric_name: str
+    clean_metric: float
+    corrupted_metric: float
+
+    @property
+    def effect(self) -> Float[Tensor, "..."]:
+        """Change of the metric caused by each patch: ``values - corrupted_metric`` (attribution: values)."""
+        if self.kind == "attribution":
+            return self.values
+        return self.values - self.corrupted_metric
+
+    def normalized(self) -> Float[Tensor, "..."]:
+        """Fraction of the clean-vs-corrupted gap each patch recovers: ``effect / (clean - corrupted)``.
+
+        ``1`` means the patch alone restores the clean metric, ``0`` means no effect. Returns NaN
+        everywhere when the two runs have the same metric.
+        """
+        gap = self.clean_metric - self.corrupted_metric
+        if gap == 0:
+            return torch.full_like(self.effect, float("nan"))
+        return self.effect / gap
+
+    def top(self, k: int = 10) -> list[tuple[dict[str, str], float]]:
+        """The ``k`` sites with the largest absolute effect: ``[({axis: label}, effect), ...]``."""
+        eff = self.effect.reshape(-1)
+        k = min(k, eff.numel())
+        idx = eff.abs().topk(k).indices.tolist()
+        shape = self.values.shape
+        out = []
+        for flat in idx:
+            multi = []
+            for size in reversed(shape):
+                multi.append(flat % size)
+                flat //= size
+            multi = multi[::-1]
+            site = {a: self.labels[a][i] for a, i in zip(self.axes, multi, strict=True)}
+            out.append((site, float(eff.reshape(-1)[self._flat(multi)])))
+        return out
+
+    def _flat(self, multi: list[int]) -> int:
+        f = 0
+        for i, size in zip(multi, self.values.shape, strict=True):
+            f = f * size + i
+        return f
+
+    def to_pandas(self):
+        """Long table: one row per site with the axis indices, their labels, ``value`` and ``effect``."""
+        import pandas as pd
+
+        rows = []
+        vals = self.values.reshape(-1).tolist()
+        eff = self.effect.reshape(-1).tolist()
+        for flat, multi in enumerate(itertools.product(*(range(n) for n in self.values.shape))):
+            row = {}
+            for a, i in zip(self.axes, multi, strict=True):
+                row[a] = i
+                row[f"{a}_label"] = self.labels[a][i]
+            row["value"] = vals[flat]
+            row["effect"] = eff[flat]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, *, normalized: bool = False):
+        """Plotly figure: a heatmap for 2 axes (layer × position with token labels, layer × head), one
+        heatmap per layer for 3 axes, a bar chart for 1 axis. Never calls ``.show()``.
+
+        Args:
+            normalized: plot :meth:`normalized` (fraction of the gap recovered) instead of the values.
+        """
+        from steer_lens import plotting
+
+        v = self.normalized() if normalized else self.values
+        what = "fraction recovered" if normalized else self.metric_name
+        title = f"{self.kind} patching of {self.hook} ({what})"
+        if v.ndim == 1:
+            return plotting.bar(v, self.labels[self.axes[0]], title=title, y_title=what)
+        zmid = None if (self.kind != "attribution" and not normalized) else 0.0
+        if v.ndim == 2:
+            return plotting.heatmap(
+                v,
+                x_labels=self.labels[self.axes[1]],
+                y_labels=self.labels[self.axes[0]],
+                title=title,
+                x_title=self.axes[1],
+                y_title=self.axes[0],
+                colorbar_title=what,
+                zmid=zmid,
+            )
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        fig = make_subplots(
+            rows=v.shape[0],
+            cols=1,
+            subplot_titles=[f"{self.axes[0]} {lab}" for lab in self.labels[self.axes[0]]],
+        )
+        for i in range(v.shape[0]):
+            fig.add_trace(
+                go.Heatmap(
+                    z=flat[i].float().T.tolist(),
+                    x=self.labels[self.axes[1]],
+                    y=self.labels[self.axes[2]],
+                    colorscale="RdBu",
+                    zmid=0.0 if zmid is not None else None,
+                    coloraxis=None,
+                    showscale=i == 0,
+                ),
+                row=i + 1,
+                col=1,
+            )
+        fig.update_layout(title=title, height=max(300, 260 * v.shape[0]))
+        return fig
+
+    def _repr_html_(self) -> str:
+        head = (
+            f"<b>PatchResult</b> ({html.escape(self.kind)}, hook <code>{html.escape(self.hook)}</code>, "
+            f"metric {html.escape(self.metric_name)}): axes {self.axes} shape {list(self.values.shape)}; "
+            f"clean {_fmt(self.clean_metric)}, corrupted {_fmt(self.corrupted_metric)}"
+        )
+        rows = "".join(
+            "<tr><td>"
+            + html.escape(", ".join(f"{a}={lab}" for a, lab in site.items()))
+            + f"</td><td>{_fmt(e)}</td></tr>"
+            for site, e in self.top(8)
+        )
+        return f"<div>{head}<table><tr><th>top sites</th><th>effect</th></tr>{rows}</table></div>"
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchResult(kind={self.kind!r}, hook={self.hook!r}, axes={self.axes}, "
+            f"shape={list(self.values.shape)}, clean={self.clean_metric:.4g}, "
+            f"corrupted={self.corrupted_metric:.4g})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VectorAttribution:
+    """Attribution of the metric to the steering vector at each position: ``delta · ∂metric/∂h``.
+
+    Attributes:
+        values: ``[hook, batch, pos]`` first-order estimate of how much the vector added at that
+            hook and position changes the (batch-mean) metric; summing over positions and hooks
+            estimates the whole vector's effect.
+        hooks: the steered hook names.
+        tokens: per sequence, the token strings (``None`` without a tokenizer).
+        total_effect: the exact ``metric(steered) - metric(base)``.
+        at: ``"steered"`` or ``"base"``: where the gradient was taken.
+        metric_name: name of the metric.
+    """
+
+    values: Float[Tensor, "hook batch pos"]
+    hooks: tuple[str, ...]
+    tokens: list[list[str]] | None
+    total_effect: float
+    at: str
+    metric_name: str
+
+    @property
+    def per_position(self) -> Float[Tensor, "hook pos"]:
+        """Attribution summed over the batch, ``[hook, pos]``."""
+        return self.values.sum(1)
+
+    def to_pandas(self):
+        """One row per (hook, sequence, position) with the token and the attribution."""
+        import pandas as pd
+
+        rows = []
+        for h, hook in enumerate(self.hooks):
+            for b in range(self.values.shape[1]):
+                for p in range(self.values.shape[2]):
+                    tok = self.tokens[b][p] if self.tokens is not None else str(p)
+                    rows.append(
+                        {
+                            "hook": hook,
+                            "batch": b,
+                            "pos": p,
+                            "token": tok,
+                            "attribution": float(self.values[h, b, p]),
+                        }
+                    )
+        return pd.DataFrame(rows)
+
+    def plot(self, *, batch_index: int | None = None):
+        """Bar chart per position (summed over the batch, or one sequence), first hook.
+
+        Args:
+            batch_index: plot one sequence instead of the batch sum.
+        """
+        from steer_lens import plotting
+
+        v = self.per_position[0] if batch_index is None else self.values[0, batch_index]
+        b = 0 if batch_index is None else batch_index
+        labels = (
+            [f"{p}: {t}" for p, t in enumerate(self.tokens[b])]
+            if self.tokens
+            else [str(p) for p in range(v.shape[0])]
+        )
+        return plotting.bar(
+            v,
+            labels,
+            title=f"vector attribution at {self.hooks[0]} ({self.metric_name})",
+            y_title=f"delta · grad ({self.metric_name})",
+        )
+
+    def token_view(self, batch_index: int = 0, hook_index: int = 0):
+        """circuitsvis colored-tokens view of one sequence's attribution per position."""
+        from steer_lens import plotting
+
+        toks = self.tokens[batch_index] if self.tokens else [str(p) for p in range(self.values.shape[2])]
+        return plotting.token_view(toks, self.values[hook_index, batch_index])
+
+    def _repr_html_(self) -> str:
+        est = float(self.values.sum())
+        return (
+            f"<div><b>VectorAttribution</b> at {html.escape(', '.join(self.hooks))} "
+            f"(gradient at the {self.at} run): sum {_fmt(est)} vs exact effect {_fmt(self.total_effect)} "
+            f"({html.escape(self.metric_name)})</div>"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathPatchResult:
+    """A steering vector's effect on the metric split by path.
+
+    Attributes:
+        effects: ``{path name: metric change}`` (metric of the path run minus the base metric). Names:
+            ``"direct"``, ``"head L.H"``, ``"mlp L"``, and the frozen-pattern run
+            ``"frozen_patterns"``.
+        variants: the "Small Vectors, Big Effects" runs on the first block that reads the vector:
+            ``{name: metric change}`` (``"skip_attention"``, ``"skip_layer"``, ``"attn_to_residual"``,
+            ``"attn_to_mlp"``, ``"attn_to_both"``, ``"knockout head H"``, ``"only head H"``).
+        total_effect: ``metric(steered) - metric(base)``.
+        base_metric, steered_metric: the two reference runs.
+        hook: the vector's hook.
+        block: the block the variants act on (``None`` when no block reads the vector).
+        metric_name: name of the metric.
+    """
+
+    effects: dict[str, float]
+    variants: dict[str, float]
+    total_effect: float
+    base_metric: float
+    steered_metric: float
+    hook: str
+    block: int | None
+    metric_name: str
+    head_effects: Float[Tensor, "layer head"] | None = field(default=None)
+
+    @property
+    def path_sum(self) -> float:
+        """Sum of the single-path effects (direct + every head + every MLP)."""
+        return float(sum(v for k, v in self.effects.items() if k != "frozen_patterns"))
+
+    @property
+    def additivity(self) -> float:
+        """``path_sum / total_effect``: 1 when the paths add up to the whole effect (NaN if no effect)."""
+        return self.path_sum / self.total_effect if self.total_effect != 0 else float("nan")
+
+    def to_pandas(self):
+        """Table with one row per path and per variant: ``group``, ``name``, ``effect``, ``fraction``."""
+        import pandas as pd
+
+        tot = self.total_effect
+        rows = [
+            {"group": "path", "name": k, "effect": v, "fraction": v / tot if tot else float("nan")}
+            for k, v in self.effects.items()
+        ]
+        rows += [
+            {"group": "variant", "name": k, "effect": v, "fraction": v / tot if tot else float("nan")}
+            for k, v in self.variants.items()
+        ]
+        rows.append({"group": "total", "name": "total", "effect": tot, "fraction": 1.0})
+        rows.append(
+            {"group": "total", "name": "sum of paths", "effect": self.path_sum, "fraction": self.additivity}
+        )
+        return pd.DataFrame(rows)
+
+    def plot(self, *, variants: bool = False):
+        """Bar chart of path contributions (with the total and the sum of paths), or of the variants."""
+        from steer_lens import plotting
+
+        items = (
+            dict(self.variants)
+            if variants
+            else {**{k: v for k, v in self.effects.items()}, "sum of paths": self.path_sum}
+        )
+        items["total"] = self.total_effect
+        title = (
+            f"'Small Vectors, Big Effects' variants on block {self.block}"
+            if variants
+            else f"paths of the vector at {self.hook}"
+        ) + f" ({self.metric_name} change)"
+        return plotting.bar(
+            torch.tensor(list(items.values())),
+            list(items),
+            title=title,
+            y_title=f"change of {self.metric_name}",
+        )
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in self.effects.items()
+        )
+        return (
+            f"<div><b>PathPatchResult</b> vector at <code>{html.escape(self.hook)}</code> "
+            f"({html.escape(self.metric_name)}): total {_fmt(self.total_effect)}, sum of paths "
+            f"{_fmt(self.path_sum)} ({self.additivity:.1%})<table>{rows}</table></div>"
+        )
