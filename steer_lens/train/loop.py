@@ -327,7 +327,7 @@ def run_loop(
     log_file = None
     if config.log_path:
         Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(config.log_path, "a" if start else "w")  # noqa: SIM115
+        log_file = open(config.log_path, "a" if start else "w")
     params = [p for g in groups for p in g["params"]]
     good = {k: v.detach().clone() for k, v in vectors.state_dict().items()}
     t0 = time.perf_counter()
