@@ -1,0 +1,596 @@
+"""What a steering vector does to SAE features, and which features carry its effect on a metric.
+
+* :func:`activation_shift`: the mean change of every feature's activation at the SAE's hook between
+  the steered and the base run (the vector may sit upstream of the SAE), per-token values for
+  circuitsvis, and how much of the residual-stream change the SAE's features explain (the rest is the
+  change in the SAE's error term).
+* :func:`attribute`: attribution patching (Nanda 2023; Syed et al. 2023) of a metric to SAE features
+  with the SAE spliced in *with its error term* (as in Marks et al. 2024, "Sparse feature
+  circuits"), so the forward pass is exactly the model's: ``attr_i = sum_{b,t} dm/df_i * (f_i^steered -
+  f_i^base)``, the gradient taken on the steered run. The error node gets the same treatment, so for
+  a metric that is linear in the activations at the hook the attributions sum to the exact effect.
+  An ablation check then removes the top-n features' shift (feature activations set to their base
+  values) and compares the effect removed with that of n random shifted features.
+* :func:`splice_hooks`: the ``(hook, fn)`` pair that splices an SAE into a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, MetricError
+from steer_lens.sae._core import (
+    Batch,
+    HookMismatchWarning,
+    check_nonempty,
+    check_sae,
+    hook_order,
+    iter_batches,
+    reiterable,
+    run_kwargs,
+    unwrap,
+)
+
+__all__ = ["ActivationShift", "Attribution", "Metric", "activation_shift", "attribute", "splice_hooks"]
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"] | Float[Tensor, ""]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# splicing
+# ---------------------------------------------------------------------------------------------------
+def splice_hooks(sae, *, error_term: bool = True, hook: str | None = None) -> list[tuple[str, Any]]:
+    """``[(hook, fn)]`` that replaces the activation at the SAE's hook with the SAE's output.
+
+    With ``error_term=True`` the output is ``x + (x_hat - x_hat.detach())``: numerically exactly ``x``
+    (the logits equal the plain model's bit for bit) while gradients reach the feature activations
+    through the decoder, as when the error ``x - x_hat`` is added back. Without it, the activation is
+    replaced by the reconstruction ``x_hat`` (for loss-recovered style evaluations).
+
+    Args:
+        sae: a sae-lens SAE or TrainedSAE.
+        error_term: keep the SAE's error term (exact forward).
+        hook: override of the SAE's hook.
+
+    Returns:
+        A list with one ``(hook_name, fn)`` for ``model.run_with_hooks(fwd_hooks=...)`` or
+        ``model.hooks(...)``.
+    """
+    from steer_lens.sae._core import sae_hook
+
+    sae = unwrap(sae)
+    h = sae_hook(sae, hook)
+
+    def fn(act, hook):
+        recon = sae.decode(sae.encode(act.to(sae.dtype))).to(act.dtype)
+        if error_term:
+            return act + (recon - recon.detach())
+        return recon
+
+    return [(h, fn)]
+
+
+def _check_metric_out(m: Any, batch: int) -> Tensor:
+    if not isinstance(m, Tensor):
+        raise MetricError(f"metric: expected a tensor [batch] or a scalar, got {type(m).__name__}.")
+    if m.ndim == 0:
+        return m * batch  # a scalar is the batch's mean
+    if m.shape != (batch,):
+        raise MetricError(
+            f"metric: expected a tensor of shape [batch={batch}] or a scalar, got shape {list(m.shape)}. "
+            "Fix: reduce over positions inside the metric (e.g. logits[:, -1, a] - logits[:, -1, b])."
+        )
+    return m.sum()
+
+
+def _vector_after_sae(steered, sae_h: str) -> None:
+    model = steered.model
+    order = hook_order(model, [sae_h, *steered.hook_names])
+    if all(order[h] > order[sae_h] for h in steered.hook_names):
+        warnings.warn(
+            f"every steering vector ({list(steered.hook_names)}) is downstream of the SAE's hook {sae_h!r}: "
+            "the SAE's features cannot change. Use an SAE at or after the vector's hook.",
+            HookMismatchWarning,
+            stacklevel=3,
+        )
+
+
+def _capture(runner, tokens: Tensor, hook: str, kw: dict, extra=None) -> tuple[Tensor, Any]:
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act.detach()
+
+    out = runner(tokens, fwd_hooks=[(hook, grab), *(extra or [])], **kw)
+    return store["x"], out
+
+
+# ---------------------------------------------------------------------------------------------------
+# activation shift
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ActivationShift:
+    """How feature activations at the SAE's hook change when the vector is on (see
+    :func:`activation_shift`).
+
+    Attributes:
+        sae_hook: hook the SAE reads. vector_hooks: hooks carrying vectors.
+        n_tokens: tokens averaged over (BOS and padding excluded).
+        mean_base, mean_steered: ``[d_sae]`` mean feature activation without / with the vector.
+        mean_shift: ``[d_sae]`` ``mean_steered - mean_base``.
+        mean_abs_shift: ``[d_sae]`` mean of ``|f_steered - f_base|`` per token.
+        residual_change_sq: mean ``||x_steered - x_base||^2`` at the hook (residual units squared).
+        error_change_sq: mean squared norm of the change of the SAE's error term.
+        explained: ``1 - error_change_sq / residual_change_sq``: fraction of the residual change the
+            features' change explains (1: all of it; can be negative when the error grows).
+        mean_residual_change: ``[d_in]`` mean of ``x_steered - x_base``.
+        token_strs: per stored text, its tokens (strings). token_shift: per stored text,
+            ``[pos, d_sae]`` per-token shift (the first ``per_token_texts`` texts).
+    """
+
+    sae_hook: str
+    vector_hooks: list[str]
+    n_tokens: int
+    mean_base: Float[Tensor, " d_sae"] = field(repr=False)
+    mean_steered: Float[Tensor, " d_sae"] = field(repr=False)
+    mean_shift: Float[Tensor, " d_sae"] = field(repr=False)
+    mean_abs_shift: Float[Tensor, " d_sae"] = field(repr=False)
+    residual_change_sq: float
+    error_change_sq: float
+    explained: float
+    mean_residual_change: Float[Tensor, " d_in"] = field(repr=False)
+    token_strs: list[list[str]] = field(repr=False)
+    token_shift: list[Tensor] = field(repr=False)
+
+    def top(self, k: int = 20, *, by: str = "shift") -> Tensor:
+        """Feature ids with the largest ``mean_shift`` (``by="shift"``), most negative (``"negative"``)
+        or largest ``mean_abs_shift`` (``"abs"``)."""
+        vals = {"shift": self.mean_shift, "negative": -self.mean_shift, "abs": self.mean_abs_shift}
+        if by not in vals:
+            raise ConfigError(f"by: expected 'shift', 'negative' or 'abs', got {by!r}.")
+        return torch.topk(vals[by], min(k, len(self.mean_shift))).indices
+
+    def to_pandas(self, k: int = 20, *, by: str = "abs"):
+        """Top ``k`` features: ``feature``, ``mean_shift``, ``mean_abs_shift``, ``mean_base``, ``mean_steered``."""
+        import pandas as pd
+
+        idx = self.top(k, by=by)
+        return pd.DataFrame({
+            "feature": idx.tolist(), "mean_shift": self.mean_shift[idx].tolist(),
+            "mean_abs_shift": self.mean_abs_shift[idx].tolist(),
+            "mean_base": self.mean_base[idx].tolist(), "mean_steered": self.mean_steered[idx].tolist(),
+        })
+
+    def plot(self, k: int = 20):
+        """Bar chart of the top features' mean shift (plotly Figure)."""
+        import plotly.graph_objects as go
+
+        df = self.to_pandas(k)
+        fig = go.Figure(go.Bar(x=[f"f{f}" for f in df.feature], y=df.mean_shift,
+                               hovertext=[f"base {b:.3g} → steered {s:.3g}" for b, s in
+                                          zip(df.mean_base, df.mean_steered, strict=True)]))
+        fig.update_layout(
+            title=f"feature shift at {self.sae_hook} (SAE explains {self.explained:.1%} of the residual change)",
+            xaxis_title="feature", yaxis_title="mean activation change (steered − base)",
+        )
+        return fig
+
+    def show_tokens(self, feature: int | None = None, *, text: int | None = None):
+        """circuitsvis ``colored_tokens``: the per-token shift of one feature (default: the largest mean
+        shift) over the stored texts (or one of them)."""
+        from circuitsvis.tokens import colored_tokens
+
+        if not self.token_shift:
+            raise ConfigError("no per-token values were stored (per_token_texts=0).")
+        f = int(self.top(1, by="abs")[0]) if feature is None else int(feature)
+        which = range(len(self.token_shift)) if text is None else [text]
+        tokens: list[str] = []
+        values: list[float] = []
+        for i in which:
+            tokens += [*self.token_strs[i], "\n"]
+            values += [*self.token_shift[i][:, f].tolist(), 0.0]
+        return colored_tokens(tokens=tokens, values=values)
+
+    def _repr_html_(self) -> str:
+        head = (f"<p>SAE at <code>{self.sae_hook}</code>, vectors at {self.vector_hooks}, {self.n_tokens} "
+                f"tokens; features explain {self.explained:.1%} of the residual change</p>")
+        return head + self.to_pandas(10).to_html(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _token_strs(model, tokens: Tensor, count: Tensor) -> list[str]:
+    tok = getattr(model, "tokenizer", None)
+    ids = tokens[count].tolist()
+    return [tok.decode([i]) for i in ids] if tok is not None else [str(i) for i in ids]
+
+
+@torch.no_grad()
+def activation_shift(
+    steered, sae, texts: Any, *, batch_size: int = 16, per_token_texts: int = 8
+) -> ActivationShift:
+    """Mean change of each SAE feature's activation between the steered and the base run.
+
+    For each text, runs the base model and the steered model up to the SAE's hook, encodes both
+    activations and accumulates ``f_steered - f_base`` over tokens (BOS and padding excluded).
+    Also splits the residual change ``x_s - x_b`` into the features' part ``x_hat_s - x_hat_b`` and
+    the error term's part, reporting the fraction explained. Streams the texts (memory bounded by
+    one batch plus the stored per-token values).
+
+    Args:
+        steered: a :class:`~steer_lens.SteeredTransformer`; its vectors may be at or upstream of the SAE.
+        sae: a sae-lens SAE or TrainedSAE.
+        texts: strings, dataset rows with ``"text"``, or token ids ``[batch, pos]``.
+        batch_size: texts per forward pass.
+        per_token_texts: how many of the first texts keep per-token values (for :meth:`show_tokens`).
+
+    Returns:
+        :class:`ActivationShift`.
+
+    Raises:
+        EmptyInputError: no texts. HookNameError / ShapeMismatchError: SAE and model do not match.
+
+    Warns:
+        HookMismatchWarning: every vector is downstream of the SAE's hook (nothing can shift).
+    """
+    sae = unwrap(sae)
+    model = steered.model
+    check_nonempty(texts)
+    h = check_sae(model, sae)
+    _vector_after_sae(steered, h)
+    d_sae, d_in = int(sae.cfg.d_sae), int(sae.cfg.d_in)
+    dev = sae.W_dec.device
+    acc = {n: torch.zeros(d_sae, dtype=torch.float64, device=dev) for n in ("base", "steered", "abs")}
+    dx_sum = torch.zeros(d_in, dtype=torch.float64, device=dev)
+    dx_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    derr_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    n = torch.zeros((), dtype=torch.float64, device=dev)
+    token_strs: list[list[str]] = []
+    token_shift: list[Tensor] = []
+    for batch in iter_batches(model, texts, batch_size=batch_size):
+        kw = run_kwargs(model, h, batch, stop=True)
+        x_b, _ = _capture(model.run_with_hooks, batch.tokens, h, {**kw, "return_type": None})
+        x_s, _ = _capture(steered.run_with_hooks, batch.tokens, h, {**kw, "return_type": None})
+        c = batch.count.to(dev)
+        xb, xs = x_b.to(sae.dtype)[c], x_s.to(sae.dtype)[c]
+        fb, fs = sae.encode(xb), sae.encode(xs)
+        rb, rs = sae.decode(fb), sae.decode(fs)
+        df = (fs - fb).double()
+        acc["base"] += fb.double().sum(0)
+        acc["steered"] += fs.double().sum(0)
+        acc["abs"] += df.abs().sum(0)
+        dx = (xs - xb).double()
+        derr = dx - (rs - rb).double()
+        dx_sum += dx.sum(0)
+        dx_sq += dx.pow(2).sum()
+        derr_sq += derr.pow(2).sum()
+        n += c.sum()
+        if len(token_shift) < per_token_texts:
+            # split the flat [tokens, d_sae] shift back into texts
+            per_text = c.sum(1).tolist()
+            start = 0
+            for i, L in enumerate(per_text):
+                if len(token_shift) >= per_token_texts:
+                    break
+                token_shift.append(df[start : start + L].float().cpu())
+                token_strs.append(_token_strs(model, batch.tokens[i].cpu(), batch.count[i].cpu()))
+                start += L
+    n_tok = int(n.item())
+    if n_tok == 0:
+        raise ConfigError("texts: no tokens besides BOS; give longer texts.")
+    mb, ms = (acc["base"] / n).float().cpu(), (acc["steered"] / n).float().cpu()
+    rc, ec = float(dx_sq / n), float(derr_sq / n)
+    return ActivationShift(
+        sae_hook=h, vector_hooks=list(steered.hook_names), n_tokens=n_tok,
+        mean_base=mb, mean_steered=ms, mean_shift=ms - mb, mean_abs_shift=(acc["abs"] / n).float().cpu(),
+        residual_change_sq=rc, error_change_sq=ec,
+        explained=1.0 - ec / rc if rc > 0 else float("nan"),
+        mean_residual_change=(dx_sum / n).float().cpu(), token_strs=token_strs, token_shift=token_shift,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# attribution
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Attribution:
+    """Which SAE features carry a steering vector's effect on a metric (see :func:`attribute`).
+
+    All metric values are means over texts, in the metric's units (e.g. logits for a logit
+    difference).
+
+    Attributes:
+        sae_hook, vector_hooks: where the SAE reads and the vectors sit.
+        n_texts: texts evaluated.
+        metric_base, metric_steered: the metric without / with the vector (exact forward passes).
+        effect: ``metric_steered - metric_base``.
+        attribution: ``[d_sae]`` per feature ``sum_{b,t} dm/df_i (f_i^steered - f_i^base)`` (mean per text).
+        error_attribution: the same for the SAE's error term.
+        mean_shift: ``[d_sae]`` mean activation shift per token (as :func:`activation_shift`).
+        ablation: rows ``{"n", "kind", "metric", "fraction_removed", "fraction_removed_std"}``: the
+            metric with the top-n (``kind="top"``), n random shifted (``"random"``, mean over draws), or
+            all (``"all"``) features' shift removed, and the fraction of ``effect`` removed.
+    """
+
+    sae_hook: str
+    vector_hooks: list[str]
+    n_texts: int
+    metric_base: float
+    metric_steered: float
+    effect: float
+    attribution: Float[Tensor, " d_sae"] = field(repr=False)
+    error_attribution: float
+    mean_shift: Float[Tensor, " d_sae"] = field(repr=False)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_attribution(self) -> float:
+        """Sum of the feature attributions plus the error term's (the linear estimate of ``effect``)."""
+        return float(self.attribution.double().sum()) + self.error_attribution
+
+    def top(self, k: int = 20) -> Tensor:
+        """Features carrying most of the effect: largest attribution in the direction of ``effect``."""
+        sign = 1.0 if self.effect >= 0 else -1.0
+        return torch.topk(sign * self.attribution, min(k, len(self.attribution))).indices
+
+    def to_pandas(self, k: int = 20):
+        """Top ``k`` features: ``feature``, ``attribution``, ``fraction_of_effect``, ``mean_shift``."""
+        import pandas as pd
+
+        idx = self.top(k)
+        a = self.attribution[idx]
+        return pd.DataFrame({
+            "feature": idx.tolist(), "attribution": a.tolist(),
+            "fraction_of_effect": (a / self.effect).tolist() if self.effect != 0 else [math.nan] * len(idx),
+            "mean_shift": self.mean_shift[idx].tolist(),
+        })
+
+    def ablation_table(self):
+        """The ablation check as a DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.ablation)
+
+    def plot(self, k: int = 20):
+        """Top attributions (bars) and the ablation check (fraction of the effect removed by the top-n
+        vs n random features) as a plotly Figure."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("attribution per feature",
+                                                            "ablation: fraction of effect removed"))
+        df = self.to_pandas(k)
+        fig.add_trace(go.Bar(x=[f"f{f}" for f in df.feature], y=df.attribution, name="attribution"),
+                      row=1, col=1)
+        fig.add_trace(go.Bar(x=["error"], y=[self.error_attribution], name="error term"), row=1, col=1)
+        for kind in ("top", "random"):
+            rows = [r for r in self.ablation if r["kind"] == kind]
+            if rows:
+                fig.add_trace(go.Scatter(
+                    x=[r["n"] for r in rows], y=[r["fraction_removed"] for r in rows],
+                    error_y={"array": [r["fraction_removed_std"] for r in rows]} if kind == "random" else None,
+                    mode="lines+markers", name=f"{kind}-n features"), row=1, col=2)
+        fig.update_xaxes(title_text="features removed (n)", row=1, col=2)
+        fig.update_yaxes(title_text="fraction of effect removed", row=1, col=2)
+        fig.update_layout(title=f"attribution of the vector's effect ({self.effect:.3g}) to SAE features "
+                          f"at {self.sae_hook}")
+        return fig
+
+    def _repr_html_(self) -> str:
+        head = (f"<p>effect {self.effect:.4g} (base {self.metric_base:.4g} → steered {self.metric_steered:.4g});"
+                f" features {float(self.attribution.sum()):.4g} + error {self.error_attribution:.4g}</p>")
+        tab = self.to_pandas(10).to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        if self.ablation:
+            tab += self.ablation_table().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        return head + tab
+
+
+def _attr_batch(steered, sae, h: str, batch: Batch, metric: Metric):
+    """One batch: exact base and steered metric, per-feature and error attribution, feature shift."""
+    model = steered.model
+    kw = {"attention_mask": batch.attention_mask}
+    b = batch.tokens.shape[0]
+    with torch.no_grad():
+        x_b, logits_b = _capture(model.run_with_hooks, batch.tokens, h, kw)
+        m_b = _check_metric_out(metric(logits_b), b).detach()
+        x_b = x_b.to(sae.dtype)
+        f_b = sae.encode(x_b)
+        err_b = x_b - sae.decode(f_b)
+    leaves: dict[str, Tensor] = {}
+
+    def splice(act, hook):
+        x = act.detach().to(sae.dtype)
+        f = sae.encode(x).detach().requires_grad_(True)
+        e = torch.zeros_like(x, requires_grad=True)
+        recon = sae.decode(f)
+        leaves.update(x=x, f=f, e=e, recon=recon.detach())
+        return act.detach() + ((recon - recon.detach()) + e).to(act.dtype)
+
+    with torch.enable_grad():
+        logits_s = steered.run_with_hooks(batch.tokens, fwd_hooks=[(h, splice)], **kw)
+        m_s = _check_metric_out(metric(logits_s), b)
+        g_f, g_e = torch.autograd.grad(m_s, [leaves["f"], leaves["e"]], allow_unused=True)
+    f_s = leaves["f"].detach()
+    if g_f is None:
+        g_f = torch.zeros_like(f_s)
+    if g_e is None:
+        g_e = torch.zeros_like(leaves["x"])
+    err_s = leaves["x"] - leaves["recon"]
+    df = f_s - f_b
+    attr = (g_f * df).double().sum(dim=(0, 1))
+    err_attr = (g_e * (err_s - err_b)).double().sum()
+    c = batch.count.to(df.device)
+    return m_b.double(), m_s.detach().double(), attr, err_attr, df[c].double().sum(0), c.sum(), df.ne(0).any(
+        dim=(0, 1)
+    )
+
+
+@torch.no_grad()
+def _ablated_metric(steered, sae, h: str, batch: Batch, metric: Metric, sets: list[Tensor]) -> list[Tensor]:
+    """Metric (summed over the batch) of the steered run with each feature set's shift removed."""
+    model = steered.model
+    kw = {"attention_mask": batch.attention_mask}
+    b = batch.tokens.shape[0]
+    x_b, _ = _capture(model.run_with_hooks, batch.tokens, h, {**run_kwargs(model, h, batch, stop=True),
+                                                              "return_type": None})
+    f_b = sae.encode(x_b.to(sae.dtype))
+    out = []
+    for s in sets:
+        s = s.to(f_b.device)
+
+        def ablate(act, hook, s=s):
+            x = act.to(sae.dtype)
+            f_s = sae.encode(x)
+            f_new = f_s.clone()
+            f_new[..., s] = f_b[..., s]
+            return act + (sae.decode(f_new) - sae.decode(f_s)).to(act.dtype)
+
+        logits = steered.run_with_hooks(batch.tokens, fwd_hooks=[(h, ablate)], **kw)
+        out.append(_check_metric_out(metric(logits), b).double())
+    return out
+
+
+def attribute(
+    steered,
+    sae,
+    texts: Any,
+    metric: Metric,
+    *,
+    batch_size: int = 8,
+    ablation_sizes: tuple[int, ...] | list[int] = (1, 5, 10, 20),
+    n_random: int = 3,
+    ablation: bool = True,
+    seed: int = 0,
+) -> Attribution:
+    """Attribute a steering vector's effect on a metric to SAE features (attribution patching with the
+    SAE spliced in with its error term), then check it by ablation.
+
+    For each batch: the base run gives ``m_base`` and the base feature activations ``f_b``; the steered
+    run, with the SAE spliced in at its hook *with its error term* (the forward equals the steered
+    model exactly), gives ``m_steered`` and the gradients ``dm/df`` and ``dm/de`` (``e``: the error
+    term). Attribution of feature ``i``: ``sum_{b,t} dm/df_i (f_i^s - f_i^b)`` and of the error term
+    ``sum dm/de . (e^s - e^b)``; their sum is the first-order estimate of ``effect = m_steered - m_base``
+    and is exact when the metric is linear in the activations at the hook.
+
+    Ablation check (second pass over ``texts``): for n in ``ablation_sizes``, run the steered model
+    with the top-n features' activations set to their base values (the rest of the activation,
+    error term included, unchanged) and report the fraction of the effect removed,
+    ``(m_steered - m_ablated) / effect``; the same for n random features drawn among those whose
+    activation shifted (mean over ``n_random`` draws), and for all features (what remains is the error
+    term's share).
+
+    Args:
+        steered: a :class:`~steer_lens.SteeredTransformer` (vectors at or upstream of the SAE's hook).
+        sae: a sae-lens SAE or TrainedSAE.
+        texts: strings, dataset rows or token ids (iterated twice when ``ablation``; a one-shot
+            iterator is listed first).
+        metric: ``logits [batch, pos, d_vocab] -> [batch]`` (per text) or a scalar (taken as the batch
+            mean), differentiable, e.g. ``steer_lens.patching.logit_diff(...)``.
+        batch_size: texts per forward pass.
+        ablation_sizes: the n of the ablation check.
+        n_random: random draws per n.
+        ablation: run the ablation check.
+        seed: seed of the random feature sets.
+
+    Returns:
+        :class:`Attribution`.
+
+    Raises:
+        MetricError: the metric returns something other than ``[batch]`` or a scalar, or non-finite
+            values. EmptyInputError: no texts. HookNameError / ShapeMismatchError: SAE and model do
+            not match. ConfigError: bad ablation settings.
+    """
+    sae = unwrap(sae)
+    model = steered.model
+    if not callable(metric):
+        raise MetricError(f"metric: expected a callable logits -> [batch] or scalar, got {type(metric).__name__}.")
+    sizes = [int(n) for n in ablation_sizes]
+    if any(n < 1 for n in sizes) or n_random < 0:
+        raise ConfigError(
+            f"ablation_sizes: expected positive integers and n_random >= 0, got {list(ablation_sizes)}, {n_random}."
+        )
+    check_nonempty(texts)
+    texts = reiterable(texts)
+    h = check_sae(model, sae)
+    _vector_after_sae(steered, h)
+    d_sae = int(sae.cfg.d_sae)
+    dev = sae.W_dec.device
+    attr = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+    err_attr = torch.zeros((), dtype=torch.float64, device=dev)
+    shift = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+    shifted = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+    m_b = torch.zeros((), dtype=torch.float64, device=dev)
+    m_s = torch.zeros((), dtype=torch.float64, device=dev)
+    n_tok = torch.zeros((), dtype=torch.float64, device=dev)
+    n_texts = 0
+    for batch in iter_batches(model, texts, batch_size=batch_size):
+        mb, ms, a, ea, sh, nt, sd = _attr_batch(steered, sae, h, batch, metric)
+        m_b += mb.to(dev)
+        m_s += ms.to(dev)
+        attr += a
+        err_attr += ea
+        shift += sh
+        n_tok += nt
+        shifted |= sd
+        n_texts += batch.tokens.shape[0]
+    if not (torch.isfinite(m_b) and torch.isfinite(m_s) and torch.isfinite(attr).all()):
+        raise MetricError("metric: the metric or its gradient is NaN/inf on these texts; check the metric.")
+    mean_b, mean_s = float(m_b) / n_texts, float(m_s) / n_texts
+    effect = mean_s - mean_b
+    result = dict(
+        sae_hook=h, vector_hooks=list(steered.hook_names), n_texts=n_texts, metric_base=mean_b,
+        metric_steered=mean_s, effect=effect, attribution=(attr / n_texts).float().cpu(),
+        error_attribution=float(err_attr) / n_texts,
+        mean_shift=(shift / n_tok.clamp(min=1)).float().cpu(),
+    )
+    rows: list[dict[str, Any]] = []
+    if ablation:
+        rows = _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed,
+                         result["attribution"], effect, mean_s, shifted.cpu())
+    return Attribution(**result, ablation=rows)
+
+
+def _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed, attribution, effect,
+              mean_s, shifted) -> list[dict[str, Any]]:
+    d_sae = len(attribution)
+    sign = 1.0 if effect >= 0 else -1.0
+    order = torch.argsort(sign * attribution, descending=True)
+    pool = torch.nonzero(shifted).flatten()
+    gen = torch.Generator().manual_seed(seed)
+    sets: list[tuple[str, int, Tensor]] = []
+    for n in sizes:
+        sets.append(("top", n, order[: min(n, d_sae)]))
+        for _ in range(n_random if len(pool) else 0):
+            sets.append(("random", n, pool[torch.randperm(len(pool), generator=gen)[: min(n, len(pool))]]))
+    sets.append(("all", d_sae, torch.arange(d_sae)))
+    totals = [torch.zeros((), dtype=torch.float64) for _ in sets]
+    n_texts = 0
+    for batch in iter_batches(steered.model, texts, batch_size=batch_size):
+        vals = _ablated_metric(steered, sae, h, batch, metric, [s for _, _, s in sets])
+        for i, v in enumerate(vals):
+            totals[i] += v.cpu()
+        n_texts += batch.tokens.shape[0]
+    means = [float(t) / n_texts for t in totals]
+    frac = [(mean_s - m) / effect if effect != 0 else math.nan for m in means]
+    rows: list[dict[str, Any]] = []
+    for kind in ("top", "random", "all"):
+        for n in ([*dict.fromkeys(sizes)] if kind != "all" else [d_sae]):
+            idx = [i for i, (k_, n_, _) in enumerate(sets) if k_ == kind and n_ == n]
+            if not idx:
+                continue
+            fr = torch.tensor([frac[i] for i in idx], dtype=torch.float64)
+            rows.append({
+                "n": n, "kind": kind, "metric": sum(means[i] for i in idx) / len(idx),
+                "fraction_removed": float(fr.mean()),
+                "fraction_removed_std": float(fr.std()) if len(idx) > 1 else 0.0,
+            })
+    return rows
