@@ -1,0 +1,289 @@
+"""Path patching of a steering vector: which routes carry its effect to the logits.
+
+A vector ``delta`` added at hook ``h`` reaches the logits along many paths. :func:`path_patch`
+measures the length-one and length-two paths separately, each with everything else frozen at the base
+(unsteered) run, as in path patching (Wang et al. 2022, IOI; Goldowsky-Dill et al. 2023):
+
+* ``direct``: ``delta`` → final norm → unembedding. Logits of ``ln_final(resid_base + delta)``.
+* ``head L.H``: ``delta`` → attention head ``H`` of a later layer ``L`` → final norm → unembedding.
+  The head is run on ``resid_pre_base[L] + delta`` (queries, keys and values all see the vector;
+  every other component sees the base run) and only the change of *its* output, ``Δz · W_O``, is
+  added to the base final residual.
+* ``mlp L``: the same for the MLP of layer ``L`` (its input is ``resid_mid_base[L] + delta``).
+* ``frozen_patterns``: the whole steered run, but with every attention pattern at or after the
+  vector's layer replaced by the base run's: queries and keys see the base, values see the steered
+  residual. The gap to the total is the part of the effect that works by moving attention.
+
+Effects are changes of the metric relative to the base run. Their sum over paths is compared with the
+total effect ``metric(steered) - metric(base)`` (``PathPatchResult.additivity``); what is missing
+comes from longer paths (head → head), from the non-linearity of the norms and from the metric.
+
+The "Small Vectors, Big Effects" variants (Sinii et al. 2025, who study a vector in the last block)
+act on the first block ``b`` that reads the vector, from that block's steered input ``S`` and base
+input ``B``:
+
+* ``skip_attention``: attention of block ``b`` sees ``B``; the residual and the MLP see ``S``;
+* ``skip_layer``: block ``b`` runs on ``B`` and ``S - B`` is added after it;
+* ``knockout head H``: head ``H``'s output is the base one (the head does not see the vector);
+* ``only head H``: every head's output is the base one except head ``H``;
+* ``attn_to_residual`` / ``attn_to_mlp`` / ``attn_to_both``: the steered attention output goes only
+  to the residual stream (the MLP reads the base attention output), only to the MLP input (the
+  residual carries the base attention output), or to both (the plain steered run).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, MetricError
+from steer_lens.patching.activation import _check_metric, _check_tokens
+from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
+from steer_lens.patching.results import PathPatchResult
+
+__all__ = ["path_patch"]
+
+
+def _hook_site(name: str) -> tuple[int, str]:
+    """(layer, kind) of a residual-width hook name."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        kind = parts[2].removeprefix("hook_")
+        if kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+            return int(parts[1]), kind
+    raise ConfigError(
+        f"path_patch: the vector's hook {name!r} is not a residual-stream hook of a block "
+        "(blocks.L.hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out)."
+    )
+
+
+def path_patch(
+    steered,
+    tokens: Int[Tensor, "batch pos"],
+    metric: MetricFn | Metric,
+    *,
+    hook: str | None = None,
+    variants: bool = True,
+    max_batch: int | None = None,
+) -> PathPatchResult:
+    """Split a steering vector's effect on ``metric`` into paths (see the module docstring).
+
+    Args:
+        steered: a :class:`~steer_lens.SteeredTransformer` wrapping a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` input.
+        metric: logits -> scalar (or ``[batch]``), or a :class:`~steer_lens.patching.Metric`.
+        hook: which of the vector's hooks to analyse (default: its only hook). Other vectors stay off.
+        variants: also run the "Small Vectors, Big Effects" variants on the first block reading the vector.
+        max_batch: most sequences per forward pass when evaluating the paths (default: all at once).
+
+    Returns:
+        :class:`~steer_lens.patching.PathPatchResult` (effects in the metric's units).
+
+    Raises:
+        ConfigError: not a SteeredTransformer over a HookedTransformer, ambiguous or unknown ``hook``.
+        MetricError: the metric returns the wrong shape or NaN/inf.
+    """
+    from transformer_lens import HookedTransformer
+
+    from steer_lens.steering import SteeredTransformer
+
+    if not isinstance(steered, SteeredTransformer) or not isinstance(steered.model, HookedTransformer):
+        raise ConfigError(
+            "steered: expected a SteeredTransformer wrapping a HookedTransformer, got "
+            f"{type(steered).__name__}."
+        )
+    if hook is None:
+        if len(steered.hook_names) != 1:
+            raise ConfigError(
+                f"hook: the vector sits at {list(steered.hook_names)}; pass hook=<one of them> to choose."
+            )
+        hook = steered.hook_names[0]
+    if hook not in steered.hook_names:
+        raise ConfigError(
+            f"hook: expected one of the vector's hooks {list(steered.hook_names)}, got {hook!r}."
+        )
+    layer, site = _hook_site(hook)
+    model = steered.model
+    tokens = _check_tokens(tokens, "tokens", model)
+    _check_metric(metric)
+    cfg = model.cfg
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+    batch = tokens.shape[0]
+
+    # which components read the vector directly
+    attn_from = layer if site == "resid_pre" else layer + 1
+    if site == "resid_pre" or (not parallel and site in ("resid_mid", "attn_out")):
+        mlp_from = layer
+    else:
+        mlp_from = layer + 1
+    steer = [(h, fn) for h, fn in steered.fwd_hooks() if h == hook]
+
+    names = []
+    for j in range(n_layers):
+        names += [
+            f"blocks.{j}.hook_resid_pre",
+            f"blocks.{j}.attn.hook_z",
+            f"blocks.{j}.hook_attn_out",
+            f"blocks.{j}.attn.hook_pattern",
+            f"blocks.{j}.hook_mlp_out",
+        ]
+        if not parallel:
+            names.append(f"blocks.{j}.hook_resid_mid")
+    final = f"blocks.{n_layers - 1}.hook_resid_post"
+    names.append(final)
+    names = [n for n in names if n in model.hook_dict]
+
+    out: list[Tensor] = []  # every metric value, read back once
+    with torch.no_grad():
+        base: dict[str, Tensor] = {}
+        stv: dict[str, Tensor] = {}
+        pre: dict[str, Tensor] = {}
+
+        def saver(store):
+            def save(act, hook):
+                store[hook.name] = act.detach()
+
+            return save
+
+        with model.hooks(fwd_hooks=[(n, saver(base)) for n in names]):
+            base_m = call_metric(metric, model(tokens))
+        with model.hooks(fwd_hooks=[(hook, saver(pre)), *steer] + [(n, saver(stv)) for n in names]):
+            steered_m = call_metric(metric, model(tokens))
+        delta = stv[hook] - pre[hook]  # [batch, pos, d_model]: what the vector added
+        attn_mask = model.input_to_embed(tokens)[3]
+
+        def run_from(j: int, x: Tensor, hooks: list, stop: int | None = None) -> Tensor:
+            k = x.shape[0] // batch
+            m = None if attn_mask is None else attn_mask.repeat(k, 1)
+            with model.hooks(fwd_hooks=hooks):
+                return model(x, start_at_layer=j, stop_at_layer=stop, attention_mask=m)
+
+        # 1. what each reading component writes when only it sees the vector
+        terms: dict[str, Tensor] = {"direct": delta}
+        head_keys: list[tuple[int, int]] = []
+        for j in range(min(attn_from, mlp_from), n_layers):
+            reads_attn, reads_mlp = j >= attn_from, j >= mlp_from
+            got: dict[str, Tensor] = {}
+            hooks: list[Any] = [
+                (f"blocks.{j}.attn.hook_z", saver(got)),
+                (f"blocks.{j}.hook_mlp_out", saver(got)),
+            ]
+            if not parallel:
+                mid = base[f"blocks.{j}.hook_resid_mid"] + (delta if reads_mlp else 0)
+                hooks.append((f"blocks.{j}.hook_resid_mid", lambda act, hook, mid=mid: mid))
+            x = base[f"blocks.{j}.hook_resid_pre"] + (delta if reads_attn else 0)  # parallel: MLP reads x too
+            run_from(j, x, hooks, stop=j + 1)
+            if reads_attn:
+                dz = (
+                    got[f"blocks.{j}.attn.hook_z"] - base[f"blocks.{j}.attn.hook_z"]
+                )  # [b, pos, head, d_head]
+                w_o = model.blocks[j].attn.W_O  # [head, d_head, d_model]
+                for i in range(n_heads):
+                    terms[f"head {j}.{i}"] = dz[:, :, i] @ w_o[i]
+                    head_keys.append((j, i))
+            if reads_mlp:
+                terms[f"mlp {j}"] = got[f"blocks.{j}.hook_mlp_out"] - base[f"blocks.{j}.hook_mlp_out"]
+
+        # 2. each term added to the base final residual alone -> logits -> metric
+        keys = list(terms)
+        stacked = torch.cat([base[final] + terms[k] for k in keys])  # [K * batch, pos, d_model]
+        chunk = len(keys) if max_batch is None else max(1, max_batch // batch)
+        for s in range(0, len(keys), chunk):
+            xs = stacked[s * batch : (s + chunk) * batch]
+            logits = model(xs, start_at_layer=n_layers)  # final norm + unembedding only
+            out.append(evaluate_metric(metric, logits, xs.shape[0] // batch))
+        n_paths = len(keys)
+
+        # 3. frozen attention patterns (from the first block whose attention reads the vector)
+        frozen = [
+            (f"blocks.{j}.attn.hook_pattern", lambda act, hook: base[hook.name])
+            for j in range(attn_from, n_layers)
+        ]
+        with model.hooks(fwd_hooks=steer + frozen):
+            out.append(call_metric(metric, model(tokens)).reshape(1))
+
+        # 4. "Small Vectors, Big Effects" variants on block b
+        b = attn_from if attn_from < n_layers else None
+        variant_names: list[str] = []
+        if variants and b is not None:
+            s_in = stv[f"blocks.{b}.hook_resid_pre"]
+            b_in = base[f"blocks.{b}.hook_resid_pre"]
+            z_b, z_s = base[f"blocks.{b}.attn.hook_z"], stv[f"blocks.{b}.attn.hook_z"]
+            a_b, a_s = base[f"blocks.{b}.hook_attn_out"], stv[f"blocks.{b}.hook_attn_out"]
+            runs: list[tuple[str, Tensor, list]] = [
+                ("skip_attention", s_in, [(f"blocks.{b}.hook_attn_out", lambda act, hook: a_b)]),
+                (
+                    "skip_layer",
+                    b_in,
+                    [(f"blocks.{b}.hook_resid_post", lambda act, hook: act + (s_in - b_in))],
+                ),
+                ("attn_to_both", s_in, []),
+            ]
+            if not parallel:
+                runs += [
+                    (
+                        "attn_to_residual",
+                        s_in,
+                        [
+                            (f"blocks.{b}.hook_resid_mid", lambda act, hook: s_in + a_b),
+                            (f"blocks.{b}.hook_resid_post", lambda act, hook: act + (a_s - a_b)),
+                        ],
+                    ),
+                    (
+                        "attn_to_mlp",
+                        s_in,
+                        [
+                            (f"blocks.{b}.hook_resid_post", lambda act, hook: act - (a_s - a_b)),
+                        ],
+                    ),
+                ]
+            for i in range(n_heads):
+                knock = torch.zeros(n_heads, dtype=torch.bool, device=z_b.device)
+                knock[i] = True
+                m_k = knock[None, None, :, None]
+                runs.append(
+                    (
+                        f"knockout head {i}",
+                        s_in,
+                        [(f"blocks.{b}.attn.hook_z", lambda act, hook, m=m_k: torch.where(m, z_b, act))],
+                    )
+                )
+                runs.append(
+                    (
+                        f"only head {i}",
+                        s_in,
+                        [(f"blocks.{b}.attn.hook_z", lambda act, hook, m=m_k: torch.where(m, z_s, z_b))],
+                    )
+                )
+            for name, x, hooks in runs:
+                variant_names.append(name)
+                out.append(call_metric(metric, run_from(b, x, hooks)).reshape(1))
+
+        flat = torch.cat([torch.stack([base_m, steered_m]).double()] + [o.double().reshape(-1) for o in out])
+        host = flat.cpu()
+    if not torch.isfinite(host).all():
+        raise MetricError("path_patch: the metric is NaN or inf for some path run.")
+    base_v, steered_v = float(host[0]), float(host[1])
+    vals = (host[2:] - base_v).tolist()
+    effects = dict(zip(keys, vals[:n_paths], strict=True))
+    effects["frozen_patterns"] = vals[n_paths]
+    variant_vals = dict(zip(variant_names, vals[n_paths + 1 :], strict=True))
+    head_effects = None
+    if head_keys:
+        layers_read = sorted({j for j, _ in head_keys})
+        head_effects = torch.tensor([[effects[f"head {j}.{i}"] for i in range(n_heads)] for j in layers_read])
+    return PathPatchResult(
+        effects=effects,
+        variants=variant_vals,
+        total_effect=steered_v - base_v,
+        base_metric=base_v,
+        steered_metric=steered_v,
+        hook=hook,
+        block=b,
+        metric_name=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        head_effects=head_effects,
+    )
