@@ -64,7 +64,7 @@ class Reward(Protocol):
     def __call__(self, prompts: list[str], completions: list[str]) -> Float[Tensor, " batch"]: ...
 
 
-def _as_tensor(values: Sequence[float]) -> Float[Tensor, " batch"]:
+def _as_tensor(values: Sequence[float | int]) -> Float[Tensor, " batch"]:
     return torch.tensor(list(values), dtype=torch.float32)
 
 
