@@ -59,7 +59,7 @@ __all__ = ["Generation", "PositionSpec", "SteeredTransformer", "difference_of_me
 
 logger = logging.getLogger(__name__)
 
-PositionSpec = Literal["all", "prompt", "generated"] | Tensor
+PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
 FORMAT = "steer_lens.vectors"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -1,0 +1,325 @@
+"""SteeredTransformer: exactness of the added vectors, positions, hooks' ownership, generation, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+HOOK_KINDS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+
+
+def _tokens(model, batch=2, pos=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.cfg.d_vocab, (batch, pos), generator=g)
+
+
+def _n_hooks(model) -> int:
+    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+def test_zero_vector_is_bit_identical(tiny_model, kind):
+    import steer_lens as sl
+
+    if f"blocks.0.{kind}" not in tiny_model.hook_dict:
+        pytest.skip(f"{kind} does not exist in this architecture (parallel attention and MLP)")
+    toks = _tokens(tiny_model)
+    s = sl.SteeredTransformer(tiny_model, [f"blocks.0.{kind}", f"blocks.1.{kind}"])
+    assert torch.equal(s(toks), tiny_model(toks))
+
+
+def test_last_layer_vector_equals_adding_by_hand(tiny_model):
+    import steer_lens as sl
+
+    L = tiny_model.cfg.n_layers - 1
+    hook = f"blocks.{L}.hook_resid_post"
+    v = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 2
+    toks = _tokens(tiny_model)
+    _, cache = tiny_model.run_with_cache(toks)
+    by_hand = tiny_model.unembed(tiny_model.ln_final(cache[hook] + v))
+    s = sl.SteeredTransformer(tiny_model, [hook], init=v)
+    torch.testing.assert_close(s(toks), by_hand, rtol=0, atol=1e-5)
+    # scale multiplies the vector
+    by_hand2 = tiny_model.unembed(tiny_model.ln_final(cache[hook] + 2.5 * v))
+    with s.scaled(2.5):
+        torch.testing.assert_close(s(toks), by_hand2, rtol=0, atol=1e-5)
+
+
+def test_vector_gets_gradients_model_does_not(tiny_model):
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pre"])
+    s(_tokens(tiny_model)).logsumexp(-1).sum().backward()
+    g = s.vectors["blocks.1.hook_resid_pre"].grad
+    assert g is not None and g.abs().sum() > 0
+    assert all(not p.requires_grad for p in tiny_model.parameters())
+    assert [n for n, _ in s.named_parameters()] == ["vectors.params.blocks__1__hook_resid_pre"]
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "mask"])
+def test_positions_token_by_token(tiny_model, positions):
+    import steer_lens as sl
+
+    hook = "blocks.1.hook_resid_pre"
+    toks = _tokens(tiny_model, batch=2, pos=8)
+    v = torch.ones(tiny_model.cfg.d_model)
+    mask = torch.tensor([True, False, True, True, False, False, True, False])
+    s = sl.SteeredTransformer(tiny_model, [hook], init=v, positions=mask if positions == "mask" else positions)
+    plens = torch.tensor([3, 5])
+    _, steered_cache = s.run_with_cache(toks, prompt_lengths=plens, names_filter=[hook])
+    _, base_cache = tiny_model.run_with_cache(toks, names_filter=[hook])
+    delta = (steered_cache[hook] - base_cache[hook]).abs().sum(-1) > 0  # [batch, pos]
+    idx = torch.arange(8)
+    if positions == "prompt":
+        expected = idx[None] < plens[:, None]
+    elif positions == "generated":
+        expected = idx[None] >= plens[:, None]
+    else:
+        expected = mask[None].expand(2, 8)
+    assert torch.equal(delta, expected)
+
+
+def test_generation_kv_cache_equals_recompute_under_steering(tiny_model):
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_post"], init="random", init_norm=8.0)
+    toks = _tokens(tiny_model, batch=2, pos=5)
+    a = s.generate(toks, 12, do_sample=False, use_kv_cache=True)
+    b = s.generate(toks, 12, do_sample=False, use_kv_cache=False)
+    assert torch.equal(a, b)
+    # sampling: same seed, same tokens, with or without the cache
+    a = s.generate(toks, 12, seed=5, use_kv_cache=True)
+    b = s.generate(toks, 12, seed=5, use_kv_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_generation_honours_positions_while_decoding(tiny_model):
+    """Greedy tokens decoded step by step equal the argmax of one teacher-forced steered pass."""
+    import steer_lens as sl
+
+    for positions in ("generated", "prompt", "all"):
+        s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init="random", init_norm=10.0,
+                                  positions=positions)
+        toks = _tokens(tiny_model, batch=1, pos=4)
+        out = s.generate(toks, 10, do_sample=False)
+        logits = s(out, prompt_lengths=[4])
+        assert torch.equal(logits[0, 3:-1].argmax(-1), out[0, 4:]), positions
+
+
+@pytest.mark.real_model
+def test_batched_left_padded_generation_equals_one_by_one(real_model):
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(real_model, ["blocks.1.hook_resid_pre"], init="random", init_norm=60.0, seed=2)
+    prompts = ["Once upon a time", "The little cat sat on the big red mat and", "Tom"]
+    together = s.generate(prompts, 15, do_sample=False)
+    alone = [s.generate(p, 15, do_sample=False) for p in prompts]
+    assert together == alone
+    with s.disabled():
+        base = s.generate(prompts[0], 15, do_sample=False)
+    assert base != together[0]
+
+
+def test_hooks_removed_and_model_pristine_after_exception(tiny_model):
+    import steer_lens as sl
+
+    toks = _tokens(tiny_model)
+    pristine = tiny_model(toks)
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"],
+                              init="random", init_norm=5.0)
+
+    def boom(act, hook):
+        raise RuntimeError("inside the call")
+
+    with pytest.raises(RuntimeError, match="inside the call"):
+        s.run_with_hooks(toks, fwd_hooks=[("blocks.1.hook_resid_post", boom)])
+    with pytest.raises(RuntimeError):
+        with tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", boom)]):
+            s(toks)
+    assert _n_hooks(tiny_model) == 0
+    assert torch.equal(tiny_model(toks), pristine)
+    # and the steered calls still work afterwards
+    assert not torch.equal(s(toks), pristine)
+
+
+def test_foreign_hooks_survive_steered_calls(tiny_model):
+    import steer_lens as sl
+
+    seen = []
+    handle_hook = ("blocks.0.hook_resid_post", lambda act, hook: seen.append(1))
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"])
+    with tiny_model.hooks(fwd_hooks=[handle_hook]):
+        s(_tokens(tiny_model))
+        tiny_model(_tokens(tiny_model))
+    assert len(seen) == 2
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_model, tmp_path):
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out"],
+                              init="random", init_norm=3.0, scale=1.5, positions="prompt")
+    s.save(tmp_path / "v")
+    again = sl.SteeredTransformer.load(tmp_path / "v", tiny_model)
+    for h in s.hook_names:
+        assert torch.equal(again.vectors[h], s.vectors[h])
+    assert again.scale == 1.5 and again.positions == "prompt"
+    toks = _tokens(tiny_model)
+    assert torch.equal(again(toks, prompt_lengths=[3, 4]), s(toks, prompt_lengths=[3, 4]))
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["weight_processing"] == {"fold_ln": False, "center_writing_weights": False,
+                                        "center_unembed": False, "fold_value_biases": False}
+    assert cfg["d_model"] == tiny_model.cfg.d_model and cfg["hook_names"] == list(s.hook_names)
+    # no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "vectors.safetensors"]
+
+
+def test_explicit_mask_survives_save_load(tiny_model, tmp_path):
+    import steer_lens as sl
+
+    mask = torch.tensor([False, True, True, False])
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init="random", init_norm=3.0,
+                              positions=mask)
+    s.save(tmp_path / "v")
+    again = sl.SteeredTransformer.load(tmp_path / "v", tiny_model)
+    assert torch.equal(again.positions, mask)
+
+
+def test_load_into_incompatible_model_names_both_sides(tmp_path):
+    import steer_lens as sl
+    from steer_lens.errors import IncompatibleVectorError
+
+    a = sl.random_model("llama", d_model=32, n_heads=4, seed=0)
+    b = sl.random_model("llama", d_model=64, n_heads=4, seed=0)
+    c = sl.random_model("llama", d_model=32, n_heads=4, seed=7)
+    sl.SteeredTransformer(a, ["blocks.0.hook_resid_pre"]).save(tmp_path / "v")
+    with pytest.raises(IncompatibleVectorError, match=r"d_model=32.*d_model=64"):
+        sl.SteeredTransformer.load(tmp_path / "v", b)
+    with pytest.raises(IncompatibleVectorError, match=r"seed0.*seed7"):
+        sl.SteeredTransformer.load(tmp_path / "v", c)
+    assert sl.SteeredTransformer.load(tmp_path / "v", c, allow_other_model=True).hook_names == (
+        "blocks.0.hook_resid_pre",)
+
+
+def test_bad_input_errors_before_any_change(tiny_model):
+    import steer_lens as sl
+    from steer_lens.errors import ConfigError, HookNameError, NonFiniteError, ShapeMismatchError
+
+    with pytest.raises(HookNameError, match=r"blocks\.1\.hook_resid_pre"):
+        sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pree"])
+    with pytest.raises(HookNameError, match="d_model"):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.attn.hook_z"])
+    with pytest.raises(NonFiniteError):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], scale=float("nan"))
+    with pytest.raises(ShapeMismatchError, match="expected shape"):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init=torch.zeros(5))
+    with pytest.raises(NonFiniteError):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"],
+                              init=torch.full((tiny_model.cfg.d_model,), float("inf")))
+    with pytest.raises(ConfigError):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], positions="middle")
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"])
+    with pytest.raises(NonFiniteError):
+        s.scale = float("inf")
+    assert s.scale == 1.0
+    assert _n_hooks(tiny_model) == 0
+
+
+@pytest.mark.real_model
+def test_prompt_too_long_raises(real_model):
+    import steer_lens as sl
+    from steer_lens.errors import SequenceTooLongError
+
+    s = sl.SteeredTransformer(real_model, ["blocks.1.hook_resid_pre"])
+    with pytest.raises(SequenceTooLongError, match="n_ctx=512"):
+        s.generate("dog " * 600, 10)
+
+
+def test_model_not_available_offline(monkeypatch, tmp_path):
+    import steer_lens as sl
+    from steer_lens.errors import ModelNotAvailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotAvailableError, match="HF_HUB_CACHE"):
+        sl.load_model("nobody/no-such-model-steer-lens", device="cpu")
+
+
+@pytest.mark.real_model
+def test_difference_of_means_matches_manual(real_model):
+    from steer_lens.steering import difference_of_means
+
+    pos, neg = ["The dog ran.", "A dog barked."], ["The cat sat."]
+    hook = "blocks.1.hook_resid_pre"
+    v = difference_of_means(real_model, hook, pos, neg)[hook]
+
+    def act(t):
+        _, c = real_model.run_with_cache(real_model.to_tokens(t))
+        return c[hook][0, 1:].double().mean(0)
+
+    manual = (act(pos[0]) + act(pos[1])) / 2 - act(neg[0])
+    torch.testing.assert_close(v.double(), manual, rtol=0, atol=1e-5)
+
+
+# -- properties of the vector module -------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(values=st.lists(st.floats(-50, 50, allow_nan=False), min_size=16, max_size=16),
+       scale=st.floats(-4, 4, allow_nan=False), layer=st.integers(0, 1))
+def test_property_delta_is_scale_times_vector(values, scale, layer):
+    import steer_lens as sl
+
+    model = _property_model()
+    hook = f"blocks.{layer}.hook_resid_mid"
+    v = torch.tensor(values, dtype=torch.float32)
+    s = sl.SteeredTransformer(model, [hook], init=v, scale=scale)
+    toks = torch.tensor([[1, 2, 3, 4]])
+    _, cs = s.run_with_cache(toks, names_filter=[hook])
+    _, cb = model.run_with_cache(toks, names_filter=[hook])
+    torch.testing.assert_close(cs[hook] - cb[hook], (scale * v).expand_as(cb[hook]), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(values=st.lists(st.floats(-100, 100, allow_nan=False), min_size=16, max_size=16),
+       max_norm=st.floats(0.1, 50))
+def test_property_clamp_norm_projects_onto_ball(values, max_norm):
+    from steer_lens.vectors import SteeringVectors
+
+    v = torch.tensor(values, dtype=torch.float32)
+    vecs = SteeringVectors(["h"], 16, init={"h": v})
+    vecs.clamp_norm_(max_norm)
+    out = vecs["h"].detach()
+    assert float(out.norm()) <= max_norm * (1 + 1e-5)
+    if float(v.norm()) <= max_norm:
+        assert torch.equal(out, v)
+    elif float(v.norm()) > 1e-3:
+        torch.testing.assert_close(out / out.norm(), v / v.norm(), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=16, max_size=16))
+def test_property_save_load_exact(values, tmp_path_factory):
+    import steer_lens as sl
+
+    model = _property_model()
+    v = torch.tensor(values, dtype=torch.float32)
+    s = sl.SteeredTransformer(model, ["blocks.0.hook_resid_pre"], init=v)
+    folder = tmp_path_factory.mktemp("prop")
+    s.save(folder)
+    assert torch.equal(sl.SteeredTransformer.load(folder, model).vectors["blocks.0.hook_resid_pre"], v)
+
+
+_PROPERTY_MODEL = []
+
+
+def _property_model():
+    import steer_lens as sl
+
+    if not _PROPERTY_MODEL:
+        _PROPERTY_MODEL.append(sl.random_model("gpt2", d_model=16, n_heads=2, d_vocab=11, n_ctx=8, seed=0))
+    return _PROPERTY_MODEL[0]
