@@ -15,7 +15,7 @@ import html
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError
@@ -69,9 +69,9 @@ class AdapterActivations:
     """
 
     modules: tuple[str, ...]
-    tokens: tuple[Int[Tensor, " pos"], ...]
+    tokens: tuple[Tensor, ...]  # each Int[Tensor, "pos"] (lengths differ)
     str_tokens: tuple[tuple[str, ...], ...]
-    acts: dict[str, tuple[Float[Tensor, "pos rank"], ...]]
+    acts: dict[str, tuple[Tensor, ...]]  # each Float[Tensor, "pos rank"]
     lens: dict[str, tuple]
 
     def _check(self, module: str | None) -> str:

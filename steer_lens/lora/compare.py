@@ -48,7 +48,7 @@ __all__ = ["LoraComparison", "compare", "effective_vectors", "mean_delta_vector"
 
 logger = logging.getLogger(__name__)
 
-Texts = Sequence[str] | Sequence[Int[Tensor, " pos"]] | Int[Tensor, "batch pos"]
+Texts = Sequence[str] | Sequence[Tensor] | Int[Tensor, "batch pos"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def _collect(model, tuned, lora: LoraAdapter, batches, *, resid: bool, losses: b
                 logp_t = logits_t.double().log_softmax(-1)
                 c.kl_lora_base = c.kl_lora_base + _kl(logp_t, logits_b, real)
                 if keep_logp:
-                    c.lora_logp.append(logp_t.float())
+                    c.lora_logp.append(logits_t)  # the model's own output; log-softmax redone in fp64
     return c
 
 
@@ -514,7 +514,7 @@ def compare(
             logits = st(toks)
             nl, _ = _next_token_nll(logits, toks, real)
             loss = loss + nl.cpu()
-            kl = kl + _kl(logp_t.double(), logits, real).cpu()
+            kl = kl + _kl(logp_t.double().log_softmax(-1), logits, real).cpu()
         sums[key] = [loss, kl]
 
     vectors = _steering_vectors(steered)

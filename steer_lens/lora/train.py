@@ -53,8 +53,8 @@ class LoraTrainConfig:
 
     rank: int = 4
     alpha: float | None = None
-    target_modules: tuple[str, ...] = ("down_proj",)
-    layers: tuple[int, ...] | None = None
+    target_modules: Sequence[str] | str = ("down_proj",)
+    layers: Sequence[int] | None = None
     use_rslora: bool = False
     init_lora_weights: bool = True
     steps: int = 200
