@@ -311,10 +311,10 @@ class GateValues:
 
     def view(self, i: int = 0, hook: str | None = None):
         """circuitsvis ``colored_tokens`` view of the gate per token of text ``i`` (for notebooks)."""
-        from circuitsvis.tokens import colored_tokens
+        from steer_lens.plotting import token_view
 
         hook = hook or next(iter(self.gates))
-        return colored_tokens(tokens=self.str_tokens[i], values=self.of_text(i, hook).tolist())
+        return token_view(self.str_tokens[i], self.of_text(i, hook))
 
     def _repr_html_(self) -> str:
         parts = []

@@ -66,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RL_LR = 2e-2
+DEFAULT_RL_LR = 5e-2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +91,7 @@ class RLConfig(OptimConfig):
             steering on other text.
         heldout_every: steps between held-out evaluations.
 
-    Defaults: ``steps=100`` and ``lr=2e-2`` in relative units (measured to lift the "dog" rate on
+    Defaults: ``steps=100`` and ``lr=5e-2`` in relative units (measured to lift the "dog" rate on
     TinyStories-656K at both ``blocks.0`` and ``blocks.1.hook_resid_pre``; see ``docs/rl.md``).
 
     Raises:
