@@ -532,7 +532,7 @@ def rl(
             sample_s=torch.tensor(ro.sample_seconds),
         )
         if config.heldout_texts and (step % config.heldout_every == 0 or step == config.steps - 1):
-            from steer_lens.train.sft import heldout_loss
+            from steer_lens.train import heldout_loss
 
             with torch.no_grad():
                 metrics["heldout_loss"] = torch.tensor(heldout_loss(steered, config.heldout_texts))
