@@ -397,7 +397,7 @@ def test_feature_views(trained):
     lens = sl.sae.feature_logit_lens(model, sae, [2, 5], k=3)
     ref = sae.W_dec.detach()[[2, 5]] @ model.W_U.detach()
     torch.testing.assert_close(lens.logits, ref, rtol=1e-5, atol=1e-5)
-    assert lens.top_tokens[0][0] == str(int(ref[0].argmax()))
+    assert lens.top_tokens[0][0] == f"<{int(ref[0].argmax())}>"
     toks = _tokens(n=6, pos=10, seed=7)
     top = sl.sae.top_activating_tokens(model, sae, [2, 5], toks, n=3, batch_size=4)
     with torch.no_grad():

@@ -27,6 +27,12 @@ from steer_lens.models import check_hook_names, model_info
 __all__: list[str] = []
 
 
+#: a sae-lens ``SAE`` (any architecture) or a :class:`~steer_lens.sae.TrainedSAE`
+SAELike = Any
+#: a TransformerLens ``HookedTransformer`` (or a ``SteeredTransformer``, whose base model is used)
+ModelLike = Any
+
+
 class SAEModelMismatchWarning(UserWarning):
     """The SAE's metadata names another model than the one it is used with (same width)."""
 
@@ -136,6 +142,12 @@ def check_sae(model, sae, hook: str | None = None) -> str:
             f"the SAE has d_in={d_in} but hook {hook!r} of model {model_info(model).name!r} has "
             f"activations of shape {list(shape)} (batch 1, pos 2); expected [batch, pos, {d_in}]. "
             "Fix: use an SAE trained on this model and hook (sl.sae.train(model, hook, texts))."
+        )
+    mdev, sdev = _device(model), sae.W_dec.device
+    if mdev.type != sdev.type or (mdev.index or 0) != (sdev.index or 0):
+        raise ConfigError(
+            f"the SAE is on {sdev} but the model is on {mdev}. Fix: sae.to('{mdev}') (or load it with "
+            f"sl.sae.load(..., device='{mdev}'))."
         )
     sae_model = getattr(sae.cfg.metadata, "model_name", None)
     name = model_info(model).name

@@ -31,6 +31,7 @@ from steer_lens.errors import ConfigError, MetricError
 from steer_lens.sae._core import (
     Batch,
     HookMismatchWarning,
+    SAELike,
     check_nonempty,
     check_sae,
     hook_order,
@@ -39,6 +40,7 @@ from steer_lens.sae._core import (
     run_kwargs,
     unwrap,
 )
+from steer_lens.steering import SteeredTransformer
 
 __all__ = ["ActivationShift", "Attribution", "Metric", "activation_shift", "attribute", "splice_hooks"]
 
@@ -50,7 +52,7 @@ Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"] 
 # ---------------------------------------------------------------------------------------------------
 # splicing
 # ---------------------------------------------------------------------------------------------------
-def splice_hooks(sae, *, error_term: bool = True, hook: str | None = None) -> list[tuple[str, Any]]:
+def splice_hooks(sae: SAELike, *, error_term: bool = True, hook: str | None = None) -> list[tuple[str, Any]]:
     """``[(hook, fn)]`` that replaces the activation at the SAE's hook with the SAE's output.
 
     With ``error_term=True`` the output is ``x + (x_hat - x_hat.detach())``: numerically exactly ``x``
@@ -216,7 +218,7 @@ def _token_strs(model, tokens: Tensor, count: Tensor) -> list[str]:
 
 @torch.no_grad()
 def activation_shift(
-    steered, sae, texts: Any, *, batch_size: int = 16, per_token_texts: int = 8
+    steered: SteeredTransformer, sae: SAELike, texts: Any, *, batch_size: int = 16, per_token_texts: int = 8
 ) -> ActivationShift:
     """Mean change of each SAE feature's activation between the steered and the base run.
 
@@ -460,8 +462,8 @@ def _ablated_metric(steered, sae, h: str, batch: Batch, metric: Metric, sets: li
 
 
 def attribute(
-    steered,
-    sae,
+    steered: SteeredTransformer,
+    sae: SAELike,
     texts: Any,
     metric: Metric,
     *,

@@ -24,6 +24,8 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, HookNameError
 from steer_lens.sae._core import (
     HookMismatchWarning,
+    ModelLike,
+    SAELike,
     check_nonempty,
     check_sae,
     iter_batches,
@@ -31,6 +33,7 @@ from steer_lens.sae._core import (
     unwrap,
     unwrap_model,
 )
+from steer_lens.steering import SteeredTransformer
 
 __all__ = [
     "FeatureLogitLens",
@@ -205,7 +208,7 @@ class VectorFeatures:
 
 
 @torch.no_grad()
-def vector_features(steered, sae, k: int = 20, *, hook: str | None = None) -> VectorFeatures:
+def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, hook: str | None = None) -> VectorFeatures:
     """Express a steering vector in an SAE's features.
 
     Three views of the vector ``v`` (scale included) against the SAE's dictionary:
@@ -333,7 +336,7 @@ def _tok_str(model, ids: list[int]) -> list[str]:
 
 @torch.no_grad()
 def top_activating_tokens(
-    model, sae, features: list[int] | Tensor, texts: Any, *, n: int = 10, window: int = 8,
+    model: ModelLike, sae: SAELike, features: list[int] | Tensor, texts: Any, *, n: int = 10, window: int = 8,
     batch_size: int = 16,
 ) -> FeatureTopTokens:
     """The ``n`` tokens with the largest activation of each feature over a corpus (the classic feature
@@ -416,7 +419,7 @@ class FeatureLogitLens:
 
     Attributes:
         features: the feature ids.
-        mode: ``"raw"`` (``d @ W_U``) or ``"norm"`` (final norm's weight applied first).
+        mode: ``"raw"`` (``W_U d``) or ``"norm"`` (``W_U ln_final(d)``).
         logits: ``[n_features, d_vocab]`` logit change per unit of feature activation (logits).
         top_tokens, bottom_tokens: per feature, the ``k`` most promoted / suppressed tokens (strings).
     """
@@ -449,29 +452,16 @@ class FeatureLogitLens:
         return self.to_pandas().to_html(index=False)
 
 
-def direction_logits(model, directions: Float[Tensor, "n d_model"], mode: str = "raw") -> Tensor:
-    """Read directions through the unembedding: ``d @ W_U`` (``"raw"``) or with the final norm's
-    weight applied (``"norm"``). Computed locally (``W_U`` of the model)."""
-    W_U = model.W_U.detach().float().cpu()
-    d = directions.float().cpu()
-    if mode == "norm":
-        w = getattr(getattr(model, "ln_final", None), "w", None)
-        if w is not None:
-            d = d * w.detach().float().cpu()
-    elif mode != "raw":
-        raise ConfigError(f"mode: expected 'raw' or 'norm', got {mode!r}.")
-    return d @ W_U
-
-
 @torch.no_grad()
 def feature_logit_lens(
-    model, sae, features: list[int] | Tensor, *, k: int = 10, mode: Literal["raw", "norm"] = "raw"
+    model: ModelLike, sae: SAELike, features: list[int] | Tensor, *, k: int = 10, mode: Literal["raw", "norm"] = "raw"
 ) -> FeatureLogitLens:
     """Logit lens of features' decoder directions: which tokens each feature directly promotes.
 
-    ``logits_i = d_i @ W_U`` (``mode="raw"``) or ``(d_i * w_final_norm) @ W_U`` (``"norm"``), the
-    direct effect of one unit of feature ``i`` on the logits ignoring later layers and the final
-    norm's scale (logit lens, nostalgebraist 2020; as in SAE dashboards' "logit weights").
+    ``logits_i = W_U d_i`` (``mode="raw"``: the direct effect of one unit of feature ``i`` on the
+    logits, ignoring later layers and the final norm; SAE dashboards' "logit weights") or
+    ``W_U ln_final(d_i)`` (``"norm"``: the direction as a final residual on its own). Reads the
+    directions with :func:`steer_lens.lens.direction_lens` (logit lens, nostalgebraist 2020).
 
     Args:
         model: a HookedTransformer or SteeredTransformer.
@@ -498,10 +488,10 @@ def feature_logit_lens(
             f"the SAE's d_in={D.shape[-1]} is not the model's d_model={model.cfg.d_model}; the logit lens "
             "needs a residual-stream SAE."
         )
-    logits = direction_logits(model, D, mode)
-    top = torch.topk(logits, k, dim=-1).indices.tolist()
-    bot = torch.topk(-logits, k, dim=-1).indices.tolist()
+    from steer_lens.lens import direction_lens
+
+    scores = direction_lens(model, D, k=k, mode=mode, names=[str(f) for f in feats])
     return FeatureLogitLens(
-        features=feats, mode=mode, logits=logits,
-        top_tokens=[_tok_str(model, t) for t in top], bottom_tokens=[_tok_str(model, t) for t in bot],
+        features=feats, mode=mode, logits=torch.stack([s.scores for s in scores]),
+        top_tokens=[s.top_tokens for s in scores], bottom_tokens=[s.bottom_tokens for s in scores],
     )

@@ -32,6 +32,8 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, EmptyInputError, ModelNotAvailableError
 from steer_lens.models import check_hook_names, model_info
 from steer_lens.sae._core import (
+    ModelLike,
+    SAELike,
     check_nonempty,
     check_sae,
     hook_width,
@@ -60,7 +62,7 @@ def load(
     sae_id: str | None = None,
     device: str | torch.device = "cpu",
     dtype: str | None = None,
-):
+) -> Any:
     """Load a sae-lens SAE from a folder (``SAE.load_from_disk``) or a pretrained release
     (``SAE.from_pretrained``).
 
@@ -193,7 +195,7 @@ def _next_token_ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor
 
 
 @torch.no_grad()
-def evaluate(model, sae, texts: Any, *, hook: str | None = None, batch_size: int = 16) -> SAEQuality:
+def evaluate(model: ModelLike, sae: SAELike, texts: Any, *, hook: str | None = None, batch_size: int = 16) -> SAEQuality:
     """Measure an SAE on a corpus: FVU, L0, dead features, and cross-entropy loss recovered.
 
     Three forward passes per batch: the clean model, the model with the SAE's reconstruction spliced
@@ -464,7 +466,7 @@ def _batches(model, hook: str, texts: Any, cfg: SAETrainConfig, *, cycle: bool) 
 
 
 def train(
-    model,
+    model: ModelLike,
     hook: str,
     texts: Any,
     *,
@@ -494,7 +496,8 @@ def train(
         texts: training corpus: strings, dataset rows with ``"text"``, or token ids. Lists, tensors and
             datasets are cycled if they hold fewer than ``training_tokens`` tokens; a one-shot iterator
             is not, and must be long enough.
-        d_sae, k: shortcuts for the config fields of the same name.
+        d_sae: shortcut for the config field of the same name (number of features).
+        k: shortcut for the config field of the same name (active features per token, TopK).
         config: a :class:`SAETrainConfig` (default: its defaults).
         eval_texts: held-out texts for :func:`evaluate`.
         **overrides: any other :class:`SAETrainConfig` field.
@@ -619,7 +622,7 @@ def _to_inference(sl_, tsae):
 # a corpus sampled from the model
 # ---------------------------------------------------------------------------------------------------
 def sample_corpus(
-    model,
+    model: ModelLike,
     n_texts: int = 1000,
     max_new_tokens: int = 256,
     *,
@@ -642,7 +645,8 @@ def sample_corpus(
         max_new_tokens: tokens per text (stops earlier at EOS).
         prompts: prompts cycled over the texts (default: the empty prompt, i.e. BOS only, which
             samples whole stories).
-        temperature, top_p: sampling settings.
+        temperature: softmax temperature.
+        top_p: nucleus-sampling mass.
         batch_size: texts sampled in parallel.
         seed: base seed.
 
