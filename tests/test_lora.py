@@ -547,3 +547,17 @@ def test_texts_too_long_or_empty(pair):
         sl.lora.compare(tl, lora, [torch.ones(1, dtype=torch.long)])
     with pytest.raises(ConfigError, match="tokenizer"):
         sl.lora.compare(tl, lora, ["text but no tokenizer"])
+
+
+def test_processed_weights_are_refused(pair):
+    import copy
+    import dataclasses
+
+    from steer_lens.models import model_info
+
+    hf, tl = pair("llama")
+    pm = _peft(copy.deepcopy(hf), ["down_proj"])
+    folded = copy.deepcopy(tl)
+    object.__setattr__(folded, "_steer_lens_info", dataclasses.replace(model_info(tl), fold_ln=True))
+    with pytest.raises(ConfigError, match="unprocessed"):
+        sl.lora.load_adapter(folded, pm)

@@ -357,7 +357,8 @@ def load_adapter(
     Raises:
         IncompatibleVectorError: the adapter was made for another base model or architecture (both named).
         ConfigError: LoRA'd modules that do not map onto TransformerLens weights (all listed), DoRA,
-            LoRA biases or ``modules_to_save`` (not a low-rank update), or no LoRA layer at all.
+            LoRA biases or ``modules_to_save`` (not a low-rank update), no LoRA layer at all, or a model
+            whose weights TransformerLens processed (fold_ln, centring).
         ShapeMismatchError: a module's A/B shapes do not fit the model's dimensions.
         NonFiniteError: NaN or inf in A, B or the scaling.
         MissingDependencyError: peft is not installed.
@@ -496,9 +497,17 @@ def validate(model, lora: LoraAdapter) -> None:
     """Check every module against the model's dimensions and for NaN/inf.
 
     Raises:
+        ConfigError: the model's weights were processed (``fold_ln``, centring): ΔW would not apply.
         ShapeMismatchError: a layer index out of range or A/B shapes that do not fit (expected vs got).
         NonFiniteError: NaN or inf in A, B or a scaling.
     """
+    processing = model_info(model).processing()
+    if any(processing.values()):
+        raise ConfigError(
+            f"the model's weights were processed by TransformerLens ({processing}); a LoRA's ΔW is defined "
+            "on the Hugging Face weights, which folding LayerNorm or centring changes. Fix: load the model "
+            "with unprocessed weights (steer_lens.load_model's default)."
+        )
     n_layers = int(model.cfg.n_layers)
     for m in lora.modules:
         if not 0 <= m.layer < n_layers:

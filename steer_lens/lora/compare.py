@@ -169,18 +169,21 @@ class _Collected:
     lora_logp: list[Tensor] = field(default_factory=list)
 
 
-def _next_token_nll(logits: Tensor, toks: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+def _logp64(logits: Tensor) -> Tensor:
+    """Log-probabilities in float64."""
+    return logits.double().log_softmax(-1)
+
+
+def _nll(logp: Tensor, toks: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of -log p(next token) over positions whose next token is real (fp64), and their count."""
-    logp = logits[:, :-1].double().log_softmax(-1)
-    nll = -logp.gather(-1, toks[:, 1:, None])[..., 0]
+    nll = -logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
     m = real[:, 1:]
     return (nll * m).sum(), m.sum()
 
 
-def _kl(logp_p: Tensor, logits_q: Tensor, real: Tensor) -> Tensor:
+def _kl(logp_p: Tensor, logp_q: Tensor, real: Tensor) -> Tensor:
     """Sum over real positions of KL(p ‖ q) in float64 (nats)."""
-    logq = logits_q.double().log_softmax(-1)
-    kl = (logp_p.exp() * (logp_p - logq)).sum(-1)
+    kl = (logp_p.exp() * (logp_p - logp_q)).sum(-1)
     return (kl * real).sum()
 
 
@@ -208,11 +211,11 @@ def _collect(model, tuned, lora: LoraAdapter, batches, *, resid: bool, losses: b
             for h in resid_hooks:
                 c.resid_diff[h] += ((cache[h] - cache_b[h]).double() * real[..., None]).sum((0, 1))
             if losses:
-                nb, npred = _next_token_nll(logits_b, toks, real)
-                nl, _ = _next_token_nll(logits_t, toks, real)
+                logp_t, logp_b = _logp64(logits_t), _logp64(logits_b)
+                nb, npred = _nll(logp_b, toks, real)
+                nl, _ = _nll(logp_t, toks, real)
                 c.loss_base, c.loss_lora, c.n_pred = c.loss_base + nb, c.loss_lora + nl, c.n_pred + npred
-                logp_t = logits_t.double().log_softmax(-1)
-                c.kl_lora_base = c.kl_lora_base + _kl(logp_t, logits_b, real)
+                c.kl_lora_base = c.kl_lora_base + _kl(logp_t, logp_b, real)
                 if keep_logp:
                     c.lora_logp.append(logits_t)  # the model's own output; log-softmax redone in fp64
     return c
@@ -506,16 +509,15 @@ def compare(
     runs = [("const", const)]
     if isinstance(steered, SteeredTransformer):
         runs.append(("steered", steered))
-    sums: dict[str, list[Tensor]] = {}
-    for key, st in runs:
-        loss = torch.zeros((), dtype=torch.float64)
-        kl = torch.zeros((), dtype=torch.float64)
-        for (toks, real), logp_t in zip(batches, c.lora_logp, strict=True):
-            logits = st(toks)
-            nl, _ = _next_token_nll(logits, toks, real)
-            loss = loss + nl.cpu()
-            kl = kl + _kl(logp_t.double().log_softmax(-1), logits, real).cpu()
-        sums[key] = [loss, kl]
+    dev = batches[0][0].device
+    sums = {key: [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2)] for key, _ in runs}
+    for (toks, real), logits_t in zip(batches, c.lora_logp, strict=True):
+        logp_t = _logp64(logits_t)
+        for key, st in runs:
+            logp = _logp64(st(toks))
+            nl, _ = _nll(logp, toks, real)
+            sums[key][0] += nl
+            sums[key][1] += _kl(logp_t, logp, real)
 
     vectors = _steering_vectors(steered)
     stats: dict[str, dict[str, float]] = {}
