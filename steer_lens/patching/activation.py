@@ -453,7 +453,7 @@ def _check_align(align, clean_pos: int, corrupted_pos: int, kind: str) -> Tensor
 # ---------------------------------------------------------------------------------------------------
 def activation_patch(
     model,
-    clean_tokens: Int[Tensor, "batch pos"],
+    clean_tokens: Int[Tensor, "clean_batch clean_pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: MetricFn | Metric,
     hook: str = "resid_pre",

@@ -56,7 +56,7 @@ def _grab_hooks(acts: dict[str, Tensor], names: Sequence[str]) -> list:
 
 def attribution_patch(
     model,
-    clean_tokens: Int[Tensor, "batch pos"],
+    clean_tokens: Int[Tensor, "clean_batch clean_pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: MetricFn | Metric,
     hook: str = "resid_pre",

@@ -1,0 +1,521 @@
+"""Patching: exact equality with TransformerLens's patching, metrics, attribution and path patching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+ATOL = 1e-5
+
+# (hook, by, name of TransformerLens's function)
+TL_CASES = [
+    ("resid_pre", None, "get_act_patch_resid_pre"),
+    ("resid_mid", None, "get_act_patch_resid_mid"),
+    ("attn_out", None, "get_act_patch_attn_out"),
+    ("mlp_out", None, "get_act_patch_mlp_out"),
+    ("z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"),
+    ("q", ("layer", "pos", "head"), "get_act_patch_attn_head_q_by_pos"),
+    ("k", ("layer", "pos", "head"), "get_act_patch_attn_head_k_by_pos"),
+    ("v", ("layer", "pos", "head"), "get_act_patch_attn_head_v_by_pos"),
+    ("z", ("layer", "head"), "get_act_patch_attn_head_out_all_pos"),
+    ("q", ("layer", "head"), "get_act_patch_attn_head_q_all_pos"),
+    ("k", ("layer", "head"), "get_act_patch_attn_head_k_all_pos"),
+    ("v", ("layer", "head"), "get_act_patch_attn_head_v_all_pos"),
+    ("pattern", ("layer", "head"), "get_act_patch_attn_head_pattern_all_pos"),
+    ("pattern", ("layer", "head", "pos"), "get_act_patch_attn_head_pattern_by_pos"),
+]
+
+# on the real model (2 layers, 8 heads, 4 key/value heads), a subset that covers every hook kind
+REAL_CASES = [TL_CASES[i] for i in (0, 1, 2, 3, 4, 6, 11, 12)]
+
+
+def _pair(d_vocab: int, batch: int = 2, pos: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (batch, pos), generator=g)
+    corrupted = torch.randint(0, d_vocab, (batch, pos), generator=g)
+    return clean, corrupted
+
+
+def _tl_reference(model, fn_name, clean, corrupted, metric, clean_cache=None):
+    from transformer_lens import patching as tlp
+
+    if clean_cache is None:
+        _, clean_cache = model.run_with_cache(clean)
+    return getattr(tlp, fn_name)(model, corrupted, clean_cache, metric)
+
+
+# ---------------------------------------------------------------------------------------------------
+# activation patching == TransformerLens
+# ---------------------------------------------------------------------------------------------------
+def test_activation_patch_equals_transformer_lens(tiny_model):
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, pos=3)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    gqa = model.cfg.n_key_value_heads is not None
+    for hook, by, fn in TL_CASES:
+        if hook == "resid_mid" and model.cfg.parallel_attn_mlp:
+            continue
+        if not gqa and hook in ("q", "k", "v") and "pos" in by:  # full per-head-position set on the GQA model
+            continue
+        ref = getattr(tlp, fn)(model, corrupted, cache, metric)
+        res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
+        assert res.values.shape == ref.shape, (hook, by)
+        torch.testing.assert_close(res.values, ref.float(), atol=ATOL, rtol=0)
+        assert res.values.std() > 0  # the sweep is not trivially constant
+
+
+def test_resid_post_and_block_every_match_generic_tl(tiny_model):
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=3)
+    metric = sl.patching.logprob(4)
+    _, cache = model.run_with_cache(clean)
+    ref = tlp.generic_activation_patch(
+        model, corrupted, cache, metric, tlp.layer_pos_patch_setter, "resid_post", ("layer", "pos")
+    )
+    res = sl.patching.activation_patch(model, clean, corrupted, metric, "resid_post")
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
+    every = tlp.get_act_patch_block_every(model, corrupted, cache, metric)
+    ours = torch.stack(
+        [
+            sl.patching.activation_patch(model, clean, corrupted, metric, h).values
+            for h in ("resid_pre", "attn_out", "mlp_out")
+        ]
+    )
+    torch.testing.assert_close(ours, every, atol=ATOL, rtol=0)
+
+
+def test_prefix_sharing_and_chunking_do_not_change_values(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, batch=3, pos=4, seed=2)
+    metric = sl.patching.logit_diff(1, 2)
+    a = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+    b = sl.patching.activation_patch(
+        model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), share_prefix=False, max_batch=3
+    )
+    torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
+
+
+def test_properties_self_patch_and_whole_layer(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=4)
+    metric = sl.patching.logit_diff(1, 2)
+    same = sl.patching.activation_patch(model, corrupted, corrupted, metric, "resid_pre")
+    torch.testing.assert_close(
+        same.values, torch.full_like(same.values, same.corrupted_metric), atol=ATOL, rtol=0
+    )
+    # patching the whole residual stream at layer 0 reproduces the clean run
+    whole = sl.patching.activation_patch(model, clean, corrupted, metric, "resid_pre", by=("layer",))
+    assert whole.values.shape == (model.cfg.n_layers,)
+    assert abs(float(whole.values[0]) - whole.clean_metric) < ATOL
+    norm = whole.normalized()
+    assert abs(float(norm[0]) - 1.0) < 1e-4
+
+
+def test_tl_style_metrics_and_batch_metrics_agree(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=5)
+    correct, wrong = torch.tensor([3, 5]), torch.tensor([7, 9])
+
+    def tl_metric(logits):  # reduces over the batch, as TransformerLens metrics do
+        last = logits[:, -1]
+        return (last[torch.arange(2), correct] - last[torch.arange(2), wrong]).mean()
+
+    def per_batch_metric(logits):  # returns [batch]
+        last = logits[:, -1]
+        return last[torch.arange(2), correct] - last[torch.arange(2), wrong]
+
+    ours = sl.patching.logit_diff(correct, wrong)
+    a = sl.patching.activation_patch(model, clean, corrupted, tl_metric, "attn_out")
+    b = sl.patching.activation_patch(model, clean, corrupted, per_batch_metric, "attn_out")
+    c = sl.patching.activation_patch(model, clean, corrupted, ours, "attn_out")
+    torch.testing.assert_close(a.values, c.values, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b.values, c.values, atol=ATOL, rtol=0)
+
+
+def test_positions_heads_layers_restrict_the_sweep(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=6)
+    metric = sl.patching.logit_diff(1, 2)
+    full = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+    part = sl.patching.activation_patch(
+        model,
+        clean,
+        corrupted,
+        metric,
+        "z",
+        by=("layer", "pos", "head"),
+        layers=[1],
+        positions=[0, 4],
+        heads=[2],
+    )
+    torch.testing.assert_close(part.values, full.values[1:2][:, [0, 4]][:, :, [2]], atol=ATOL, rtol=0)
+    assert part.labels["layer"] == ["1"] and part.labels["head"] == ["2"]
+
+
+def test_align_patches_shifted_positions():
+    import steer_lens as sl
+
+    model = sl.random_model("gpt2", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    clean, corrupted = _pair(53, pos=6, seed=7)
+    longer = torch.cat([clean[:, :1], clean], 1)  # clean with one extra token in front
+    metric = sl.patching.logprob(3)
+    # aligned patching of the longer clean run at positions 1..6 == patching the original clean run
+    # only where the residual streams coincide: check the mechanics on resid_pre at layer 0 (embeddings)
+    res = sl.patching.activation_patch(model, longer, corrupted, metric, "resid_pre", align=list(range(1, 7)))
+    manual = sl.patching.activation_patch(model, longer[:, 1:], corrupted, metric, "resid_pre", layers=[0])
+    assert res.values.shape == (2, 6)
+    # gpt2 adds learned position embeddings, so layer-0 activations differ by the position shift only
+    assert not torch.allclose(res.values[0], manual.values[0])
+    with pytest.raises(sl.errors.ShapeMismatchError, match="align"):
+        sl.patching.activation_patch(model, longer, corrupted, metric, "resid_pre", align=[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------
+def test_bad_input_errors():
+    import steer_lens as sl
+    from steer_lens.errors import ConfigError, HookNameError, MetricError, ShapeMismatchError
+
+    model = sl.random_model("llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    neox = sl.random_model("neox", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    clean, corrupted = _pair(53)
+    metric = sl.patching.logit_diff(1, 2)
+    ap = sl.patching.activation_patch
+    with pytest.raises(ShapeMismatchError, match="same length"):
+        ap(model, clean, corrupted[:, :-1], metric)
+    with pytest.raises(ShapeMismatchError, match="batch"):
+        ap(model, clean[:1], corrupted, metric)
+    with pytest.raises(HookNameError, match="expected one of"):
+        ap(model, clean, corrupted, metric, "resid_prex")
+    with pytest.raises(HookNameError, match="not a hook point"):
+        ap(neox, clean, corrupted, metric, "resid_mid")  # parallel attention has no resid_mid
+    with pytest.raises(ConfigError, match="key/value heads"):
+        ap(model, clean, corrupted, metric, "k", by=("layer", "head"), heads=[3])  # 2 KV heads
+    with pytest.raises(ConfigError, match="heads"):
+        ap(model, clean, corrupted, metric, "z", by=("layer", "head"), heads=[4])
+    with pytest.raises(ConfigError, match="layers"):
+        ap(model, clean, corrupted, metric, layers=[2])
+    with pytest.raises(ConfigError, match="by"):
+        ap(model, clean, corrupted, metric, "resid_pre", by=("pos", "layer"))
+    with pytest.raises(ConfigError, match="by"):
+        ap(model, clean, corrupted, metric, "resid_pre", by=("layer", "head"))
+    with pytest.raises(MetricError, match="shape"):
+        ap(model, clean, corrupted, lambda logits: logits[:, -1, :3])
+    with pytest.raises(MetricError, match="NaN or inf"):
+        ap(model, clean, corrupted, lambda logits: logits[:, -1, 0].mean() * float("nan"))
+    with pytest.raises(ConfigError, match="max_batch"):
+        ap(model, clean, corrupted, metric, max_batch=1)
+
+
+def test_exception_in_metric_leaves_model_pristine():
+    import steer_lens as sl
+
+    model = sl.random_model("llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    clean, corrupted = _pair(53)
+    before = model(corrupted)
+    calls = {"n": 0}
+
+    def bad(logits):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("boom")
+        return logits[:, -1, 0].mean()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sl.patching.activation_patch(model, clean, corrupted, bad)
+    assert all(len(hp.fwd_hooks) == 0 for hp in model.hook_dict.values())
+    assert torch.equal(model(corrupted), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------
+def test_metric_factories_closed_forms():
+    import steer_lens as sl
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 11, generator=g)
+    ld = sl.patching.logit_diff(torch.tensor([1, 2, 3]), 4)
+    torch.testing.assert_close(
+        ld.per_sequence(logits), logits[:, -1, [1, 2, 3]].diagonal() - logits[:, -1, 4]
+    )
+    assert ld(logits).ndim == 0
+    # targets tile over stacked copies of the batch
+    torch.testing.assert_close(
+        ld.per_sequence(torch.cat([logits, logits])), ld.per_sequence(logits).repeat(2)
+    )
+    lp = sl.patching.logprob(5, pos=1)
+    torch.testing.assert_close(lp.per_sequence(logits), logits[:, 1].log_softmax(-1)[:, 5])
+    kl = sl.patching.kl_to(logits)
+    assert kl.per_sequence(logits).dtype == torch.float64
+    torch.testing.assert_close(
+        kl.per_sequence(logits), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    other = torch.randn(3, 4, 11, generator=g)
+    p = logits[:, -1].double().softmax(-1)
+    q = other[:, -1].double().log_softmax(-1)
+    torch.testing.assert_close(kl.per_sequence(other), (p * (p.log() - q)).sum(-1))
+    kl_all = sl.patching.kl_to(logits, pos=None)
+    assert (kl_all.per_sequence(other) > 0).all()
+    pc = sl.patching.prob_change([2, 7, 7], reference_logits=logits)
+    torch.testing.assert_close(
+        pc.per_sequence(logits), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    mass = sl.patching.prob_change([2, 7]).per_sequence(other)
+    torch.testing.assert_close(mass, other[:, -1].double().softmax(-1)[:, [2, 7]].sum(-1))
+    with pytest.raises(sl.errors.ShapeMismatchError):
+        sl.patching.logit_diff(torch.tensor([1, 2]), 3).per_sequence(logits)  # 2 targets, 3 sequences
+
+
+# ---------------------------------------------------------------------------------------------------
+# steering patch
+# ---------------------------------------------------------------------------------------------------
+def _steered(model, hook="blocks.1.hook_resid_pre", norm=2.0):
+    import steer_lens as sl
+
+    return sl.SteeredTransformer(model, hooks=[hook], init="random", init_norm=norm, seed=0)
+
+
+def test_steering_patch_denoise_and_noise_equal_tl(tiny_model):
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = tiny_model
+    steered = _steered(model)
+    tokens, _ = _pair(model.cfg.d_vocab, seed=8)
+    metric = sl.patching.logprob(3)
+    _, steered_cache = steered.run_with_cache(tokens)
+    _, base_cache = model.run_with_cache(tokens)
+    den = sl.patching.steering_patch(steered, tokens, metric, "resid_post")
+    ref = tlp.generic_activation_patch(
+        model, tokens, steered_cache, metric, tlp.layer_pos_patch_setter, "resid_post", ("layer", "pos")
+    )
+    torch.testing.assert_close(den.values, ref, atol=ATOL, rtol=0)
+    assert den.values[0].sub(den.corrupted_metric).abs().max() < ATOL  # layer 0 is before the vector
+    with model.hooks(fwd_hooks=steered.fwd_hooks()):
+        ref_noise = tlp.get_act_patch_attn_head_out_by_pos(model, tokens, base_cache, metric)
+    noi = sl.patching.steering_patch(steered, tokens, metric, "z", by=("layer", "pos", "head"), mode="noise")
+    torch.testing.assert_close(noi.values, ref_noise, atol=ATOL, rtol=0)
+    assert noi.kind == "noise" and abs(noi.corrupted_metric - den.clean_metric) < ATOL
+    # removing the vector everywhere at its own hook gives the base run back
+    whole = sl.patching.steering_patch(steered, tokens, metric, "resid_pre", by=("layer",), mode="noise")
+    assert abs(float(whole.values[1]) - whole.clean_metric) < ATOL
+
+
+# ---------------------------------------------------------------------------------------------------
+# attribution patching
+# ---------------------------------------------------------------------------------------------------
+def _tl_attribution(model, clean, corrupted, metric, hook_filter):
+    """Reference: TransformerLens caches of the clean and corrupted runs and backward hooks (Nanda 2023)."""
+    _, clean_cache = model.run_with_cache(clean, names_filter=hook_filter)
+    grads, acts = {}, {}
+
+    def fwd(act, hook):
+        acts[hook.name] = act.detach()
+
+    def bwd(grad, hook):
+        grads[hook.name] = grad.detach()
+
+    model.reset_hooks()
+    with torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.add_hook(hook_filter, fwd, "fwd")
+        model.add_hook(hook_filter, bwd, "bwd")
+        try:
+            metric(model(corrupted)).backward()
+        finally:
+            model.reset_hooks()
+            model.zero_grad(set_to_none=True)
+    return {n: (clean_cache[n] - acts[n]) * grads[n] for n in acts}
+
+
+def test_attribution_patch_equals_tl_backward_hooks(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=9)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    prods = _tl_attribution(
+        model, clean, corrupted, metric, lambda n: n.endswith(("hook_resid_pre", "hook_z"))
+    )
+    L = model.cfg.n_layers
+    res = sl.patching.attribution_patch(model, clean, corrupted, metric, "resid_pre")
+    ref = torch.stack([prods[f"blocks.{i}.hook_resid_pre"].sum((0, -1)) for i in range(L)])
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=1e-4)
+    res = sl.patching.attribution_patch(model, clean, corrupted, metric, "z", by=("layer", "head"))
+    ref = torch.stack([prods[f"blocks.{i}.attn.hook_z"].sum((0, 1, 3)) for i in range(L)])
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=1e-4)
+    res = sl.patching.attribution_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+    ref = torch.stack([prods[f"blocks.{i}.attn.hook_z"].sum((0, 3)) for i in range(L)])
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=1e-4)
+    assert res.kind == "attribution"
+    zero = sl.patching.attribution_patch(
+        model, corrupted, corrupted, metric, "pattern", by=("layer", "head", "pos")
+    )
+    assert zero.values.abs().max() == 0
+
+
+def test_attribution_is_exact_for_tiny_differences():
+    """First order is exact in the limit: a clean run that differs by a tiny vector at one hook."""
+    import steer_lens as sl
+
+    model = sl.random_model(
+        "gpt2", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1, dtype=torch.float64
+    )
+    tokens, _ = _pair(53, seed=10)
+    steered = _steered(model, "blocks.0.hook_resid_post", norm=1e-4)
+    metric = sl.patching.logprob(3)
+    va = sl.patching.vector_attribution(steered, tokens, metric)
+    assert va.values.shape == (1, 2, 6)
+    assert math.isclose(float(va.values.sum()), va.total_effect, rel_tol=1e-3)
+    vb = sl.patching.vector_attribution(steered, tokens, metric, at="base")
+    assert math.isclose(float(vb.values.sum()), vb.total_effect, rel_tol=1e-3)
+    # steered run as "clean" and base as "corrupted": attribution of the whole vector at layer 1
+    exact = sl.patching.steering_patch(steered, tokens, metric, "resid_pre", by=("layer",), layers=[1])
+    assert math.isclose(float(exact.effect[0]), va.total_effect, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# path patching
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("family", "hook"),
+    [
+        ("neox", "blocks.1.hook_resid_pre"),
+        ("llama", "blocks.1.hook_resid_mid"),
+        ("gpt2", "blocks.1.hook_attn_out"),
+    ],
+)
+def test_path_patch_paths_add_up_in_the_linear_regime(family, hook):
+    """In the last block these are all the paths there are, so tiny vectors' paths sum to the total."""
+    import steer_lens as sl
+
+    model = sl.random_model(
+        family, n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1, dtype=torch.float64
+    )
+    tokens, _ = _pair(53, seed=11)
+    steered = _steered(model, hook, norm=1e-4)
+    res = sl.patching.path_patch(steered, tokens, sl.patching.logit_diff(1, 2))
+    assert abs(res.additivity - 1) < 1e-3
+    if res.block is not None:
+        assert math.isclose(res.variants["attn_to_both"], res.total_effect, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_path_patch_structure_and_exact_cases():
+    import steer_lens as sl
+
+    model = sl.random_model("llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    tokens, _ = _pair(53, seed=12)
+    metric = sl.patching.logit_diff(1, 2)
+    last = _steered(model, "blocks.2.hook_resid_post", norm=3.0)
+    r = sl.patching.path_patch(last, tokens, metric)
+    assert set(r.effects) == {"direct", "frozen_patterns"} and r.block is None and not r.variants
+    assert math.isclose(r.effects["direct"], r.total_effect, rel_tol=1e-5)
+    st = _steered(model, "blocks.1.hook_resid_pre", norm=3.0)
+    r = sl.patching.path_patch(st, tokens, metric)
+    assert r.head_effects.shape == (2, 4)
+    assert {"mlp 1", "mlp 2", "head 1.0", "head 2.3", "direct"} <= set(r.effects)
+    assert math.isclose(r.variants["attn_to_both"], r.total_effect, rel_tol=1e-5, abs_tol=1e-6)
+    for name in (
+        "skip_attention",
+        "skip_layer",
+        "attn_to_residual",
+        "attn_to_mlp",
+        "knockout head 0",
+        "only head 3",
+    ):
+        assert name in r.variants
+    df = r.to_pandas()
+    assert {"group", "name", "effect", "fraction"} <= set(df.columns)
+    assert type(r.plot()).__name__ == "Figure" and type(r.plot(variants=True)).__name__ == "Figure"
+    assert "PathPatchResult" in r._repr_html_()
+    with pytest.raises(sl.errors.ConfigError):
+        sl.patching.path_patch(model, tokens, metric)
+
+
+# ---------------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------------
+def test_patch_result_views(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=13)
+    metric = sl.patching.logit_diff(1, 2)
+    for hook, by in [("resid_pre", None), ("z", ("layer", "pos", "head")), ("mlp_out", ("layer",))]:
+        res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
+        fig = res.plot()
+        assert type(fig).__name__ == "Figure"
+        df = res.to_pandas()
+        assert len(df) == res.values.numel()
+        assert df["value"].tolist() == pytest.approx(res.values.reshape(-1).tolist())
+        assert "PatchResult" in res._repr_html_()
+        assert len(res.top(3)) == min(3, res.values.numel())
+    with pytest.raises(Exception):  # frozen
+        res.hook = "x"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real model (grouped-query attention)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.real_model
+def test_real_model_equals_transformer_lens(real_model):
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = real_model
+    clean = model.to_tokens(["Lily had a little dog", "Lily had a little cat"])
+    corrupted = model.to_tokens(["Lily had a little cat", "Lily had a little dog"])
+    assert clean.shape == corrupted.shape
+    dog, cat = int(clean[0, 5]), int(corrupted[0, 5])
+    assert model.to_string([dog]) == "dog" and model.to_string([cat]) == "cat"
+    metric = sl.patching.logit_diff(clean[:, 5], corrupted[:, 5])  # per-sequence targets
+    _, cache = model.run_with_cache(clean)
+    assert cache["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_key_value_heads == 4
+    for hook, by, fn in REAL_CASES:
+        ref = getattr(tlp, fn)(model, corrupted, cache, metric)
+        res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
+        assert res.values.shape == ref.shape, (hook, by)
+        torch.testing.assert_close(res.values, ref.float(), atol=ATOL, rtol=0)
+    assert res.labels["layer"] == ["0", "1"]
+    first = sl.patching.activation_patch(model, clean, corrupted, metric, "resid_pre")
+    assert first.labels["pos"][5] == "5: cat"  # positions are labelled with the corrupted tokens
+
+
+@pytest.mark.real_model
+def test_real_model_attribution_ranks_sites(real_model):
+    from scipy.stats import spearmanr
+
+    import steer_lens as sl
+
+    model = real_model
+    clean = model.to_tokens(["Lily had a little dog", "Lily had a little cat"])
+    corrupted = model.to_tokens(["Lily had a little cat", "Lily had a little dog"])
+    metric = sl.patching.logit_diff(clean[:, 5], corrupted[:, 5])
+    exact = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+    est = sl.patching.attribution_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+    rho = spearmanr(exact.effect.reshape(-1), est.values.reshape(-1))[0]
+    assert rho > 0.5
