@@ -473,7 +473,7 @@ def test_patch_result_views(tiny_model):
         assert df["value"].tolist() == pytest.approx(res.values.reshape(-1).tolist())
         assert "PatchResult" in res._repr_html_()
         assert len(res.top(3)) == min(3, res.values.numel())
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(AttributeError):  # frozen
         res.hook = "x"
 
 
