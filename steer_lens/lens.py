@@ -396,7 +396,7 @@ def layer_logit_lens(steered, prompt: str | Tensor) -> LayerLens:
     names = lambda n: "resid_pre" in n or n == f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" \
         or n.startswith("ln_final")
 
-    def lens(cache) -> Tensor:
+    def lens(cache) -> tuple[Tensor, list[str]]:
         stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
         out = stack[:, 0].float() @ model.W_U.float()
         if getattr(model, "b_U", None) is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from steer_lens.train.loop import OptimConfig, TrainResult, typical_resid_rms
-from steer_lens.train.sft import SFTConfig, heldout_loss, sft
+from steer_lens.train.supervised import SFTConfig, heldout_loss, sft
 
 __all__ = [
     "OptimConfig",

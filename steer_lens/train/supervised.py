@@ -40,7 +40,8 @@ class SFTConfig(OptimConfig):
         batch_size: examples per step.
         objective: ``"promotion"``, ``"suppression"`` or ``"mixed"`` (see the module docstring).
         eval_texts: held-out texts; their loss (nats/token, vectors on) is logged as
-            ``"heldout_loss"`` every ``eval_every`` steps and at the last step.
+            ``"heldout_loss"`` every ``eval_every`` steps and at the last step, measured with the
+            vectors as they are at the start of that step (before its update).
         eval_every: steps between held-out evaluations.
 
     Defaults: AdamW with ``lr=1e-2`` in *relative* units (1% of the hook's typical per-coordinate
@@ -49,7 +50,7 @@ class SFTConfig(OptimConfig):
 
     batch_size: int = 16
     objective: Literal["promotion", "suppression", "mixed"] = "promotion"
-    eval_texts: tuple[str, ...] | None = None
+    eval_texts: Sequence[str] | None = None
     eval_every: int = 50
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class SFTConfig(OptimConfig):
 class _Tokenized:
     prompt: list[int]
     completion: list[int]
+    suppress_prompt: list[int]
     suppress: list[int] | None
 
 
@@ -126,22 +128,41 @@ def tokenize_examples(steered, examples: Iterable[Example], objective: str = "pr
     out = []
     for i, ex in enumerate(examples):
         prompt, completion, suppress = _normalise(ex, i)
-        p = steered.to_tokens(prompt, prepend_bos=True).tolist()
-        c = steered.to_tokens(completion, prepend_bos=False).tolist() if completion else []
-        s = steered.to_tokens(suppress, prepend_bos=False).tolist() if suppress else None
+        p, c = _split(steered, prompt, completion)
+        sp, s = _split(steered, prompt, suppress) if suppress else (p, None)
         needs_c = objective in ("promotion", "mixed") or (objective == "suppression" and s is None)
         if needs_c and not c:
             raise EmptyInputError(f"example {i}: the completion {completion!r} has no tokens; give a non-empty completion.")
         if objective == "mixed" and not s:
             raise EmptyInputError(f"example {i}: objective 'mixed' needs a non-empty 'suppress' text.")
-        longest = len(p) + max(len(c), len(s or []))
+        longest = max(len(p) + len(c), len(sp) + len(s or []))
         if longest > n_ctx:
             raise SequenceTooLongError(
                 f"example {i} is {longest} tokens long; the model's context is n_ctx={n_ctx}. "
                 "Fix: shorten or split it."
             )
-        out.append(_Tokenized(p, c, s))
+        out.append(_Tokenized(p, c, sp, s))
     return out
+
+
+def _split(steered, prompt: str, text: str | None) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, target_ids)`` of ``prompt + text`` as the model tokenizes the joint string.
+
+    Tokenizing the text on its own can differ from how it is tokenized after the prompt: a
+    SentencePiece-style tokenizer adds a prefix token to every separate call, and a tokenizer that
+    attaches spaces to the preceding token re-tokenizes the prompt's last word ("a" + " little" ->
+    "a " + "little"). So the joint string is tokenized and split after the longest common prefix
+    with the prompt's tokens; a re-tokenized boundary token becomes the first target.
+    """
+    prompt_ids = steered.to_tokens(prompt, prepend_bos=True).tolist()
+    if not text:
+        return prompt_ids, []
+    full = steered.to_tokens(prompt + text, prepend_bos=True).tolist()
+    n = 0
+    while n < min(len(full), len(prompt_ids)) and full[n] == prompt_ids[n]:
+        n += 1
+    n = max(n, 1)  # BOS always stays in the prompt
+    return full[:n], full[n:]
 
 
 def collate(steered, rows: Sequence[tuple[list[int], list[int]]]) -> Batch:
@@ -213,7 +234,8 @@ def sft(
     needed = config.steps * config.batch_size
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-needed // n))]).tolist()
 
-    sample_rows = [(d.prompt, d.completion or d.suppress or []) for d in data[: min(n, 64)]]
+    sample_rows = [(d.prompt, d.completion) if d.completion else (d.suppress_prompt, d.suppress or [])
+                   for d in data[: min(n, 64)]]
     probe = collate(steered, sample_rows)
     resid_rms = typical_resid_rms(steered, probe.tokens, probe.attention_mask)
 
@@ -228,12 +250,11 @@ def sft(
         if config.objective == "promotion":
             loss = _promotion_loss(steered, collate(steered, [(d.prompt, d.completion) for d in items]))
         elif config.objective == "suppression":
-            loss = _suppression_loss(
-                steered, collate(steered, [(d.prompt, d.suppress or d.completion) for d in items])
-            )
+            loss = _suppression_loss(steered, collate(
+                steered, [(d.suppress_prompt, d.suppress) if d.suppress else (d.prompt, d.completion) for d in items]))
         else:
             promo = _promotion_loss(steered, collate(steered, [(d.prompt, d.completion) for d in items]))
-            supp = _suppression_loss(steered, collate(steered, [(d.prompt, d.suppress or []) for d in items]))
+            supp = _suppression_loss(steered, collate(steered, [(d.suppress_prompt, d.suppress or []) for d in items]))
             metrics = {"promotion_loss": promo.detach(), "suppression_loss": supp.detach()}
             loss = promo + supp
         if eval_batch is not None and (step % config.eval_every == 0 or step == config.steps - 1):
