@@ -21,11 +21,14 @@ from torch import Tensor
 from steer_lens.errors import ConfigError
 from steer_lens.lora.adapter import LoraAdapter, merged_model, validate
 from steer_lens.lora.compare import Texts, _check_hooks, prepare_texts
+from steer_lens.models import HookedModel
 
 __all__ = ["AdapterActivations", "adapter_activations", "direction_logit_lens"]
 
 
-def direction_logit_lens(model, direction: Float[Tensor, " d_model"], k: int = 10):
+def direction_logit_lens(
+    model: HookedModel, direction: Float[Tensor, " d_model"], k: int = 10
+) -> tuple[list[str], Tensor, list[str], Tensor]:
     """Read a residual-stream direction through the unembedding: ``direction @ W_U`` (logits per unit).
 
     Raw lens (no final norm), as a vector's direct effect on the logits. Used for LoRA B columns; the lens
@@ -184,7 +187,13 @@ class AdapterActivations:
 
 @torch.no_grad()
 def adapter_activations(
-    model, lora: LoraAdapter, texts: Texts, *, batch_size: int = 16, k: int = 10, tuned=None
+    model: HookedModel,
+    lora: LoraAdapter,
+    texts: Texts,
+    *,
+    batch_size: int = 16,
+    k: int = 10,
+    tuned: HookedModel | None = None,
 ) -> AdapterActivations:
     """The r scalars ``A · x_t`` of every LoRA module at every token of ``texts`` (in the LoRA model's run).
 

@@ -46,7 +46,7 @@ from steer_lens.errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
-from steer_lens.models import model_info
+from steer_lens.models import HookedModel, model_info
 
 __all__ = ["ARCHITECTURES", "LoraAdapter", "LoraModule", "load_adapter", "merged_model"]
 
@@ -157,7 +157,7 @@ class LoraModule:
         """``ΔW = scaling · B · A`` in the Hugging Face ``nn.Linear`` layout ``[d_out, d_in]``."""
         return self.scaling * (self.B.double() @ self.A.double()).float()
 
-    def tl_deltas(self, cfg) -> dict[str, Tensor]:
+    def tl_deltas(self, cfg: Any) -> dict[str, Tensor]:
         """ΔW in TransformerLens's parameter names and layouts.
 
         E.g. ``{"blocks.L.attn.W_Q": [n_heads, d_model, d_head]}``.
@@ -188,7 +188,7 @@ class LoraModule:
         short = {"in": "W_in", "gate": "W_gate", "out": "W_out"}[self.kind]
         return {f"{pre}.mlp.{short}": d.T.contiguous()}
 
-    def module_input(self, model, cache) -> Float[Tensor, "batch pos d_in"]:
+    def module_input(self, model: HookedModel, cache: Any) -> Float[Tensor, "batch pos d_in"]:
         """The module's input x_t from a run's cache (of :attr:`input_hook`).
 
         ``hook_z`` is flattened over heads (the ``o_proj`` input layout); for q/k/v and gate/up the
@@ -203,7 +203,7 @@ class LoraModule:
         return ln_output(model, self.layer, "ln2" if self.site == "mlp" else "ln1", act)
 
 
-def ln_output(model, layer: int, which: str, normalized: Tensor) -> Tensor:
+def ln_output(model: HookedModel, layer: int, which: str, normalized: Tensor) -> Tensor:
     """``normalized * w + b`` of ``blocks.{layer}.{which}`` (what the sub-layer reads)."""
     ln = getattr(model.blocks[layer], which)
     w = getattr(ln, "w", None)
@@ -305,7 +305,9 @@ class LoraAdapter:
 # ---------------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------------
-def _check_target(model, architecture: str, base_name: str | None, allow_other_model: bool) -> None:
+def _check_target(
+    model: HookedModel, architecture: str, base_name: str | None, allow_other_model: bool
+) -> None:
     info = model_info(model)
     tl_arch = getattr(model.cfg, "original_architecture", None)
     if tl_arch and architecture and tl_arch != architecture:
@@ -327,11 +329,11 @@ def _same_name(a: str, b: str) -> bool:
 
 
 def load_adapter(
-    model,
-    adapter,
+    model: HookedModel,
+    adapter: str | Path | Any,
     *,
     adapter_name: str | None = None,
-    base_model=None,
+    base_model: Any = None,
     allow_other_model: bool = False,
 ) -> LoraAdapter:
     """Read a peft LoRA adapter and map each LoRA'd module onto the TransformerLens model's weights.
@@ -493,7 +495,7 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def validate(model, lora: LoraAdapter) -> None:
+def validate(model: HookedModel, lora: LoraAdapter) -> None:
     """Check every module against the model's dimensions and for NaN/inf.
 
     Raises:
@@ -529,7 +531,7 @@ def validate(model, lora: LoraAdapter) -> None:
 
 
 @torch.no_grad()
-def merged_model(model, lora: LoraAdapter):
+def merged_model(model: HookedModel, lora: LoraAdapter) -> HookedModel:
     """A new HookedTransformer with every module's ΔW = scaling·B·A added to its weights.
 
     The input model is not modified (the new model is a deep copy). With unprocessed weights the

@@ -36,6 +36,7 @@ import html
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
 from steer_lens.lora.adapter import LoraAdapter, LoraModule, ln_output, merged_model, validate
+from steer_lens.models import HookedModel
 
 __all__ = ["LoraComparison", "compare", "effective_vectors", "mean_delta_vector", "prepare_texts"]
 
@@ -54,7 +56,7 @@ Texts = Sequence[str] | Sequence[Tensor] | Int[Tensor, "batch pos"]
 # ---------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------
-def prepare_texts(model, texts: Texts, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
+def prepare_texts(model: HookedModel, texts: Texts, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
     """Tokenize (BOS prepended) and right-pad texts into batches ``(tokens [b, pos], real [b, pos] bool)``.
 
     Right padding keeps every real token's positions and causal context unchanged, so no attention
@@ -458,14 +460,14 @@ def _steering_vectors(steered) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def compare(
-    model,
+    model: HookedModel,
     lora: LoraAdapter,
     texts: Texts,
-    steered=None,
+    steered: Any = None,
     *,
     batch_size: int = 16,
     max_tokens_cos: int = 4096,
-    tuned=None,
+    tuned: HookedModel | None = None,
 ) -> LoraComparison:
     """Compare a LoRA adapter with a constant steering vector on texts (see the module docstring).
 
@@ -575,7 +577,7 @@ def compare(
 
 
 @torch.no_grad()
-def mean_delta_vector(model, lora: LoraAdapter, texts: Texts, *, batch_size: int = 16):
+def mean_delta_vector(model: HookedModel, lora: LoraAdapter, texts: Texts, *, batch_size: int = 16) -> Any:
     """The LoRA's "natural steering vector": mean Δ_t at each changed sub-layer's output hook.
 
     For a ``down_proj`` LoRA in layer L the vector sits at ``blocks.L.hook_mlp_out``; for ``o_proj`` (or
@@ -613,7 +615,7 @@ def mean_delta_vector(model, lora: LoraAdapter, texts: Texts, *, batch_size: int
 
 @torch.no_grad()
 def effective_vectors(
-    model, lora: LoraAdapter, texts: Texts, *, batch_size: int = 16
+    model: HookedModel, lora: LoraAdapter, texts: Texts, *, batch_size: int = 16
 ) -> dict[str, Float[Tensor, " d_model"]]:
     """Difference of means of the residual stream between the LoRA model and the base, at every layer.
 

@@ -18,7 +18,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -291,11 +291,11 @@ def backdoor_examples(
 # training
 # ---------------------------------------------------------------------------------------------------
 def train_adapter(
-    model_name_or_hf_model,
-    examples,
+    model_name_or_hf_model: str | Any,
+    examples: Iterable[Any],
     config: LoraTrainConfig | None = None,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     device: str | torch.device | None = None,
 ) -> LoraTrainResult:
     """Train a LoRA adapter with peft on ``train.sft``-style examples (loss on completion tokens only).
