@@ -39,6 +39,8 @@ from steer_lens.errors import (
     IncompatibleVectorError,
     MetricError,
 )
+from steer_lens.models import HookedModel
+from steer_lens.steering import SteeredTransformer
 
 __all__ = [
     "CombinationGain",
@@ -68,7 +70,7 @@ def _order(hook: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def only_hooks(steered, hooks: Sequence[str]) -> Iterator[None]:
+def only_hooks(steered: SteeredTransformer, hooks: Sequence[str]) -> Iterator[None]:
     """Context manager: inside it, only the vectors at ``hooks`` act (the others add zero).
 
     Works for every vector kind (plain, low rank, gated) by filtering ``vectors.delta``; restored on
@@ -164,7 +166,7 @@ class VectorStats:
         return self.to_pandas().to_html()
 
 
-def vector_stats(steered, texts: str | Sequence[str] | None = None) -> VectorStats:
+def vector_stats(steered: SteeredTransformer, texts: str | Sequence[str] | None = None) -> VectorStats:
     """Per-hook norms and pairwise cosine similarities of the steering vectors.
 
     With ``texts``, also the median per-token residual norm at each hook on them (base model, BOS
@@ -205,8 +207,8 @@ class Persistence:
         cos_vector: ``[n_sources, n_points]`` mean over tokens of ``cos(Δh_p(t), v_source)``.
         cos_mean_shift: ``[n_sources, n_points]`` mean over tokens of ``cos(Δh_p(t), mean_t Δh_p)``
             (1: the same shift at every token; lower: token-dependent).
-        norm_ratio: ``[n_sources, n_points]`` mean over tokens of ``||Δh_p(t)|| / ||v_source||``.
-        NaN where the point precedes the source.
+        norm_ratio: ``[n_sources, n_points]`` mean over tokens of ``||Δh_p(t)|| / ||v_source||``
+            (all three are NaN where the point precedes the source).
     """
 
     sources: list[str]
@@ -251,7 +253,7 @@ class Persistence:
 
 @torch.no_grad()
 def persistence(
-    steered, texts: str | Sequence[str], *, sources: Sequence[str] | None = None
+    steered: SteeredTransformer, texts: str | Sequence[str], *, sources: Sequence[str] | None = None
 ) -> Persistence:
     """Follow the write of each vector, added alone, through every later residual point.
 
@@ -371,7 +373,7 @@ def _metric(evaluate: Callable[..., object], steered) -> float:
     return value
 
 
-def combination_gain(steered, evaluate: Callable[..., object]) -> CombinationGain:
+def combination_gain(steered: SteeredTransformer, evaluate: Callable[..., object]) -> CombinationGain:
     """Evaluate every single hook, every pair and all hooks, and the gain of each pair.
 
     ``evaluate(steered) -> float`` is called with the vectors switched on selectively
@@ -491,7 +493,11 @@ def copy_vectors(vectors, hook_map: Mapping[str, str] | None = None):
 
 
 def transfer(
-    steered, target_model, evaluate: Callable[..., object], *, hook_map: Mapping[str, str] | None = None
+    steered: SteeredTransformer,
+    target_model: HookedModel,
+    evaluate: Callable[..., object],
+    *,
+    hook_map: Mapping[str, str] | None = None,
 ) -> Transfer:
     """Apply the vectors of ``steered`` to ``target_model`` (same ``d_model``) and compare effects.
 
@@ -508,7 +514,6 @@ def transfer(
         MetricError: ``evaluate`` returned a non-number.
     """
     from steer_lens.models import model_info
-    from steer_lens.steering import SteeredTransformer
 
     d_src, d_tgt = int(steered.cfg.d_model), int(target_model.cfg.d_model)
     if d_src != d_tgt:
@@ -534,7 +539,7 @@ def transfer(
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sampled_rate(
-    steered,
+    steered: SteeredTransformer,
     prompts: str | Sequence[str],
     reward: Callable[..., object],
     *,

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from steer_lens.errors import ConfigError, EmptyInputError, IncompatibleVectorError
+from steer_lens.steering import SteeredTransformer
 from steer_lens.vectors import SteeringVectors, _key, register_kind
 
 __all__ = ["GateValues", "GatedVectors", "LowRankVectors", "gate_values"]
@@ -182,8 +183,11 @@ class GatedVectors(SteeringVectors):
     given the earlier hooks' vectors).
 
     Args:
-        hook_names, d_model, init, init_norm, seed: as :class:`~steer_lens.vectors.SteeringVectors`
-            (they set the vectors ``v_h``).
+        hook_names: the hook points.
+        d_model: residual width.
+        init: initial vectors ``v_h``, as for :class:`~steer_lens.vectors.SteeringVectors`.
+        init_norm: norm of a random init.
+        seed: seed of a random init.
         gate: ``"sigmoid"`` or ``"linear"``.
 
     Raises:
@@ -327,7 +331,7 @@ class GateValues:
 
 
 @torch.no_grad()
-def gate_values(steered, texts: str | Sequence[str]) -> GateValues:
+def gate_values(steered: SteeredTransformer, texts: str | Sequence[str]) -> GateValues:
     """The gate ``g_t`` per token of a :class:`GatedVectors`-steered model on ``texts``.
 
     Runs one forward pass with the vectors on and records each hook's gate.

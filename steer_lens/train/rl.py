@@ -47,7 +47,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, EmptyInputError
-from steer_lens.steering import Generation
+from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train.loop import OptimConfig, TrainResult, run_loop, typical_resid_rms
 from steer_lens.train.rewards import reward_name, score
 
@@ -225,7 +225,7 @@ def reinforce_advantages(
 # log-probabilities and the loss
 # ---------------------------------------------------------------------------------------------------
 def completion_logprobs(
-    steered,
+    steered: SteeredTransformer,
     tokens: Int[Tensor, "batch seq"],
     attention_mask: Int[Tensor, "batch seq"],
     prompt_len: int,
@@ -300,7 +300,9 @@ def policy_loss(
         old_logp: log-probs under the policy that sampled (for PPO epochs).
         ref_logp: log-probs under the base model (for the KL term).
         entropy: per-position entropy (for the bonus).
-        kl_coef, entropy_coef, clip_eps: weights and clipping.
+        kl_coef: weight of the KL term.
+        entropy_coef: weight of the entropy bonus.
+        clip_eps: PPO ratio clipping.
 
     Returns:
         ``(loss, metrics)`` with metrics ``pg_loss``, ``kl`` (nats/token, 0 without ``ref_logp``),
@@ -429,7 +431,7 @@ def _completion_texts(steered, gen: Generation) -> list[str]:
 
 
 def rl(
-    steered,
+    steered: SteeredTransformer,
     prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"],
     reward: Callable[..., Any],
     config: RLConfig | None = None,
