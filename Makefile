@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SHARED ?= ../shared
 # Use the shared Hugging Face cache (offline) when it is there; elsewhere the hub is used as usual.
-HF_ENV := $(if $(wildcard $(SHARED)/models/hub),HF_HUB_CACHE=$(abspath $(SHARED)/models/hub) HF_HUB_OFFLINE=1,)
+HF_ENV := $(if $(wildcard $(SHARED)/models/hub),HF_HUB_CACHE=$(abspath $(SHARED)/models/hub) HF_HUB_OFFLINE=1,) $(if $(wildcard $(SHARED)/data/tinystories),STEER_LENS_DATA=$(abspath $(SHARED)/data/tinystories),)
 DATA ?= $(wildcard $(SHARED)/data/tinystories/*.txt)
 PYTEST_WORKERS ?= 2
 
@@ -29,7 +29,7 @@ lint: install
 
 test: install lint
 	$(HF_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
-	$(HF_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:jaxtyping --nbmake --nbmake-timeout=900 notebooks
+	$(HF_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=900 notebooks
 
 docs: install
 	$(BIN)/mkdocs build --strict --site-dir site
