@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, EmptyInputError, ShapeMismatchError
@@ -416,7 +416,7 @@ def layer_logit_lens(steered, prompt: str | Tensor) -> LayerLens:
 
 def generation_shift(
     steered,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
     *,
     max_new_tokens: int = 40,
     n_samples: int = 8,
@@ -433,7 +433,7 @@ def generation_shift(
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
-        prompts: one prompt or several.
+        prompts: one prompt, several, or token ids ``[batch, pos]``.
         max_new_tokens: generated positions to measure.
         n_samples: samples per prompt.
         seed: sampling seed.
@@ -446,15 +446,21 @@ def generation_shift(
     Raises:
         EmptyInputError: no prompts.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = [p for p in prompts for _ in range(n_samples)]
-    if not prompts:
-        raise EmptyInputError("prompts: got none; give at least one prompt.")
+    if isinstance(prompts, Tensor):
+        prompts = (prompts if prompts.ndim == 2 else prompts[None]).repeat_interleave(n_samples, dim=0)
+        if prompts.numel() == 0:
+            raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
+    else:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [p for p in prompts for _ in range(n_samples)]
+        if not prompts:
+            raise EmptyInputError("prompts: got none; give at least one prompt.")
     gen = steered.sample(prompts, max_new_tokens, seed=seed, temperature=temperature)
     P = gen.prompt_len
+    plens = [P] * gen.tokens.shape[0]  # so positions="prompt"/"generated" act as during sampling
     with torch.no_grad():
-        on = steered(gen.tokens, attention_mask=gen.attention_mask).float().softmax(-1)
+        on = steered(gen.tokens, attention_mask=gen.attention_mask, prompt_lengths=plens).float().softmax(-1)
         with steered.disabled():
             off = steered(gen.tokens, attention_mask=gen.attention_mask).float().softmax(-1)
     # logits at position P-1+j predict generated token j

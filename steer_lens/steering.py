@@ -617,8 +617,7 @@ class SteeredTransformer(nn.Module):
         out = self.sample(prompts, max_new_tokens, **kwargs)
         if isinstance(prompts, Tensor) or out.completions is None:
             return out.tokens
-        texts = out.texts()
-        assert texts is not None
+        texts = out.texts() or []
         return texts[0] if isinstance(prompts, str) else texts
 
     # -- save / load ------------------------------------------------------------------------------

@@ -92,3 +92,14 @@ def test_direction_lens_rejects_wrong_width(tiny_model):
 
     with pytest.raises(ShapeMismatchError, match="d_model"):
         sl.lens.direction_lens(tiny_model, torch.zeros(7))
+
+
+def test_generation_shift_honours_positions(tiny_model):
+    """Under positions='generated' the first generated token comes from an unsteered pass: TV 0."""
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init="random", init_norm=20.0,
+                              positions="generated")
+    res = sl.lens.generation_shift(s, torch.randint(3, 50, (1, 5)), max_new_tokens=6, n_samples=3)
+    assert float(res.mean_tv[0]) == 0.0
+    assert (res.mean_tv[1:] > 0).all()
