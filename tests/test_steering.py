@@ -323,3 +323,26 @@ def _property_model():
     if not _PROPERTY_MODEL:
         _PROPERTY_MODEL.append(sl.random_model("gpt2", d_model=16, n_heads=2, d_vocab=11, n_ctx=8, seed=0))
     return _PROPERTY_MODEL[0]
+
+
+@pytest.mark.real_model
+def test_works_on_transformer_bridge(real_model):
+    """The wrapper uses only the hook API HookedTransformer and TransformerBridge share."""
+    import warnings
+
+    import steer_lens as sl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers("raincandy-u/TinyStories-656K", device="cpu")
+    v = torch.randn(128, generator=torch.Generator().manual_seed(0)) * 50
+    on_bridge = sl.SteeredTransformer(bridge, ["blocks.1.hook_resid_pre"], init=v)
+    on_hooked = sl.SteeredTransformer(real_model, ["blocks.1.hook_resid_pre"], init=v)
+    toks = real_model.to_tokens("Once upon a time there was a dog")
+    torch.testing.assert_close(on_bridge(toks), on_hooked(toks), rtol=0, atol=1e-4)
+    assert on_bridge.generate("Once upon a time", 10, do_sample=False) == on_hooked.generate(
+        "Once upon a time", 10, do_sample=False)
+    with on_bridge.disabled():
+        assert torch.equal(on_bridge(toks), bridge(toks))
