@@ -242,7 +242,9 @@ def _unwrap(model):
 class _Runner:
     """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix."""
 
-    def __init__(self, model, tokens: Tensor, hooks: list, *, share_prefix: bool = True) -> None:
+    def __init__(
+        self, model, tokens: Tensor, hooks: list, *, share_prefix: bool = True, last_only: bool = False
+    ) -> None:
         from transformer_lens import HookedTransformer
 
         self.model = model
@@ -253,6 +255,8 @@ class _Runner:
             and isinstance(model, HookedTransformer)
             and getattr(model.cfg, "positional_embedding_type", "") != "shortformer"
         )
+        # a metric that reads only the last position: final norm + unembedding there only
+        self.last_only = last_only and self.prefix
         self.block_inputs: dict[int, Tensor] = {}
         self.attention_mask: Tensor | None = None
 
@@ -280,7 +284,11 @@ class _Runner:
             x = self.block_inputs[layer]
             x = x.repeat(n_copies, *[1] * (x.ndim - 1))
             mask = None if self.attention_mask is None else self.attention_mask.repeat(n_copies, 1)
-            return self.model(x, start_at_layer=layer, attention_mask=mask)
+            if not self.last_only:
+                return self.model(x, start_at_layer=layer, attention_mask=mask)
+            n_layers = int(self.model.cfg.n_layers)
+            resid = self.model(x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask)
+            return self.model(resid[:, -1:], start_at_layer=n_layers)  # no blocks: norm, unembed, softcap
 
 
 def _partial(fn: Callable, **kw):
@@ -344,7 +352,13 @@ def _sweep(
     batch, pos = corrupted_tokens.shape
     with torch.no_grad():
         clean_logits, clean_acts = _capture_clean(model, clean_tokens, list(plan.names.values()), clean_hooks)
-        runner = _Runner(model, corrupted_tokens, corrupted_hooks, share_prefix=share_prefix)
+        runner = _Runner(
+            model,
+            corrupted_tokens,
+            corrupted_hooks,
+            share_prefix=share_prefix,
+            last_only=bool(getattr(metric, "last_position_only", False)),
+        )
         corrupted_logits = runner.corrupted_run(plan.layers)
         clean_m = call_metric(metric, clean_logits)
         corrupted_m = call_metric(metric, corrupted_logits)

@@ -39,6 +39,8 @@ class Metric:
         per_sequence: function logits ``[batch, pos, d_vocab]`` -> ``[batch]``.
         name: label used in plots and tables.
         units: ``"logits"``, ``"nats"`` or ``"probability"``.
+        last_position_only: the metric reads only the logits at the last position, so sweeps may
+            compute the final norm and unembedding there only (the largest saving for big vocabularies).
 
     Calling the metric returns the mean over the batch (a 0-dim tensor), like a TransformerLens metric.
     """
@@ -49,10 +51,12 @@ class Metric:
         *,
         name: str,
         units: str,
+        last_position_only: bool = False,
     ) -> None:
         self._per_sequence = per_sequence
         self.name = name
         self.units = units
+        self.last_position_only = bool(last_position_only)
 
     def per_sequence(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """The metric of each sequence, ``[batch]``."""
@@ -88,6 +92,10 @@ def _tile(t: Tensor, n: int, what: str, device) -> Tensor:
         f"{what}: expected one target per sequence ({n} sequences, or a divisor of it), got {t.shape[0]}. "
         "Fix: give one target per sequence of the batch, or a single token id."
     )
+
+
+def _is_last(pos) -> bool:
+    return isinstance(pos, int) and pos == -1
 
 
 def _pos_logits(logits: Tensor, pos: int | Tensor) -> Tensor:
@@ -127,7 +135,7 @@ def logit_diff(
         rows = torch.arange(n, device=lg.device)
         return lg[rows, _tile(c, n, "correct", lg.device)] - lg[rows, _tile(w, n, "wrong", lg.device)]
 
-    return Metric(per_seq, name="logit_diff", units="logits")
+    return Metric(per_seq, name="logit_diff", units="logits", last_position_only=_is_last(pos))
 
 
 def logprob(
@@ -153,7 +161,7 @@ def logprob(
         n = lp.shape[0]
         return lp[torch.arange(n, device=lp.device), _tile(t, n, "target", lp.device)]
 
-    return Metric(per_seq, name="logprob", units="nats")
+    return Metric(per_seq, name="logprob", units="nats", last_position_only=_is_last(pos))
 
 
 def kl_to(
@@ -191,7 +199,11 @@ def kl_to(
 
     def per_seq(logits: Tensor) -> Tensor:
         n = logits.shape[0]
-        if logits.shape[-1] != ref.shape[-1] or n % ref.shape[0] or logits.shape[1] != ref.shape[1]:
+        if (
+            logits.shape[-1] != ref.shape[-1]
+            or n % ref.shape[0]
+            or (pos is None and logits.shape[1] != ref.shape[1])
+        ):
             raise ShapeMismatchError(
                 f"kl_to: logits of shape {list(logits.shape)} do not match the reference "
                 f"{list(ref.shape)} (same pos and d_vocab, batch a multiple of {ref.shape[0]})."
@@ -209,7 +221,7 @@ def kl_to(
         m = m.repeat(k, 1) if k > 1 else m
         return (kl * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
-    return Metric(per_seq, name="kl_to_reference", units="nats")
+    return Metric(per_seq, name="kl_to_reference", units="nats", last_position_only=_is_last(pos))
 
 
 def prob_change(
@@ -248,7 +260,7 @@ def prob_change(
             return p
         return p - _tile(base, p.shape[0], "reference_logits", p.device)
 
-    return Metric(per_seq, name="prob_change", units="probability")
+    return Metric(per_seq, name="prob_change", units="probability", last_position_only=_is_last(pos))
 
 
 def evaluate_metric(

@@ -1,0 +1,226 @@
+"""Benchmark: batched activation patching vs TransformerLens, measured side by side in one run.
+
+For each model and sweep it times, on the same inputs and metric:
+
+* ``TL``: TransformerLens ``patching.get_act_patch_resid_pre`` / ``get_act_patch_attn_head_out_by_pos``
+  (one forward pass per site), including the clean ``run_with_cache`` it needs;
+* ``ours``: ``steer_lens.patching.activation_patch`` (default settings: many sites per pass,
+  prefix sharing, metric read back once), including its clean and corrupted runs;
+* ``plain``: plain batched forward passes over the same number of sequences (``n_sites * batch``),
+  in the same chunk sizes: the floor for exact patching without prefix sharing.
+
+and prints the speed-up ``TL / ours`` (goal >= 20x on CPU, >= 50x on a GPU), ``ours / plain`` (goal
+<= 1.3x), the largest difference between the two results, and the peak memory of each method
+(measured in a fresh subprocess: max RSS growth on the CPU, ``max_memory_allocated`` on CUDA).
+
+Models: the real ``raincandy-u/TinyStories-656K`` (needs HF_HUB_CACHE; skipped otherwise) with
+20-token prompts from real stories, and a random model shaped like pythia-70m (NeoX, 6 layers,
+d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts.
+
+    python benchmarks/bench_patching.py [--device cpu|cuda] [--batch 2] [--models real,pythia]
+                                        [--no-memory] [--repeats 1] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REAL = "raincandy-u/TinyStories-656K"
+SWEEPS = {
+    "resid_pre": ("resid_pre", ("layer", "pos"), "get_act_patch_resid_pre"),
+    "head_out_by_pos": ("z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _stories() -> list[str]:
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+    folder = Path(os.environ.get("STEER_LENS_DATA", default))
+    text = "\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
+    parts = [s.strip() for s in text.replace("<|endoftext|>", "\n").split("\n") if len(s.strip()) > 200]
+    return parts
+
+
+def setup(name: str, device: str, batch: int, pos: int = 20):
+    """(model, clean, corrupted, metric) for a model name."""
+    import steer_lens as sl
+
+    torch.manual_seed(0)
+    if name == "real":
+        model = sl.load_model(REAL, device=device)
+        stories = _stories()
+        toks = [model.to_tokens(s)[0, :pos] for s in stories[: 2 * batch]]
+        clean = torch.stack(toks[:batch]).to(device)
+        corrupted = torch.stack(toks[batch:]).to(device)
+    else:
+        model = sl.random_model(
+            "neox", n_layers=6, d_model=512, n_heads=8, d_vocab=50304, n_ctx=2048, seed=0, device=device
+        )
+        g = torch.Generator().manual_seed(0)
+        clean = torch.randint(0, 50304, (batch, pos), generator=g).to(device)
+        corrupted = torch.randint(0, 50304, (batch, pos), generator=g).to(device)
+    g = torch.Generator().manual_seed(1)
+    vocab = int(model.cfg.d_vocab)
+    metric = sl.patching.logit_diff(
+        torch.randint(0, vocab, (batch,), generator=g), torch.randint(0, vocab, (batch,), generator=g)
+    )
+    return model, clean, corrupted, metric
+
+
+def run_method(method: str, model, clean, corrupted, metric, sweep: str, device: str):
+    """Run one method once; returns (seconds, values or None)."""
+    import steer_lens as sl
+    from transformer_lens import patching as tlp
+
+    hook, by, tl_fn = SWEEPS[sweep]
+    _sync(device)
+    t0 = time.perf_counter()
+    values = None
+    with torch.no_grad():
+        if method == "tl":
+            _, cache = model.run_with_cache(clean)
+            values = getattr(tlp, tl_fn)(model, corrupted, cache, metric).cpu()
+        elif method == "ours":
+            values = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+        elif method == "plain":
+            from steer_lens.patching.activation import _chunk, _plan
+
+            plan = _plan(model, hook, by, pos=corrupted.shape[1], layers=None, heads=None, positions=None)
+            copies = min(_chunk(model, corrupted.shape[1], corrupted.shape[0], None, 1 << 30), plan.n_sites)
+            n_seq = plan.n_sites * len(plan.layers)
+            for start in range(0, n_seq, copies):
+                n = min(copies, n_seq - start)
+                model(corrupted.repeat(n, 1))
+    _sync(device)
+    return time.perf_counter() - t0, values
+
+
+def _peak_child(args, queue):
+    name, device, batch, method, sweep = args
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model, clean, corrupted, metric = setup(name, device, batch)
+    run_method(method, model, clean[:, :4], corrupted[:, :4], metric, "resid_pre", device)  # warm-up
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run_method(method, model, clean, corrupted, metric, sweep, device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    queue.put(peak)
+
+
+def peak_memory(name: str, device: str, batch: int, method: str, sweep: str) -> float:
+    """Peak memory growth (MiB) of one method in a fresh process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=((name, device, batch, method, sweep), q))
+    p.start()
+    p.join()
+    return q.get() / 2**20 if not q.empty() else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--models", default="real,pythia")
+    ap.add_argument("--sweeps", default="resid_pre,head_out_by_pos")
+    ap.add_argument("--repeats", type=int, default=1, help="timed repeats (the best is reported)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared CPU more threads only add contention)",
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["BENCH_THREADS"] = str(args.threads)
+    import logging
+
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}"
+    )
+    rows = []
+    for name in args.models.split(","):
+        if name == "real":
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(REAL, "config.json"), str):
+                print(f"skipping {REAL}: not in the Hugging Face cache (set HF_HUB_CACHE)")
+                continue
+        model, clean, corrupted, metric = setup(name, args.device, args.batch)
+        for method in ("tl", "ours", "plain"):  # warm-up
+            run_method(method, model, clean[:, :3], corrupted[:, :3], metric, "resid_pre", args.device)
+        for sweep in args.sweeps.split(","):
+            times, vals = {}, {}
+            for method in ("tl", "ours", "plain"):
+                best = float("inf")
+                for _ in range(args.repeats):
+                    t, v = run_method(method, model, clean, corrupted, metric, sweep, args.device)
+                    best = min(best, t)
+                times[method], vals[method] = best, v
+            diff = float((vals["tl"].float() - vals["ours"].float()).abs().max())
+            mem = {}
+            if not args.no_memory:
+                for method in ("tl", "ours", "plain"):
+                    mem[method] = peak_memory(name, args.device, args.batch, method, sweep)
+            n_sites = vals["ours"].numel()
+            row = dict(
+                model=name,
+                sweep=sweep,
+                sites=n_sites,
+                tl=times["tl"],
+                ours=times["ours"],
+                plain=times["plain"],
+                speedup=times["tl"] / times["ours"],
+                vs_plain=times["ours"] / times["plain"],
+                max_diff=diff,
+                mem=mem,
+            )
+            rows.append(row)
+            print(
+                f"{name:7s} {sweep:16s} sites={n_sites:5d}  TL {times['tl']:8.3f}s  ours {times['ours']:7.3f}s  "
+                f"plain {times['plain']:7.3f}s  speed-up {row['speedup']:6.1f}x  ours/plain {row['vs_plain']:.2f}x  "
+                f"max|diff| {diff:.1e}"
+                + ("" if not mem else "  peak MiB " + " ".join(f"{k}={v:.0f}" for k, v in mem.items())),
+                flush=True,
+            )
+    if rows:
+        print(
+            "\n| model | sweep | sites | TL (s) | ours (s) | plain fwd (s) | speed-up | ours / plain | max abs diff |"
+            + (" peak MiB TL / ours / plain |" if rows[0]["mem"] else "")
+        )
+        print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rows[0]["mem"] else ""))
+        for r in rows:
+            mem = r["mem"]
+            print(
+                f"| {r['model']} | {r['sweep']} | {r['sites']} | {r['tl']:.3f} | {r['ours']:.3f} | {r['plain']:.3f} | "
+                f"{r['speedup']:.1f}x | {r['vs_plain']:.2f}x | {r['max_diff']:.1e} |"
+                + (f" {mem['tl']:.0f} / {mem['ours']:.0f} / {mem['plain']:.0f} |" if mem else "")
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
