@@ -82,8 +82,9 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
 
 def run_method(method: str, model, clean, corrupted, metric, sweep: str, device: str):
     """Run one method once; returns (seconds, values or None)."""
-    import steer_lens as sl
     from transformer_lens import patching as tlp
+
+    import steer_lens as sl
 
     hook, by, tl_fn = SWEEPS[sweep]
     _sync(device)
