@@ -21,7 +21,7 @@ def _rate(steered, n=64, seed=123):
 
 
 def test_default_config_lifts_word_rate_at_both_hooks(real_model, stories):
-    """Default lr (relative units), RLOO; a shortened run (30 steps x 4 prompts x 8) for test time.
+    """The default config (relative lr 5e-2, RLOO, 8 prompts x 8, 40 tokens), 30 steps instead of 100.
 
     The base rate of "dog" in 40-token continuations is about 0.12; margins are wide.
     """
@@ -36,11 +36,11 @@ def test_default_config_lifts_word_rate_at_both_hooks(real_model, stories):
         if base is None:
             base = _rate(steered)
         res = rl(steered, [PROMPT], contains("dog"),
-                 RLConfig(steps=30, prompts_per_step=4, progress=False, heldout_texts=stories[:2],
+                 RLConfig(steps=30, progress=False, heldout_texts=stories[:2],
                           heldout_every=29, seed=0))
         after = _rate(steered)
         assert base < 0.3
-        assert after > base + 0.25, (hook, base, after)
+        assert after > base + 0.4, (hook, base, after)  # measured: 0.10 -> >= 0.9 at both
         m = res.metrics
         assert float(m["reward"][-5:].mean()) > float(m["reward"][:5].mean())
         assert torch.isfinite(m["heldout_loss"][[0, -1]]).all() and torch.isnan(m["heldout_loss"][1])
