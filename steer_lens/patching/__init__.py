@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 from steer_lens.patching.activation import HOOKS, activation_patch, steering_patch
+from steer_lens.patching.attribution import attribution_patch, vector_attribution
 from steer_lens.patching.metrics import Metric, MetricFn, kl_to, logit_diff, logprob, prob_change
+from steer_lens.patching.path import path_patch
 from steer_lens.patching.results import PatchResult, PathPatchResult, VectorAttribution
 
 __all__ = [
@@ -34,14 +36,3 @@ __all__ = [
     "vector_attribution",
 ]
 
-
-def __getattr__(name: str):
-    if name in ("attribution_patch", "vector_attribution"):
-        from steer_lens.patching import attribution
-
-        return getattr(attribution, name)
-    if name == "path_patch":
-        from steer_lens.patching.path import path_patch
-
-        return path_patch
-    raise AttributeError(f"module 'steer_lens.patching' has no attribute {name!r}")
