@@ -26,8 +26,8 @@ def test_default_config_lifts_word_rate_at_both_hooks(real_model, stories):
     The base rate of "dog" in 40-token continuations is about 0.12; margins are wide.
     """
     import steer_lens as sl
-    from steer_lens.train.rl import RLConfig, rl
     from steer_lens.train.rewards import contains
+    from steer_lens.train.rl import RLConfig, rl
 
     torch.manual_seed(0)
     base = None
