@@ -153,3 +153,21 @@ def test_rl_trains_gated_and_lowrank(tiny):
                  RLConfig(steps=2, group_size=2, prompts_per_step=1, max_new_tokens=3, progress=False))
         assert torch.isfinite(res.metrics["loss"]).all()
         assert any(n > 0 for n in vec.norms().values())
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", ["lowrank", "gated"])
+def test_library_sft_trains_both_kinds_on_real_model(real_model, kind, tmp_path):
+    from steer_lens.train import SFTConfig, sft
+
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    d = int(real_model.cfg.d_model)
+    vec = LowRankVectors(hooks, d, rank=2) if kind == "lowrank" else GatedVectors(hooks, d)
+    steered = sl.SteeredTransformer(real_model, hooks, vectors=vec)
+    examples = [("Once upon a time", " there was a dog. The dog was happy.")] * 4
+    res = sft(steered, examples, SFTConfig(steps=15, batch_size=4, progress=False, lr=0.05))
+    assert float(res.losses[-1]) < float(res.losses[0]) - 0.2
+    steered.save(tmp_path / "v")
+    loaded = sl.SteeredTransformer.load(tmp_path / "v", real_model)
+    toks = steered.to_tokens("Once upon a time there was")[None]
+    torch.testing.assert_close(loaded(toks), steered(toks))
