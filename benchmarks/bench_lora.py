@@ -15,7 +15,7 @@ Goal: ``compare`` <= 3x the two forward passes. Each number is the best of ``--r
 ``--study`` runs the real-model study of docs/lora.md instead: per seed, 48 stories sampled from the
 model after "Once upon a time, there was a dog" (those that mention a dog again; the first 32 train),
 a rank-4 LoRA on layer 1's ``down_proj`` (peft, 150 steps) and a steering vector at
-``blocks.1.hook_mlp_out`` (``train.sft``, 150 steps) trained on the same texts, both compared with
+``blocks.1.hook_mlp_out`` (``train.sft``, 150 steps, ``--vector-lr``) trained on the same texts, both compared with
 ``compare`` on the training texts and on held-out dog texts (the real stories' dog sentences and the
 remaining samples).
 
@@ -90,7 +90,7 @@ def best_of(fn, repeat: int) -> float:
     return best
 
 
-def study(seeds: list[int], steps: int) -> None:
+def study(seeds: list[int], steps: int, vector_lr: float) -> None:
     """The real-model study (see the module docstring); prints one block per seed and split."""
     from steer_lens.train import SFTConfig, sft
 
@@ -107,7 +107,7 @@ def study(seeds: list[int], steps: int) -> None:
             rank=4, target_modules=("down_proj",), layers=(1,), steps=steps, batch_size=8, lr=3e-3, seed=seed))
         lora = sl.lora.load_adapter(model, res)
         steered = sl.SteeredTransformer(model, hooks=["blocks.1.hook_mlp_out"])
-        sft(steered, train, SFTConfig(steps=steps, batch_size=8, seed=seed, progress=False))
+        sft(steered, train, SFTConfig(steps=steps, batch_size=8, seed=seed, lr=vector_lr, progress=False))
         for split, texts in (("train", train), ("held-out", held)):
             cmp = sl.lora.compare(model, lora, texts, steered=steered)
             st = cmp.stats["blocks.1.hook_mlp_out"]
@@ -136,9 +136,10 @@ def main() -> None:
     ap.add_argument("--study", action="store_true", help="run the real-model study instead of the timing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--vector-lr", type=float, default=1e-2, help="train.sft lr (relative units)")
     args = ap.parse_args()
     if args.study:
-        study(args.seeds, args.steps)
+        study(args.seeds, args.steps, args.vector_lr)
         return
     torch.set_grad_enabled(False)
     model, hf, name = load(args.device)
