@@ -6,9 +6,9 @@ only, learning rates relative to each hook's residual scale, checkpoints, resume
 
 from __future__ import annotations
 
-import importlib
-
+from steer_lens.train import rewards
 from steer_lens.train.loop import OptimConfig, TrainResult, typical_resid_rms
+from steer_lens.train.rl import RLConfig, rl  # binds the function over the submodule's name
 from steer_lens.train.supervised import SFTConfig, heldout_loss, sft
 
 __all__ = [
@@ -22,16 +22,3 @@ __all__ = [
     "sft",
     "typical_resid_rms",
 ]
-
-_LAZY = {"rl": ("steer_lens.train.rl", "rl"), "RLConfig": ("steer_lens.train.rl", "RLConfig"),
-         "rewards": ("steer_lens.train.rewards", None)}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        module_name, attr = _LAZY[name]
-        module = importlib.import_module(module_name)
-        value = module if attr is None else getattr(module, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'steer_lens.train' has no attribute {name!r}")
