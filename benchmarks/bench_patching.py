@@ -11,7 +11,8 @@ For each model and sweep it times, on the same inputs and metric:
 
 and prints the speed-up ``TL / ours`` (goal >= 20x on CPU, >= 50x on a GPU), ``ours / plain`` (goal
 <= 1.3x), the largest difference between the two results, and the peak memory of each method
-(measured in a fresh subprocess: max RSS growth on the CPU, ``max_memory_allocated`` on CUDA).
+(measured in a fresh subprocess: growth of the resident set size, sampled every millisecond, on the
+CPU; ``max_memory_allocated`` on CUDA).
 
 Models: the real ``raincandy-u/TinyStories-656K`` (needs HF_HUB_CACHE; skipped otherwise) with
 20-token prompts from real stories, and a random model shaped like pythia-70m (NeoX, 6 layers,
@@ -109,6 +110,41 @@ def run_method(method: str, model, clean, corrupted, metric, sweep: str, device:
     return time.perf_counter() - t0, values
 
 
+def _rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; else the max RSS so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _PeakRss:
+    """Samples the RSS every millisecond in a thread while the block runs; ``.peak`` is the growth."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = _rss()
+        self.top = self.base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.top = max(self.top, _rss())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.top = max(self.top, _rss())
+        self.peak = self.top - self.base
+
+
 def _peak_child(args, queue):
     name, device, batch, method, sweep = args
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -118,13 +154,12 @@ def _peak_child(args, queue):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run_method(method, model, clean, corrupted, metric, sweep, device)
-    if device.startswith("cuda"):
+        run_method(method, model, clean, corrupted, metric, sweep, device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        with _PeakRss() as rss:
+            run_method(method, model, clean, corrupted, metric, sweep, device)
+        peak = rss.peak
     queue.put(peak)
 
 
