@@ -419,6 +419,7 @@ def test_path_patch_paths_add_up_in_the_linear_regime(family, hook):
     steered = _steered(model, hook, norm=1e-4)
     res = sl.patching.path_patch(steered, tokens, sl.patching.logit_diff(1, 2))
     assert abs(res.additivity - 1) < 1e-3
+    assert math.isclose(res.effects["all_paths"], res.total_effect, rel_tol=1e-3)
     if res.block is not None:
         assert math.isclose(res.variants["attn_to_both"], res.total_effect, rel_tol=1e-9, abs_tol=1e-15)
 
@@ -431,7 +432,7 @@ def test_path_patch_structure_and_exact_cases():
     metric = sl.patching.logit_diff(1, 2)
     last = _steered(model, "blocks.2.hook_resid_post", norm=3.0)
     r = sl.patching.path_patch(last, tokens, metric)
-    assert set(r.effects) == {"direct", "frozen_patterns"} and r.block is None and not r.variants
+    assert set(r.effects) == {"direct", "all_paths", "frozen_patterns"} and r.block is None and not r.variants
     assert math.isclose(r.effects["direct"], r.total_effect, rel_tol=1e-5)
     st = _steered(model, "blocks.1.hook_resid_pre", norm=3.0)
     r = sl.patching.path_patch(st, tokens, metric)

@@ -35,4 +35,3 @@ __all__ = [
     "steering_patch",
     "vector_attribution",
 ]
-

@@ -10,6 +10,9 @@ measures the length-one and length-two paths separately, each with everything el
   every other component sees the base run) and only the change of *its* output, ``Δz · W_O``, is
   added to the base final residual.
 * ``mlp L``: the same for the MLP of layer ``L`` (its input is ``resid_mid_base[L] + delta``).
+* ``all_paths``: every path above at once (``ln_final(resid_base + delta + Σ head and MLP changes)``):
+  its gap to the total is what longer paths (head → head, head → MLP) add; its gap to the sum of the
+  single paths is the non-additivity of the final norm and the metric.
 * ``frozen_patterns``: the whole steered run, but with every attention pattern at or after the
   vector's layer replaced by the base run's: queries and keys see the base, values see the steered
   residual. The gap to the total is the part of the effect that works by moving attention.
@@ -190,7 +193,10 @@ def path_patch(
 
         # 2. each term added to the base final residual alone -> logits -> metric
         keys = list(terms)
-        stacked = torch.cat([base[final] + terms[k] for k in keys])  # [K * batch, pos, d_model]
+        rows = [base[final] + terms[k] for k in keys]
+        rows.append(base[final] + sum(terms[k] for k in keys))  # every single path at once
+        keys.append("all_paths")
+        stacked = torch.cat(rows)  # [K * batch, pos, d_model]
         chunk = len(keys) if max_batch is None else max(1, max_batch // batch)
         for s in range(0, len(keys), chunk):
             xs = stacked[s * batch : (s + chunk) * batch]

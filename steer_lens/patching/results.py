@@ -12,6 +12,8 @@ from torch import Tensor
 
 __all__ = ["PatchResult", "PathPatchResult", "VectorAttribution"]
 
+_NOT_PATHS = ("all_paths", "frozen_patterns")
+
 
 def _fmt(x: float) -> str:
     return f"{x:+.4g}"
@@ -267,8 +269,8 @@ class PathPatchResult:
 
     Attributes:
         effects: ``{path name: metric change}`` (metric of the path run minus the base metric). Names:
-            ``"direct"``, ``"head L.H"``, ``"mlp L"``, and the frozen-pattern run
-            ``"frozen_patterns"``.
+            ``"direct"``, ``"head L.H"``, ``"mlp L"`` (single paths), ``"all_paths"`` (every
+            single path at once) and the frozen-pattern run ``"frozen_patterns"``.
         variants: the "Small Vectors, Big Effects" runs on the first block that reads the vector:
             ``{name: metric change}`` (``"skip_attention"``, ``"skip_layer"``, ``"attn_to_residual"``,
             ``"attn_to_mlp"``, ``"attn_to_both"``, ``"knockout head H"``, ``"only head H"``).
@@ -291,8 +293,8 @@ class PathPatchResult:
 
     @property
     def path_sum(self) -> float:
-        """Sum of the single-path effects (direct + every head + every MLP)."""
-        return float(sum(v for k, v in self.effects.items() if k != "frozen_patterns"))
+        """Sum of the single-path effects (direct + every head + every MLP, each measured alone)."""
+        return float(sum(v for k, v in self.effects.items() if k not in _NOT_PATHS))
 
     @property
     def additivity(self) -> float:
