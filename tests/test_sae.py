@@ -446,7 +446,7 @@ def test_real_model_train_and_attribute():
     hook = "blocks.0.hook_resid_post"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = sl.sae.train(model, hook, texts[:24], d_sae=256, k=8, training_tokens=40_960,
+        res = sl.sae.train(model, hook, texts[:24], d_sae=256, k=8, training_tokens=30_720,
                            batch_size=512, eval_texts=texts[24:])
     q = res.quality
     assert q is not None and q.fvu < 0.5 and q.l0 <= 8 and q.loss_recovered > 0.5
@@ -456,7 +456,8 @@ def test_real_model_train_and_attribute():
     vf = sl.sae.vector_features(steered, res, k=5)
     assert int(vf.top_cosine[0]) == 0
     tok = model.tokenizer
-    a, b = tok.encode("dog", add_special_tokens=False)[0], tok.encode("cat", add_special_tokens=False)[0]
+    ids = {tok.decode([i]).strip().lower(): i for i in range(int(model.cfg.d_vocab))}
+    a, b = ids["dog"], ids["cat"]
     attr = sl.sae.attribute(steered, res, texts[24:28], lambda lg: lg[:, -1, a] - lg[:, -1, b],
                             ablation_sizes=(1,), n_random=1)
     assert attr.n_texts == 4 and abs(attr.effect) > 0

@@ -496,7 +496,9 @@ def attribute(
         texts: strings, dataset rows or token ids (iterated twice when ``ablation``; a one-shot
             iterator is listed first).
         metric: ``logits [batch, pos, d_vocab] -> [batch]`` (per text) or a scalar (taken as the batch
-            mean), differentiable, e.g. ``steer_lens.patching.logit_diff(...)``.
+            mean), differentiable, e.g. ``steer_lens.patching.logit_diff(...)``. Strings are batched
+            with left padding, so the last position is always a real token; a metric that reads other
+            positions also reads padding: give equal-length token ids (or ``batch_size=1``) then.
         batch_size: texts per forward pass.
         ablation_sizes: the n of the ablation check.
         n_random: random draws per n.

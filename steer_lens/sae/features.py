@@ -275,7 +275,8 @@ class FeatureTopTokens:
     Attributes:
         features: the feature ids.
         examples: per feature, a list of ``(activation, text_index, position, token, context)``, sorted
-            by descending activation; ``context`` is the tokens around the position (strings).
+            by descending activation; ``position`` counts from the text's first token (BOS for
+            strings), ``context`` is the text around it.
         contexts: per feature and example, ``(tokens, activations)`` of a window around the position,
             for circuitsvis.
     """
@@ -383,17 +384,20 @@ def top_activating_tokens(
         b, p, nf = acts.shape
         top = torch.topk(acts.reshape(b * p, nf), min(n, b * p), dim=0)
         toks = batch.tokens.cpu()
+        pad = (batch.attention_mask.cpu() == 0).sum(1).tolist()  # left padding per row
         for j, f in enumerate(feats):
             for val, flat in zip(top.values[:, j].tolist(), top.indices[:, j].tolist(), strict=True):
                 if val <= 0:
                     continue
                 bi, pi = divmod(flat, p)
                 counter += 1
-                item = (val, counter, text_i + bi, pi, bi)
+                o = pad[bi]
+                item = (val, counter, text_i + bi, pi - o, bi)
+                entry = (item, toks[bi, o:], acts[bi, o:, j])
                 if len(heaps[f]) < n:
-                    heapq.heappush(heaps[f], (item, toks[bi], acts[bi, :, j]))
+                    heapq.heappush(heaps[f], entry)
                 elif val > heaps[f][0][0][0]:
-                    heapq.heapreplace(heaps[f], (item, toks[bi], acts[bi, :, j]))
+                    heapq.heapreplace(heaps[f], entry)
         text_i += b
     examples: dict[int, list] = {}
     contexts: dict[int, list] = {}

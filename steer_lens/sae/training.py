@@ -317,8 +317,8 @@ class SAETrainConfig:
     k: int = 16
     l1_coefficient: float = 5.0
     training_tokens: int = 200_000
-    batch_size: int = 1024
-    lr: float = 1e-3
+    batch_size: int = 512
+    lr: float = 4e-3
     lr_decay_fraction: float = 0.3
     buffer_size: int = 32_768
     text_batch_size: int = 32
