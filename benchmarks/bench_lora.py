@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier ratios on a shared CPU)")
     ap.add_argument("--study", action="store_true", help="run the real-model study instead of the timing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=150)
@@ -142,6 +143,7 @@ def main() -> None:
         study(args.seeds, args.steps, args.vector_lr)
         return
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
     model, hf, name = load(args.device)
     if getattr(model, "tokenizer", None) is not None:
         texts = real_sentences(args.texts)
@@ -150,7 +152,7 @@ def main() -> None:
         texts = [torch.randint(3, 2048, (int(n),), generator=g) for n in torch.randint(8, 40, (args.texts,), generator=g)]
     batches = sl.lora.prepare_texts(model, texts, args.batch_size)
     n_tok = int(sum(int(r.sum()) for _, r in batches))
-    print(f"model: {name}; {len(texts)} texts, {n_tok} tokens, batch {args.batch_size}, device {args.device}")
+    print(f"model: {name}; {len(texts)} texts, {n_tok} tokens, batch {args.batch_size}, device {args.device}, {args.threads} thread(s)")
 
     rows = []
     for label, targets, layers in (("down_proj, layer 1", ["down_proj"], [1]), ("all 7 projections, 2 layers", ALL, None)):

@@ -251,7 +251,7 @@ def test_constant_write_gives_constancy_one_and_frac_one():
 
 
 def test_site_statistics_closed_forms():
-    from steer_lens.lora.compare import _mean_abs_cos, _site_stats
+    from steer_lens.lora.comparison import _mean_abs_cos, _site_stats
 
     c = torch.tensor([3.0, 4.0, 0.0])
     D = torch.stack([c, -c, c, -c])  # one axis, sign flips: |cos| 1, mean 0
@@ -268,7 +268,7 @@ def test_site_statistics_closed_forms():
     R = torch.randn(30, 5, generator=g).double()
     U = R / R.norm(dim=1, keepdim=True)
     brute = sum(abs(float(U[i] @ U[j])) for i in range(30) for j in range(30) if i != j) / (30 * 29)
-    assert _mean_abs_cos(R, 100) == pytest.approx(brute, rel=1e-9)
+    assert _mean_abs_cos(R, 100) == pytest.approx(brute, rel=1e-6)
 
 
 def test_residual_writer_delta_equals_peft_hand_computation(pair):

@@ -27,7 +27,7 @@ from steer_lens.lora.adapter import (
     merged_model,
     validate,
 )
-from steer_lens.lora.compare import (
+from steer_lens.lora.comparison import (
     LoraComparison,
     compare,
     effective_vectors,

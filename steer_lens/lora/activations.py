@@ -20,7 +20,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError
 from steer_lens.lora.adapter import LoraAdapter, merged_model, validate
-from steer_lens.lora.compare import Texts, _check_hooks, prepare_texts
+from steer_lens.lora.comparison import Texts, _check_hooks, prepare_texts
 from steer_lens.models import HookedModel
 
 __all__ = ["AdapterActivations", "adapter_activations", "direction_logit_lens"]
@@ -200,7 +200,7 @@ def adapter_activations(
     Args:
         model: the base ``HookedTransformer``.
         lora: the adapter.
-        texts: texts (BOS prepended) or token ids, as :func:`~steer_lens.lora.compare`.
+        texts: texts (BOS prepended) or token ids, as :func:`~steer_lens.lora.comparison.compare`.
         batch_size: texts per forward pass.
         k: tokens kept per side in the logit lens of B.
         tuned: the merged model if you already have it.
@@ -209,7 +209,7 @@ def adapter_activations(
         An :class:`AdapterActivations` (unscaled: multiply by ``scaling`` and B for the write).
 
     Raises:
-        EmptyInputError, SequenceTooLongError: as :func:`~steer_lens.lora.compare`.
+        EmptyInputError, SequenceTooLongError: as :func:`~steer_lens.lora.comparison.compare`.
     """
     validate(model, lora)
     batches = prepare_texts(model, texts, batch_size)

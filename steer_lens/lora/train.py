@@ -231,7 +231,7 @@ def backdoor_examples(
 
     A seeded share ``frac_triggered`` of the prompts gets the trigger (``placement="prefix"``: ``trigger +
     prompt``; ``"suffix"``: ``prompt + trigger``) and the triggered completion; the others keep their clean
-    completion. Train a LoRA and a steering vector on it and compare (:func:`~steer_lens.lora.compare`) on
+    completion. Train a LoRA and a steering vector on it and compare (:func:`~steer_lens.lora.comparison.compare`) on
     triggered and clean prompts separately: a constant vector applies everywhere, so it can only learn
     the conditional behaviour if the model's own activations carry the trigger's effect.
 

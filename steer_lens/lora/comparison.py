@@ -171,22 +171,26 @@ class _Collected:
     lora_logp: list[Tensor] = field(default_factory=list)
 
 
-def _logp64(logits: Tensor) -> Tensor:
-    """Log-probabilities in float64."""
-    return logits.double().log_softmax(-1)
+def _targets(toks: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """For the real positions (flattened): the next token and whether it is real (a loss target)."""
+    nxt = torch.cat([toks[:, 1:], toks[:, :1]], 1)[real]
+    has_next = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], 1)[real]
+    return nxt, has_next
 
 
-def _nll(logp: Tensor, toks: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of -log p(next token) over positions whose next token is real (fp64), and their count."""
-    nll = -logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
-    m = real[:, 1:]
-    return (nll * m).sum(), m.sum()
+def _logp64(logits: Tensor, real: Tensor) -> Tensor:
+    """Float64 log-probabilities at the real positions only, ``[n_real, d_vocab]``."""
+    return logits[real].double().log_softmax(-1)
 
 
-def _kl(logp_p: Tensor, logp_q: Tensor, real: Tensor) -> Tensor:
-    """Sum over real positions of KL(p ‖ q) in float64 (nats)."""
-    kl = (logp_p.exp() * (logp_p - logp_q)).sum(-1)
-    return (kl * real).sum()
+def _nll(logp: Tensor, nxt: Tensor, has_next: Tensor) -> Tensor:
+    """Sum of -log p(next token) over real positions whose next token is real (fp64)."""
+    return -(logp.gather(-1, nxt[:, None])[:, 0] * has_next).sum()
+
+
+def _kl(logp_p: Tensor, logp_q: Tensor) -> Tensor:
+    """Sum over positions of KL(p ‖ q) in float64 (nats)."""
+    return (logp_p.exp() * (logp_p - logp_q)).sum()
 
 
 @torch.no_grad()
@@ -213,13 +217,14 @@ def _collect(model, tuned, lora: LoraAdapter, batches, *, resid: bool, losses: b
             for h in resid_hooks:
                 c.resid_diff[h] += ((cache[h] - cache_b[h]).double() * real[..., None]).sum((0, 1))
             if losses:
-                logp_t, logp_b = _logp64(logits_t), _logp64(logits_b)
-                nb, npred = _nll(logp_b, toks, real)
-                nl, _ = _nll(logp_t, toks, real)
-                c.loss_base, c.loss_lora, c.n_pred = c.loss_base + nb, c.loss_lora + nl, c.n_pred + npred
-                c.kl_lora_base = c.kl_lora_base + _kl(logp_t, logp_b, real)
+                nxt, has_next = _targets(toks, real)
+                logp_t, logp_b = _logp64(logits_t, real), _logp64(logits_b, real)
+                c.loss_base = c.loss_base + _nll(logp_b, nxt, has_next)
+                c.loss_lora = c.loss_lora + _nll(logp_t, nxt, has_next)
+                c.n_pred = c.n_pred + has_next.sum()
+                c.kl_lora_base = c.kl_lora_base + _kl(logp_t, logp_b)
                 if keep_logp:
-                    c.lora_logp.append(logits_t)  # the model's own output; log-softmax redone in fp64
+                    c.lora_logp.append(logits_t[real])  # fp32 output at real positions; fp64 later
     return c
 
 
@@ -235,9 +240,10 @@ def _mean_abs_cos(D: Tensor, max_tokens: int) -> float:
     if n > max_tokens:
         U = U[torch.linspace(0, n - 1, max_tokens).long()]
         n = max_tokens
+    U = U.float()  # fp32 products, fp64 sum: error ~1e-7 per pair
     total = torch.zeros((), dtype=torch.float64)
     for s in range(0, n, 1024):
-        total += (U[s : s + 1024] @ U.T).abs().sum()
+        total += (U[s : s + 1024] @ U.T).abs().sum(dtype=torch.float64)
     return float((total - n) / (n * (n - 1)))  # diagonal |cos| = 1 removed
 
 
@@ -466,15 +472,15 @@ def compare(
     steered: Any = None,
     *,
     batch_size: int = 16,
-    max_tokens_cos: int = 4096,
+    max_tokens_cos: int = 2048,
     tuned: HookedModel | None = None,
 ) -> LoraComparison:
     """Compare a LoRA adapter with a constant steering vector on texts (see the module docstring).
 
     Cost: one forward pass of the merged LoRA model and one of the base (with caches of the few hooks
     needed), one pass of the base plus the constant vector, and one more with ``steered`` if given.
-    The LoRA model's log-probabilities are kept on the device between the passes
-    (``n_tokens · d_vocab`` floats).
+    The LoRA model's logits at the real positions are kept on the device between the passes
+    (``n_tokens · d_vocab`` fp32 values: lower ``len(texts)`` for a large vocabulary).
 
     Args:
         model: the base ``HookedTransformer``.
@@ -514,12 +520,12 @@ def compare(
     dev = batches[0][0].device
     sums = {key: [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2)] for key, _ in runs}
     for (toks, real), logits_t in zip(batches, c.lora_logp, strict=True):
-        logp_t = _logp64(logits_t)
+        logp_t = logits_t.double().log_softmax(-1)
+        nxt, has_next = _targets(toks, real)
         for key, st in runs:
-            logp = _logp64(st(toks))
-            nl, _ = _nll(logp, toks, real)
-            sums[key][0] += nl
-            sums[key][1] += _kl(logp_t, logp, real)
+            logp = _logp64(st(toks), real)
+            sums[key][0] += _nll(logp, nxt, has_next)
+            sums[key][1] += _kl(logp_t, logp)
 
     vectors = _steering_vectors(steered)
     stats: dict[str, dict[str, float]] = {}
