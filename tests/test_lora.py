@@ -420,7 +420,8 @@ def test_adapter_activations_equal_peft_lora_a_outputs(pair):
     lens = acts.logit_lens("blocks.1.mlp.W_out")
     m = lora["blocks.1.mlp.W_out"]
     ref = torch.topk(m.scaling * m.B[:, 0] @ tl.W_U, 10)
-    assert lens.promoted.tolist() == [str(i) for i in ref.indices.tolist()]
+    assert torch.equal(acts.lens["blocks.1.mlp.W_out"][0].top_ids, ref.indices)
+    assert lens.logit.tolist() == pytest.approx(ref.values.tolist(), abs=1e-5)
     with pytest.raises(ConfigError, match="residual"):
         acts.logit_lens("blocks.1.attn.W_Q")
     with pytest.raises(ConfigError, match="several modules"):

@@ -18,7 +18,7 @@ Out-Of-Context Reasoning"; Ward et al. 2025, "Rank-1 LoRAs Encode Interpretable 
 peft is an optional dependency (``pip install 'steer-lens[lora]'``), imported when first needed.
 """
 
-from steer_lens.lora.activations import AdapterActivations, adapter_activations, direction_logit_lens
+from steer_lens.lora.activations import AdapterActivations, adapter_activations
 from steer_lens.lora.adapter import (
     ARCHITECTURES,
     LoraAdapter,
@@ -47,7 +47,6 @@ __all__ = [
     "adapter_activations",
     "backdoor_examples",
     "compare",
-    "direction_logit_lens",
     "effective_vectors",
     "load_adapter",
     "mean_delta_vector",

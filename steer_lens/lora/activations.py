@@ -19,43 +19,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError
+from steer_lens.lens import direction_lens
 from steer_lens.lora.adapter import LoraAdapter, merged_model, validate
 from steer_lens.lora.comparison import Texts, _check_hooks, prepare_texts
 from steer_lens.models import HookedModel
 
-__all__ = ["AdapterActivations", "adapter_activations", "direction_logit_lens"]
-
-
-def direction_logit_lens(
-    model: HookedModel, direction: Float[Tensor, " d_model"], k: int = 10
-) -> tuple[list[str], Tensor, list[str], Tensor]:
-    """Read a residual-stream direction through the unembedding: ``direction @ W_U`` (logits per unit).
-
-    Raw lens (no final norm), as a vector's direct effect on the logits. Used for LoRA B columns; the lens
-    module (:mod:`steer_lens.lens`) offers the same for steering vectors.
-
-    Returns:
-        ``(top_tokens, top_values, bottom_tokens, bottom_values)``: the k most promoted and suppressed
-        tokens (decoded strings, or ids as strings without a tokenizer) and their logits.
-    """
-    logits = direction.to(model.W_U.device, model.W_U.dtype) @ model.W_U
-    k = min(k, logits.shape[-1])
-    top = torch.topk(logits, k)
-    bot = torch.topk(-logits, k)
-    return (
-        _decode(model, top.indices),
-        top.values.float().cpu(),
-        _decode(model, bot.indices),
-        (-bot.values).float().cpu(),
-    )
-
-
-def _decode(model, ids: Tensor) -> list[str]:
-    tok = getattr(model, "tokenizer", None)
-    ids = ids.tolist()
-    if tok is None:
-        return [str(i) for i in ids]
-    return [tok.decode([i]) for i in ids]
+__all__ = ["AdapterActivations", "adapter_activations"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +36,7 @@ class AdapterActivations:
         tokens: per text, its token ids ``[pos]`` (BOS included).
         str_tokens: per text, its tokens as strings (ids as strings without a tokenizer).
         acts: ``{module: [Float[Tensor, "pos rank"] per text]}``.
-        lens: ``{module: [(top_tokens, top_logits, bottom_tokens, bottom_logits) per component]}``: logit
+        lens: ``{module: (TokenScores per component, ...)}``: logit lens (:func:`steer_lens.lens.direction_lens`,
             lens of each column of ``scaling · B`` for residual-writing modules (o / down projections).
     """
 
@@ -157,9 +126,14 @@ class AdapterActivations:
                 f"module {module!r} does not write the residual stream (q/k/v/gate/up), so its B has no "
                 "logit lens; use an o_proj or down_proj module."
             )
-        tt, tv, bt, bv = self.lens[module][component]
+        ts = self.lens[module][component]
         return pd.DataFrame(
-            {"promoted": tt, "logit": tv.tolist(), "suppressed": bt, "logit_neg": bv.tolist()}
+            {
+                "promoted": ts.top_tokens,
+                "logit": ts.top_values.tolist(),
+                "suppressed": ts.bottom_tokens,
+                "logit_neg": ts.bottom_values.tolist(),
+            }
         )
 
     def plot(self, module: str | None = None):
@@ -235,9 +209,9 @@ def adapter_activations(
     lens_out = {}
     for m in lora.modules:
         if m.writes_residual:
-            lens_out[m.name] = tuple(
-                direction_logit_lens(model, m.scaling * m.B[:, c], k) for c in range(m.rank)
-            )
+            cols = (m.scaling * m.B).T.contiguous()  # [rank, d_model]
+            names = [f"{m.name}[{c}]" for c in range(m.rank)]
+            lens_out[m.name] = tuple(direction_lens(model, cols, k=k, mode="raw", names=names))
     return AdapterActivations(
         modules=tuple(m.name for m in lora.modules),
         tokens=tuple(tokens),
