@@ -462,3 +462,23 @@ def test_real_model_train_and_attribute():
                             ablation_sizes=(1,), n_random=1)
     assert attr.n_texts == 4 and abs(attr.effect) > 0
     assert int(attr.top(1)[0]) == 0 or abs(float(attr.attribution[0])) > 0
+
+
+def test_dataset_rows_iterators_and_ragged_token_lists_give_the_same_shift():
+    model = _model()
+    sae = _topk_sae(model)
+    steered = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_pre"], init="random", init_norm=2.0)
+    toks = _tokens(n=4)
+    ref = sl.sae.activation_shift(steered, sae, toks)
+    rows = sl.sae.activation_shift(steered, sae, [{"text": t} for t in toks], batch_size=3)
+    it = sl.sae.activation_shift(steered, sae, iter(list(toks)))
+    for other in (rows, it):
+        torch.testing.assert_close(other.mean_shift, ref.mean_shift, rtol=1e-4, atol=1e-6)
+    # ragged 1-D token lists are left-padded; padding is excluded from the statistics
+    ragged = [toks[0], toks[1, :7]]
+    r = sl.sae.activation_shift(steered, sae, ragged, batch_size=2)
+    assert r.n_tokens == 12 + 7
+    one = sl.sae.activation_shift(steered, sae, toks[1:2, :7])
+    torch.testing.assert_close(r.token_shift[1], one.token_shift[0], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ConfigError, match="text"):
+        sl.sae.activation_shift(steered, sae, [{"body": "x"}])
