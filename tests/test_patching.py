@@ -108,6 +108,39 @@ def test_prefix_sharing_and_chunking_do_not_change_values(tiny_model):
     torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
 
 
+def test_position_grouped_passes_equal_transformer_lens():
+    """Large by-position sweeps run in passes over positions >= p0 against cached keys/values."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    model = sl.random_model("llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    clean, corrupted = _pair(53, pos=16, seed=14)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    starts = []
+    run = activation._Runner.run
+
+    def spy(self, layer, n, hooks, p0=0):
+        starts.append(p0)
+        return run(self, layer, n, hooks, p0=p0)
+
+    activation._Runner.run = spy
+    try:
+        res = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
+        pat = sl.patching.activation_patch(
+            model, clean, corrupted, metric, "pattern", by=("layer", "head", "pos")
+        )
+    finally:
+        activation._Runner.run = run
+    assert max(starts) > 0  # some passes started after position 0
+    ref = tlp.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
+    ref = tlp.get_act_patch_attn_head_pattern_by_pos(model, corrupted, cache, metric)
+    torch.testing.assert_close(pat.values, ref, atol=ATOL, rtol=0)
+
+
 def test_properties_self_patch_and_whole_layer(tiny_model):
     import steer_lens as sl
 

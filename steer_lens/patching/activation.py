@@ -13,6 +13,11 @@ per site and reads the metric back to the host after each. Here:
 * **The unchanged prefix is computed once.** A site at layer ``l`` cannot change anything before
   block ``l``, so (for a ``HookedTransformer``) the sweep starts at block ``l`` from the corrupted
   run's input to that block (``start_at_layer``): on average half the model is skipped.
+* **Last-position metrics skip the rest.** For a metric that reads only the last position (the
+  factories' default ``pos=-1``) the final norm and unembedding run at that position only, and a
+  site at position ``p`` cannot change earlier positions (causal attention): large by-position
+  sweeps are split into a few passes by position, each computing positions ``>= p0`` against the
+  corrupted run's cached keys and values of the earlier ones.
 * **Only the patched hooks are cached**, and the metric of every copy is kept on the device and read
   back once at the end.
 
@@ -87,12 +92,12 @@ class _Plan:
     def n_sites(self) -> int:
         return math.prod(self.grid)
 
-    def mask(self, start: int, stop: int, act_shape: Sequence[int], device) -> Tensor:
-        """Bool mask ``[stop - start, 1, *act_shape[1:]]`` (1s broadcast) of sites ``start..stop``."""
-        n = stop - start
+    def mask(self, sites: Tensor, act_shape: Sequence[int], device) -> Tensor:
+        """Bool mask ``[len(sites), 1, *act_shape[1:]]`` (1s broadcast) selecting each site's elements."""
+        n = sites.shape[0]
         rank = len(act_shape) - 1
         m = torch.ones((n, 1, *[1] * rank), dtype=torch.bool, device=device)
-        flat = torch.arange(start, stop, device=device)
+        flat = sites.to(device)
         for a, size in zip(reversed(self.by[1:]), reversed(self.grid), strict=True):
             i = flat % size
             flat = flat // size
@@ -104,6 +109,15 @@ class _Plan:
             shape[2 + dim] = full
             m = m & one_hot.view(shape)
         return m
+
+    def site_positions(self) -> list[int]:
+        """The position of each site (0 for every site when ``pos`` is not a site axis)."""
+        if "pos" not in self.by:
+            return [0] * self.n_sites
+        k = self.by[1:].index("pos")
+        inner = math.prod(self.grid[k + 1 :])
+        size = self.grid[k]
+        return [self.index["pos"][(s // inner) % size] for s in range(self.n_sites)]
 
 
 def _short_hook(hook: str) -> str:
@@ -240,10 +254,23 @@ def _unwrap(model):
 # the runner: forward passes that may start at a block
 # ---------------------------------------------------------------------------------------------------
 class _Runner:
-    """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix."""
+    """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix.
+
+    * ``prefix``: start at block ``l`` from the corrupted run's input to that block.
+    * ``last_only``: the metric reads the last position only: unembed it alone.
+    * ``suffix``: (with ``last_only``) a site at position ``p`` cannot change positions ``< p`` (causal
+      attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
+      keys and values of the earlier positions through a frozen key/value cache.
+    """
 
     def __init__(
-        self, model, tokens: Tensor, hooks: list, *, share_prefix: bool = True, last_only: bool = False
+        self,
+        model,
+        tokens: Tensor,
+        hooks: list,
+        *,
+        share_prefix: bool = True,
+        last_only: bool = False,
     ) -> None:
         from transformer_lens import HookedTransformer
 
@@ -255,39 +282,83 @@ class _Runner:
             and isinstance(model, HookedTransformer)
             and getattr(model.cfg, "positional_embedding_type", "") != "shortformer"
         )
-        # a metric that reads only the last position: final norm + unembedding there only
         self.last_only = last_only and self.prefix
+        self.suffix = self.last_only and getattr(model.cfg, "positional_embedding_type", "") in (
+            "standard",
+            "rotary",
+        )
         self.block_inputs: dict[int, Tensor] = {}
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
         self.attention_mask: Tensor | None = None
 
     def corrupted_run(self, layers: Sequence[int]) -> Tensor:
-        """Logits of the corrupted run; records the input of each block in ``layers``."""
-        capture = []
+        """Logits of the corrupted run; records the input of each block in ``layers`` (and keys/values)."""
+        capture, after = [], []
         if self.prefix:
 
-            def save(act, hook, layer):
-                self.block_inputs[layer] = act.detach()
+            def save(act, hook, store, layer):
+                store[layer] = act.detach()
 
             capture = [
-                (f"blocks.{layer}.hook_resid_pre", _partial(save, layer=layer))
+                (f"blocks.{layer}.hook_resid_pre", _partial(save, store=self.block_inputs, layer=layer))
                 for layer in sorted(set(layers))
             ]
+            if self.suffix:
+                for i in range(min(layers), int(self.model.cfg.n_layers)):
+                    after.append((f"blocks.{i}.attn.hook_k", _partial(save, store=self.keys, layer=i)))
+                    after.append((f"blocks.{i}.attn.hook_v", _partial(save, store=self.values, layer=i)))
             self.attention_mask = self.model.input_to_embed(self.tokens)[3]
-        with self.model.hooks(fwd_hooks=capture + list(self.hooks)):  # capture first: raw block input
+        # block inputs are captured first (the raw input), keys/values last (what attention used)
+        with self.model.hooks(fwd_hooks=capture + list(self.hooks) + after):
             return self.model(self.tokens)
 
-    def run(self, layer: int, n_copies: int, hooks: list) -> Tensor:
-        """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on."""
+    def _cache(self, layer: int, n_copies: int, p0: int):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        def rep(t: Tensor) -> Tensor:
+            return t[:, :p0].repeat(n_copies, *[1] * (t.ndim - 1))
+
+        entries = [
+            TransformerLensKeyValueCacheEntry(
+                past_keys=rep(self.keys[i]), past_values=rep(self.values[i]), frozen=True
+            )
+            if i >= layer
+            else None
+            for i in range(int(self.model.cfg.n_layers))
+        ]
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
+        return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=rep(mask), frozen=True)
+
+    def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0) -> Tensor:
+        """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on.
+
+        With ``p0 > 0`` (suffix mode) only positions ``>= p0`` are computed and the logits are those
+        of the last position.
+        """
         with self.model.hooks(fwd_hooks=list(self.hooks) + hooks):
             if not self.prefix:
                 return self.model(self.tokens.repeat(n_copies, 1))
             x = self.block_inputs[layer]
+            mask = self.attention_mask
+            cache = None
+            if p0 > 0:
+                cache = self._cache(layer, n_copies, p0)
+                x = x[:, p0:]
+                if mask is not None:  # the full mask: cached positions and the suffix
+                    mask = mask.repeat(n_copies, 1)
+            elif mask is not None:
+                mask = mask.repeat(n_copies, 1)
             x = x.repeat(n_copies, *[1] * (x.ndim - 1))
-            mask = None if self.attention_mask is None else self.attention_mask.repeat(n_copies, 1)
             if not self.last_only:
                 return self.model(x, start_at_layer=layer, attention_mask=mask)
             n_layers = int(self.model.cfg.n_layers)
-            resid = self.model(x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask)
+            resid = self.model(
+                x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask, past_kv_cache=cache
+            )
             return self.model(resid[:, -1:], start_at_layer=n_layers)  # no blocks: norm, unembed, softcap
 
 
@@ -347,6 +418,7 @@ def _sweep(
     align: Tensor | None,
     share_prefix: bool,
     progress: bool,
+    position_groups: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
     batch, pos = corrupted_tokens.shape
@@ -374,23 +446,43 @@ def _sweep(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
+        site_pos = torch.tensor(plan.site_positions())
+        if position_groups is None:  # split only sweeps large enough to keep passes >= 64 sequences
+            position_groups = min(6, plan.n_sites * batch // 64)
+        suffix = runner.suffix and "pos" in plan.by and position_groups > 1
+        if suffix:  # several passes per layer, each over the positions from its earliest site on
+            n_pos = len(plan.index["pos"])
+            copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
+        # sites ordered by position, so that each pass starts as late as its earliest site allows
+        order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
+        pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
         for layer in plan.layers:
             name = plan.names[layer]
             clean = clean_acts[name]
+            layer_out = []
             for start in range(0, plan.n_sites, copies):
-                stop = min(plan.n_sites, start + copies)
-                n = stop - start
-                m = plan.mask(start, stop, clean.shape, clean.device)
+                sites = order[start : start + copies]
+                n = sites.shape[0]
+                m = plan.mask(sites, clean.shape, clean.device)
+                p0 = int(site_pos[sites[0]]) if suffix else 0
+                src = clean
+                if p0 > 0:  # activations hold positions >= p0 only
+                    m = m.narrow(pos_dim + 1, p0, m.shape[pos_dim + 1] - p0)
+                    src = clean.narrow(pos_dim, p0, clean.shape[pos_dim] - p0)
 
-                def patch(act, hook, m=m, clean=clean, n=n):
+                def patch(act, hook, m=m, src=src, n=n):
                     a = act.view(n, act.shape[0] // n, *act.shape[1:])
-                    return torch.where(m, clean[None].to(act.dtype), a).view(act.shape)
+                    return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
 
-                logits = runner.run(layer, n, [(name, patch)])
-                out.append(evaluate_metric(metric, logits, n))
+                logits = runner.run(layer, n, [(name, patch)], p0=p0)
+                layer_out.append(evaluate_metric(metric, logits, n))
                 del logits
                 if bar is not None:
                     bar.update(n)
+            vals = torch.cat(layer_out)
+            out.append(
+                vals if not suffix else torch.empty_like(vals).index_copy_(0, order.to(vals.device), vals)
+            )
         if bar is not None:
             bar.close()
         values = torch.cat(out).view(len(plan.layers), *plan.grid)
