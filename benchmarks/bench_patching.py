@@ -21,6 +21,7 @@ d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts
 
     python benchmarks/bench_patching.py [--device cpu|cuda] [--batch 2] [--models real,pythia]
                                         [--no-memory] [--repeats 1] [--threads 1]
+    python benchmarks/bench_patching.py --spearman      # attribution vs exact patching, real model
 """
 
 from __future__ import annotations
@@ -174,6 +175,44 @@ def peak_memory(name: str, device: str, batch: int, method: str, sweep: str) -> 
     return q.get() / 2**20 if not q.empty() else float("nan")
 
 
+SPEARMAN_PAIRS = [
+    (
+        "Lily had a little dog. She loved her dog very much. Every day, the",
+        "Lily had a little cat. She loved her cat very much. Every day, the",
+    ),
+    ("Tom saw a big dog in the park. The dog was", "Tom saw a big cat in the park. The cat was"),
+]
+
+
+def spearman_real() -> None:
+    """Spearman correlation of attribution patching with exact patching on the real model."""
+    from scipy.stats import spearmanr
+
+    import steer_lens as sl
+
+    model = sl.load_model(REAL, device="cpu")
+    clean = model.to_tokens([c for c, _ in SPEARMAN_PAIRS])
+    corrupted = model.to_tokens([k for _, k in SPEARMAN_PAIRS])
+    dog = int(model.to_tokens("dog", prepend_bos=False)[0, -1])
+    cat = int(model.to_tokens("cat", prepend_bos=False)[0, -1])
+    metric = sl.patching.logit_diff(dog, cat)
+    print("\n| hook | by | sites | Spearman rho |\n|---|---|---|---|")
+    for hook, by in [
+        ("resid_pre", None),
+        ("resid_mid", None),
+        ("attn_out", None),
+        ("mlp_out", None),
+        ("z", ("layer", "pos", "head")),
+        ("z", ("layer", "head")),
+        ("v", ("layer", "pos", "head")),
+        ("pattern", ("layer", "head", "pos")),
+    ]:
+        exact = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
+        est = sl.patching.attribution_patch(model, clean, corrupted, metric, hook, by=by)
+        rho = spearmanr(exact.effect.reshape(-1), est.values.reshape(-1))[0]
+        print(f"| {hook} | {' x '.join(exact.axes)} | {exact.values.numel()} | {rho:.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats (the best is reported)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument(
+        "--spearman", action="store_true", help="only measure attribution-vs-exact Spearman on the real model"
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -191,6 +233,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["BENCH_THREADS"] = str(args.threads)
+    if args.spearman:
+        spearman_real()
+        return 0
     import logging
 
     logging.disable(logging.WARNING)
