@@ -258,6 +258,11 @@ def test_activation_shift_matches_reference_and_perfect_sae_explains_all():
     perfect = _perfect_sae(model)
     s2 = sl.sae.activation_shift(steered, perfect, toks)
     assert s2.explained == pytest.approx(1.0, abs=1e-5)
+    assert s2.explained_mean == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        err = lambda x: x - sae.decode(sae.encode(x))
+        d_err = (err(cs[HOOK]) - err(cb[HOOK])).mean(dim=(0, 1))
+    torch.testing.assert_close(shift.mean_error_change, d_err, rtol=1e-4, atol=1e-5)
 
 
 def test_activation_shift_of_a_vector_at_the_hook_is_the_vector():

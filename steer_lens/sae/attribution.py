@@ -137,6 +137,9 @@ class ActivationShift:
         explained: ``1 - error_change_sq / residual_change_sq``: fraction of the residual change the
             features' change explains (1: all of it; can be negative when the error grows).
         mean_residual_change: ``[d_in]`` mean of ``x_steered - x_base``.
+        mean_error_change: ``[d_in]`` mean change of the SAE's error term (``explained_mean`` compares
+            the two: per token, a TopK SAE reconstructs small changes noisily as features switch, so
+            ``explained`` can be low or negative while the mean change is well explained).
         token_strs: per stored text, its tokens (strings). token_shift: per stored text,
             ``[pos, d_sae]`` per-token shift (the first ``per_token_texts`` texts).
     """
@@ -152,8 +155,17 @@ class ActivationShift:
     error_change_sq: float
     explained: float
     mean_residual_change: Float[Tensor, " d_in"] = field(repr=False)
+    mean_error_change: Float[Tensor, " d_in"] = field(repr=False)
     token_strs: list[list[str]] = field(repr=False)
     token_shift: list[Tensor] = field(repr=False)
+
+    @property
+    def explained_mean(self) -> float:
+        """Fraction of the *mean* residual change explained by the features' mean change:
+        ``1 - ||mean Δe||^2 / ||mean Δx||^2``."""
+        den = float(self.mean_residual_change.double().pow(2).sum())
+        num = float(self.mean_error_change.double().pow(2).sum())
+        return 1.0 - num / den if den > 0 else float("nan")
 
     def top(self, k: int = 20, *, by: str = "shift") -> Tensor:
         """Feature ids with the largest ``mean_shift`` (``by="shift"``), most negative (``"negative"``)
@@ -206,7 +218,8 @@ class ActivationShift:
 
     def _repr_html_(self) -> str:
         head = (f"<p>SAE at <code>{self.sae_hook}</code>, vectors at {self.vector_hooks}, {self.n_tokens} "
-                f"tokens; features explain {self.explained:.1%} of the residual change</p>")
+                f"tokens; features explain {self.explained:.1%} of the residual change per token, "
+                f"{self.explained_mean:.1%} of its mean</p>")
         return head + self.to_pandas(10).to_html(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -253,6 +266,7 @@ def activation_shift(
     dev = sae.W_dec.device
     acc = {n: torch.zeros(d_sae, dtype=torch.float64, device=dev) for n in ("base", "steered", "abs")}
     dx_sum = torch.zeros(d_in, dtype=torch.float64, device=dev)
+    derr_sum = torch.zeros(d_in, dtype=torch.float64, device=dev)
     dx_sq = torch.zeros((), dtype=torch.float64, device=dev)
     derr_sq = torch.zeros((), dtype=torch.float64, device=dev)
     n = torch.zeros((), dtype=torch.float64, device=dev)
@@ -273,6 +287,7 @@ def activation_shift(
         dx = (xs - xb).double()
         derr = dx - (rs - rb).double()
         dx_sum += dx.sum(0)
+        derr_sum += derr.sum(0)
         dx_sq += dx.pow(2).sum()
         derr_sq += derr.pow(2).sum()
         n += c.sum()
@@ -296,7 +311,8 @@ def activation_shift(
         mean_base=mb, mean_steered=ms, mean_shift=ms - mb, mean_abs_shift=(acc["abs"] / n).float().cpu(),
         residual_change_sq=rc, error_change_sq=ec,
         explained=1.0 - ec / rc if rc > 0 else float("nan"),
-        mean_residual_change=(dx_sum / n).float().cpu(), token_strs=token_strs, token_shift=token_shift,
+        mean_residual_change=(dx_sum / n).float().cpu(), mean_error_change=(derr_sum / n).float().cpu(),
+        token_strs=token_strs, token_shift=token_shift,
     )
 
 
