@@ -30,21 +30,22 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Int
 from torch import Tensor, nn
 
+from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
     EmptyInputError,
     HookNameError,
     IncompatibleVectorError,
     NonFiniteError,
-    SequenceTooLongError,
     ShapeMismatchError,
 )
+from steer_lens.generation import Generation, sample_tokens
 from steer_lens.models import ModelInfo, check_hook_names, model_info
 from steer_lens.vectors import (
     SteeringVectors,
@@ -140,43 +141,7 @@ class _CallContext:
 # ---------------------------------------------------------------------------------------------------
 # generation result
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Generation:
-    """The output of :meth:`SteeredTransformer.sample`: prompts and completions, as tokens and text.
 
-    Attributes:
-        tokens: ``[batch, prompt_len + new]`` left-padded prompts followed by generated tokens
-            (positions after a sequence's EOS hold the pad id).
-        attention_mask: ``[batch, prompt_len + new]`` 1 for real tokens (prompt and generated up to and
-            including EOS), 0 for padding.
-        completion_mask: ``[batch, new]`` True for generated tokens up to and including EOS.
-        prompt_len: padded prompt length; generated tokens start at this index.
-        prompts: the prompt texts (``None`` when token ids were given).
-        completions: decoded generated text per sequence (EOS excluded; ``None`` without tokenizer).
-    """
-
-    tokens: Int[Tensor, "batch seq"]
-    attention_mask: Int[Tensor, "batch seq"]
-    completion_mask: Bool[Tensor, "batch new"]
-    prompt_len: int
-    prompts: list[str] | None
-    completions: list[str] | None
-
-    @property
-    def completion_tokens(self) -> Int[Tensor, "batch new"]:
-        """The generated part of :attr:`tokens`."""
-        return self.tokens[:, self.prompt_len :]
-
-    def texts(self) -> list[str] | None:
-        """Prompt + completion per sequence (``None`` without texts)."""
-        if self.prompts is None or self.completions is None:
-            return None
-        return [p + c for p, c in zip(self.prompts, self.completions, strict=True)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# the wrapper
-# ---------------------------------------------------------------------------------------------------
 class SteeredTransformer(nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
 
@@ -522,81 +487,16 @@ class SteeredTransformer(nn.Module):
             SequenceTooLongError: prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
             ConfigError: bad sampling parameters.
         """
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: expected >= 1, got {max_new_tokens}.")
-        if do_sample and not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
-        if not (0 < top_p <= 1):
-            raise ConfigError(f"top_p: expected a value in (0, 1], got {top_p}.")
         tokens, attn, texts = self._prompt_batch(prompts)
-        batch, plen = tokens.shape
-        n_ctx = int(self.model.cfg.n_ctx)
-        if plen + max_new_tokens > n_ctx:
-            raise SequenceTooLongError(
-                f"prompt of {plen} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                f"context n_ctx={n_ctx}. Fix: shorten the prompt or lower max_new_tokens."
-            )
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        eos = self.eos_token_id if stop_at_eos else None
-        pad = self.pad_token_id
-        cache = self._new_kv_cache(batch) if use_kv_cache else None
-        prompt_end = torch.full((batch,), plen, device=self.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        new_tokens: list[Tensor] = []
-        alive: list[Tensor] = []
-        with self._steering(prompt_end=prompt_end):
-            logits = self.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
-            for i in range(max_new_tokens):
-                nxt = _pick(logits, do_sample, temperature, top_p, top_k, gen)
-                alive.append(~finished)
-                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-                new_tokens.append(nxt)
-                if eos is not None:
-                    finished = finished | (nxt == eos)
-                if i == max_new_tokens - 1 or (eos is not None and i % 8 == 7 and bool(finished.all())):
-                    break
-                self._ctx = _CallContext(offset=plen + i, prompt_end=prompt_end)
-                if cache is not None:
-                    logits = self.model(
-                        nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache
-                    )[:, -1]
-                else:
-                    self._ctx = _CallContext(offset=0, prompt_end=prompt_end)
-                    full = torch.cat([tokens, torch.stack(new_tokens, 1)], 1)
-                    full_mask = torch.cat([attn, torch.stack(alive, 1).long() * 0 + 1], 1)
-                    logits = self.model(full, attention_mask=full_mask)[:, -1]
-        new = torch.stack(new_tokens, 1)
-        completion_mask = torch.stack(alive, 1)
-        all_tokens = torch.cat([tokens, new], 1)
-        all_mask = torch.cat([attn, completion_mask.long()], 1)
-        completions = None
-        tok = getattr(self.model, "tokenizer", None)
-        if tok is not None:
-            completions = []
-            for row, m in zip(new.tolist(), completion_mask.tolist(), strict=True):
-                ids = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
-                completions.append(tok.decode(ids))
-        return Generation(
-            tokens=all_tokens,
-            attention_mask=all_mask,
-            completion_mask=completion_mask,
-            prompt_len=plen,
-            prompts=texts,
-            completions=completions,
+        return sample_tokens(
+            self, tokens, attn, texts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            do_sample=do_sample, seed=seed, stop_at_eos=stop_at_eos, use_kv_cache=use_kv_cache,
         )
 
-    def _new_kv_cache(self, batch: int):
-        try:
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        except ImportError:  # pragma: no cover
-            return None
-        from transformer_lens import HookedTransformer
+    def _set_position(self, offset: int, prompt_end: Tensor | None) -> None:
+        """Tell the hooks the absolute position of the next forward pass's first token (decoding)."""
+        self._ctx = _CallContext(offset=offset, prompt_end=prompt_end)
 
-        if not isinstance(self.model, HookedTransformer):
-            return None
-        return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch)
 
     def generate(
         self,
@@ -726,75 +626,3 @@ class SteeredTransformer(nn.Module):
             f"model={self.info.name!r}, hooks={list(self.hook_names)}, scale={self._scale}, "
             f"positions={self._positions if isinstance(self._positions, str) else 'mask'}"
         )
-
-
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen) -> Tensor:
-    """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus)."""
-    logits = logits.float()
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set with mass >= top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-@torch.no_grad()
-def difference_of_means(
-    model,
-    hooks: Sequence[str] | str,
-    positive: Sequence[str],
-    negative: Sequence[str],
-    *,
-    position: Literal["mean", "last"] = "mean",
-) -> dict[str, Float[Tensor, " d_model"]]:
-    """Difference of mean activations between two sets of prompts at each hook (the CAA vector).
-
-    ``v_h = mean_{x in positive} a_h(x) - mean_{x in negative} a_h(x)``, where ``a_h(x)`` is the
-    activation at hook ``h`` averaged over the prompt's tokens (``position="mean"``, as in ActAdd-style
-    concept vectors; BOS excluded) or taken at its last token (``position="last"``, as in contrastive
-    activation addition, Rimsky et al. 2024, where the answer letter is last).
-
-    Args:
-        model: the model (unsteered).
-        hooks: hook name(s).
-        positive, negative: prompt texts (non-empty lists).
-        position: ``"mean"`` or ``"last"``.
-
-    Returns:
-        ``{hook_name: vector [d_model]}`` in fp32, ready for ``SteeredTransformer(..., init=...)``.
-
-    Raises:
-        EmptyInputError: an empty prompt list.
-        HookNameError: unknown hook.
-        ConfigError: bad ``position``.
-    """
-    if isinstance(hooks, str):
-        hooks = [hooks]
-    if not positive or not negative:
-        raise EmptyInputError("difference_of_means needs at least one positive and one negative prompt.")
-    if position not in ("mean", "last"):
-        raise ConfigError(f"position: expected 'mean' or 'last', got {position!r}.")
-    check_hook_names(model, list(hooks))
-
-    def mean_act(texts: Sequence[str]) -> dict[str, Tensor]:
-        sums = {h: torch.zeros(int(model.cfg.d_model), dtype=torch.float64) for h in hooks}
-        for t in texts:
-            toks = model.to_tokens(t, prepend_bos=True)
-            _, cache = model.run_with_cache(toks, names_filter=list(hooks))
-            for h in hooks:
-                a = cache[h][0].double().cpu()
-                a = a[-1] if position == "last" else (a[1:].mean(0) if a.shape[0] > 1 else a[0])
-                sums[h] += a
-        return {h: s / len(texts) for h, s in sums.items()}
-
-    pos, neg = mean_act(positive), mean_act(negative)
-    return {h: (pos[h] - neg[h]).float() for h in hooks}

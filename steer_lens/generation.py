@@ -1,0 +1,180 @@
+"""Sampling from a steered model: batched, left-padded prompts, KV cache, per-sequence EOS.
+
+:meth:`steer_lens.SteeredTransformer.sample` and :meth:`~steer_lens.SteeredTransformer.generate` run
+:func:`sample_tokens`. The steering hooks stay installed for the whole loop; before each decoding step
+the wrapper is told the absolute position of the new token, so ``positions="prompt"/"generated"`` and
+explicit masks act during decoding exactly as in a teacher-forced pass over the final sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, SequenceTooLongError
+
+__all__ = ["Generation", "new_kv_cache", "pick_next_token", "sample_tokens"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The output of :meth:`SteeredTransformer.sample`: prompts and completions, as tokens and text.
+
+    Attributes:
+        tokens: ``[batch, prompt_len + new]`` left-padded prompts followed by generated tokens
+            (positions after a sequence's EOS hold the pad id).
+        attention_mask: ``[batch, prompt_len + new]`` 1 for real tokens (prompt and generated up to and
+            including EOS), 0 for padding.
+        completion_mask: ``[batch, new]`` True for generated tokens up to and including EOS.
+        prompt_len: padded prompt length; generated tokens start at this index.
+        prompts: the prompt texts (``None`` when token ids were given).
+        completions: decoded generated text per sequence (EOS excluded; ``None`` without tokenizer).
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    completion_mask: Bool[Tensor, "batch new"]
+    prompt_len: int
+    prompts: list[str] | None
+    completions: list[str] | None
+
+    @property
+    def completion_tokens(self) -> Int[Tensor, "batch new"]:
+        """The generated part of :attr:`tokens`."""
+        return self.tokens[:, self.prompt_len :]
+
+    def texts(self) -> list[str] | None:
+        """Prompt + completion per sequence (``None`` without texts)."""
+        if self.prompts is None or self.completions is None:
+            return None
+        return [p + c for p, c in zip(self.prompts, self.completions, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the wrapper
+# ---------------------------------------------------------------------------------------------------
+
+
+def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen) -> Tensor:
+    """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus)."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def new_kv_cache(model, batch: int, device):
+    """A TransformerLens key/value cache for ``batch`` sequences, or ``None`` when the model cannot use
+    one (e.g. ``TransformerBridge``; generation then recomputes every step)."""
+    try:
+        from transformer_lens import HookedTransformer
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(model, HookedTransformer):
+        return None
+    return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+
+
+@torch.no_grad()
+def sample_tokens(
+    steered,
+    tokens: Int[Tensor, "batch pos"],
+    attn: Int[Tensor, "batch pos"],
+    texts: Sequence[str] | None,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    do_sample: bool,
+    seed: int | None,
+    stop_at_eos: bool,
+    use_kv_cache: bool,
+) -> Generation:
+    """The sampling loop behind :meth:`~steer_lens.SteeredTransformer.sample` (see there).
+
+    Raises:
+        ConfigError: bad sampling parameters.
+        SequenceTooLongError: prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
+    """
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: expected >= 1, got {max_new_tokens}.")
+    if do_sample and not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
+    if not (0 < top_p <= 1):
+        raise ConfigError(f"top_p: expected a value in (0, 1], got {top_p}.")
+    batch, plen = tokens.shape
+    n_ctx = int(steered.model.cfg.n_ctx)
+    if plen + max_new_tokens > n_ctx:
+        raise SequenceTooLongError(
+            f"prompt of {plen} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context n_ctx={n_ctx}. Fix: shorten the prompt or lower max_new_tokens."
+        )
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=steered.device).manual_seed(seed)
+    eos = steered.eos_token_id if stop_at_eos else None
+    pad = steered.pad_token_id
+    cache = new_kv_cache(steered.model, batch, steered.device) if use_kv_cache else None
+    prompt_end = torch.full((batch,), plen, device=steered.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=steered.device)
+    new_tokens: list[Tensor] = []
+    alive: list[Tensor] = []
+    with steered._steering(prompt_end=prompt_end):
+        logits = steered.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
+        for i in range(max_new_tokens):
+            nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen)
+            alive.append(~finished)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            new_tokens.append(nxt)
+            if eos is not None:
+                finished = finished | (nxt == eos)
+            if i == max_new_tokens - 1 or (eos is not None and i % 8 == 7 and bool(finished.all())):
+                break
+            steered._set_position(plen + i, prompt_end)
+            if cache is not None:
+                logits = steered.model(
+                    nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache
+                )[:, -1]
+            else:
+                steered._set_position(0, prompt_end)
+                full = torch.cat([tokens, torch.stack(new_tokens, 1)], 1)
+                full_mask = torch.cat([attn, torch.stack(alive, 1).long() * 0 + 1], 1)
+                logits = steered.model(full, attention_mask=full_mask)[:, -1]
+    new = torch.stack(new_tokens, 1)
+    completion_mask = torch.stack(alive, 1)
+    all_tokens = torch.cat([tokens, new], 1)
+    all_mask = torch.cat([attn, completion_mask.long()], 1)
+    completions = None
+    tok = getattr(steered.model, "tokenizer", None)
+    if tok is not None:
+        completions = []
+        for row, m in zip(new.tolist(), completion_mask.tolist(), strict=True):
+            ids = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
+            completions.append(tok.decode(ids))
+    return Generation(
+        tokens=all_tokens,
+        attention_mask=all_mask,
+        completion_mask=completion_mask,
+        prompt_len=plen,
+        prompts=texts,
+        completions=completions,
+    )
