@@ -240,7 +240,7 @@ def completion_logprobs(
 
     Args:
         steered: the :class:`~steer_lens.SteeredTransformer`.
-        tokens: ``[batch, prompt_len + new]`` as in :class:`~steer_lens.steering.Generation`.
+        tokens: ``[batch, prompt_len + new]`` as in :class:`~steer_lens.generation.Generation`.
         attention_mask: ``[batch, prompt_len + new]``.
         prompt_len: padded prompt length.
         with_entropy: also return the entropy (nats) of each next-token distribution.
@@ -342,7 +342,7 @@ class Rollout:
     """One batch of sampled completions and what the update needs from it.
 
     Attributes:
-        generation: the sampled :class:`~steer_lens.steering.Generation` (``prompts_per_step *
+        generation: the sampled :class:`~steer_lens.generation.Generation` (``prompts_per_step *
             group_size`` rows, grouped: rows ``g*k .. g*k+k-1`` share a prompt).
         rewards: ``[batch]`` rewards.
         advantages: ``[batch]`` advantages.
