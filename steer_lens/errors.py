@@ -81,7 +81,8 @@ class ModelNotAvailableError(SteerLensError, OSError):
 
 
 class IncompatibleVectorError(SteerLensError, ValueError):
-    """A saved vector was made for another model, width or weight processing than the one given."""
+    """A saved vector or a LoRA adapter was made for another model, architecture, width or weight
+    processing than the one given (the message names both sides)."""
 
 
 class TrainingDivergedError(SteerLensError, FloatingPointError):
