@@ -487,3 +487,22 @@ def test_dataset_rows_iterators_and_ragged_token_lists_give_the_same_shift():
     torch.testing.assert_close(r.token_shift[1], one.token_shift[0], rtol=1e-3, atol=1e-4)
     with pytest.raises(ConfigError, match="text"):
         sl.sae.activation_shift(steered, sae, [{"body": "x"}])
+
+
+def test_interrupted_training_leaves_the_model_and_rng_untouched():
+    model = _model()
+    toks = _tokens(n=8)
+    before = model(toks)
+    state = torch.get_rng_state()
+
+    class Interrupting:
+        def __iter__(self):
+            yield from toks
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sl.sae.train(model, HOOK, Interrupting(), d_sae=32, k=4, training_tokens=2048, batch_size=256,
+                     buffer_size=1024)
+    assert torch.equal(model(toks), before)
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+    assert torch.equal(torch.get_rng_state(), state)

@@ -592,12 +592,12 @@ def _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed,
         for _ in range(n_random if len(pool) else 0):
             sets.append(("random", n, pool[torch.randperm(len(pool), generator=gen)[: min(n, len(pool))]]))
     sets.append(("all", d_sae, torch.arange(d_sae)))
-    totals = [torch.zeros((), dtype=torch.float64) for _ in sets]
+    totals = [torch.zeros((), dtype=torch.float64, device=sae.W_dec.device) for _ in sets]
     n_texts = 0
     for batch in iter_batches(steered.model, texts, batch_size=batch_size):
         vals = _ablated_metric(steered, sae, h, batch, metric, [s for _, _, s in sets])
         for i, v in enumerate(vals):
-            totals[i] += v.cpu()
+            totals[i] += v.to(totals[i].device)
         n_texts += batch.tokens.shape[0]
     means = [float(t) / n_texts for t in totals]
     frac = [(mean_s - m) / effect if effect != 0 else math.nan for m in means]

@@ -228,8 +228,8 @@ def evaluate(model: ModelLike, sae: SAELike, texts: Any, *, hook: str | None = N
     l0_sum = torch.zeros((), dtype=torch.float64, device=dev)
     fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     n = torch.zeros((), dtype=torch.float64, device=dev)
-    ce = {k: torch.zeros((), dtype=torch.float64) for k in ("clean", "spliced", "zero")}
-    ce_n = torch.zeros((), dtype=torch.float64)
+    ce = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("clean", "spliced", "zero")}
+    ce_n = torch.zeros((), dtype=torch.float64, device=dev)
     for batch in iter_batches(model, texts, batch_size=batch_size):
         kw = {"attention_mask": batch.attention_mask}
         stats: dict[str, Tensor] = {}
@@ -250,14 +250,14 @@ def evaluate(model: ModelLike, sae: SAELike, texts: Any, *, hook: str | None = N
 
         logits = model(batch.tokens, **kw)
         s, cnt = _next_token_ce(logits, batch.tokens, batch.attention_mask)
-        ce["clean"] += s.cpu()
-        ce_n += cnt.cpu()
+        ce["clean"] += s.to(dev)
+        ce_n += cnt.to(dev)
         logits = model.run_with_hooks(batch.tokens, fwd_hooks=[(hook, splice)], **kw)
-        ce["spliced"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].cpu()
+        ce["spliced"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].to(dev)
         logits = model.run_with_hooks(
             batch.tokens, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))], **kw
         )
-        ce["zero"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].cpu()
+        ce["zero"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].to(dev)
         sq_err += stats["sq_err"]
         sum_x += stats["sum_x"]
         sum_sq += stats["sum_sq"]
