@@ -394,6 +394,8 @@ def test_save_and_load_round_trip(trained, tmp_path: Path):
         sl.sae.load(folder, hook="blocks.0.hook_resid_pre")
     with pytest.raises(FileNotFoundError, match="sae_id"):
         sl.sae.load(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no-such-release"):
+        sl.sae.load("no-such-release", sae_id="x")  # sae-lens rejects it before any download
 
 
 def test_feature_views(trained):
