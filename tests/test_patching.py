@@ -356,6 +356,29 @@ def test_steering_patch_denoise_and_noise_equal_tl(tiny_model):
     assert abs(float(whole.values[1]) - whole.clean_metric) < ATOL
 
 
+@pytest.mark.parametrize("mask_ndim", [1, 2])
+def test_steering_patch_with_position_masks_equals_tl(mask_ndim):
+    """Vectors on some positions only: no suffix passes (absolute positions), one copy per 2-D mask."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = sl.random_model("llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    tokens, _ = _pair(53, pos=16, seed=15)
+    mask = torch.arange(16) < 9
+    if mask_ndim == 2:
+        mask = torch.stack([mask, torch.arange(16) >= 4])
+    steered = sl.SteeredTransformer(
+        model, hooks=["blocks.1.hook_resid_pre"], init="random", init_norm=3.0, positions=mask
+    )
+    metric = sl.patching.logprob(3)
+    _, base_cache = model.run_with_cache(tokens)
+    with model.hooks(fwd_hooks=steered.fwd_hooks()):
+        ref = tlp.get_act_patch_attn_head_out_by_pos(model, tokens, base_cache, metric)
+    res = sl.patching.steering_patch(steered, tokens, metric, "z", by=("layer", "pos", "head"), mode="noise")
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # attribution patching
 # ---------------------------------------------------------------------------------------------------

@@ -250,6 +250,26 @@ def _unwrap(model):
     return model, []
 
 
+def _steer_limits(steered) -> dict[str, Any]:
+    """What a steered model's position setting allows the sweep to do.
+
+    The vector's hook finds its positions by absolute index from the start of the call, so runs over
+    a suffix of positions only work with ``positions="all"``; an explicit ``[batch, pos]`` mask covers
+    one copy of the batch, so such sweeps patch one site per pass.
+    """
+    from steer_lens.steering import SteeredTransformer
+
+    if not isinstance(steered, SteeredTransformer):
+        return {}
+    pos = steered.positions
+    limits: dict[str, Any] = {}
+    if not (isinstance(pos, str) and pos == "all"):
+        limits["position_groups"] = 1
+    if isinstance(pos, Tensor) and pos.ndim == 2 and pos.shape[0] > 1:
+        limits["max_copies"] = 1
+    return limits
+
+
 # ---------------------------------------------------------------------------------------------------
 # the runner: forward passes that may start at a block
 # ---------------------------------------------------------------------------------------------------
@@ -419,6 +439,7 @@ def _sweep(
     share_prefix: bool,
     progress: bool,
     position_groups: int | None = None,
+    max_copies: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
     batch, pos = corrupted_tokens.shape
@@ -439,7 +460,9 @@ def _sweep(
             dim = 1 if plan.kind != "pattern" else None
             for n in clean_acts:
                 clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
-        copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
+        copies = min(
+            _chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites, max_copies or plan.n_sites
+        )
         out: list[Tensor] = []
         bar = None
         if progress:
@@ -647,6 +670,7 @@ def activation_patch(
         align=al,
         share_prefix=share_prefix,
         progress=progress,
+        **_steer_limits(model),
     )
     return _finish(
         values, cm, km, plan=plan, model=base, tokens=corrupted_tokens, kind="activation", metric=metric
@@ -722,5 +746,6 @@ def steering_patch(
         align=None,
         share_prefix=share_prefix,
         progress=progress,
+        **_steer_limits(steered),
     )
     return _finish(values, cm, km, plan=plan, model=model, tokens=tokens, kind=mode, metric=metric)
