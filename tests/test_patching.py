@@ -530,6 +530,11 @@ def test_patch_result_views(tiny_model):
         assert df["value"].tolist() == pytest.approx(res.values.reshape(-1).tolist())
         assert "PatchResult" in res._repr_html_()
         assert len(res.top(3)) == min(3, res.values.numel())
+        if "pos" in res.axes:
+            assert "<" in str(res.token_view())  # circuitsvis HTML
+        else:
+            with pytest.raises(sl.errors.ConfigError):
+                res.token_view()
     with pytest.raises(AttributeError):  # frozen
         res.hook = "x"
 

@@ -156,6 +156,28 @@ class PatchResult:
         fig.update_layout(title=title, height=max(300, 260 * v.shape[0]))
         return fig
 
+    def token_view(self, *, normalized: bool = False):
+        """circuitsvis colored-tokens view of the effect per position (summed over the other axes).
+
+        Needs ``"pos"`` among the axes; the tokens are the position labels (the corrupted run's first
+        sequence).
+
+        Raises:
+            ConfigError: the result has no position axis.
+        """
+        from steer_lens import plotting
+        from steer_lens.errors import ConfigError
+
+        if "pos" not in self.axes:
+            raise ConfigError(
+                f"token_view: the result's axes {self.axes} have no 'pos'; patch with by=(..., 'pos')."
+            )
+        v = self.normalized() if normalized else self.effect
+        k = self.axes.index("pos")
+        per_pos = v.movedim(k, 0).reshape(v.shape[k], -1).sum(1)
+        tokens = [lab.split(": ", 1)[-1] for lab in self.labels["pos"]]
+        return plotting.token_view(tokens, per_pos)
+
     def _repr_html_(self) -> str:
         head = (
             f"<b>PatchResult</b> ({html.escape(self.kind)}, hook <code>{html.escape(self.hook)}</code>, "
