@@ -205,21 +205,26 @@ def test_positions_heads_layers_restrict_the_sweep(tiny_model):
 
 
 def test_align_patches_shifted_positions():
+    from transformer_lens import patching as tlp
+
     import steer_lens as sl
 
     model = sl.random_model("gpt2", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
     clean, corrupted = _pair(53, pos=6, seed=7)
-    longer = torch.cat([clean[:, :1], clean], 1)  # clean with one extra token in front
+    longer = torch.cat([clean[:, :1], clean], 1)  # a clean run one token longer
+    align = [0, 2, 3, 4, 5, 6]  # clean position patched into each corrupted position
     metric = sl.patching.logprob(3)
-    # aligned patching of the longer clean run at positions 1..6 == patching the original clean run
-    # only where the residual streams coincide: check the mechanics on resid_pre at layer 0 (embeddings)
-    res = sl.patching.activation_patch(model, longer, corrupted, metric, "resid_pre", align=list(range(1, 7)))
-    manual = sl.patching.activation_patch(model, longer[:, 1:], corrupted, metric, "resid_pre", layers=[0])
-    assert res.values.shape == (2, 6)
-    # gpt2 adds learned position embeddings, so layer-0 activations differ by the position shift only
-    assert not torch.allclose(res.values[0], manual.values[0])
+    _, cache = model.run_with_cache(longer)
+    aligned = {f"blocks.{i}.hook_attn_out": cache[f"blocks.{i}.hook_attn_out"][:, align] for i in range(2)}
+    ref = tlp.generic_activation_patch(
+        model, corrupted, aligned, metric, tlp.layer_pos_patch_setter, "attn_out", ("layer", "pos")
+    )
+    res = sl.patching.activation_patch(model, longer, corrupted, metric, "attn_out", align=align)
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
     with pytest.raises(sl.errors.ShapeMismatchError, match="align"):
         sl.patching.activation_patch(model, longer, corrupted, metric, "resid_pre", align=[0, 1])
+    with pytest.raises(sl.errors.ConfigError, match="align"):
+        sl.patching.activation_patch(model, longer, corrupted, metric, "pattern", align=align)
 
 
 # ---------------------------------------------------------------------------------------------------
