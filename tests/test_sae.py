@@ -311,6 +311,10 @@ def test_bad_input():
         sl.sae.vector_features(steered, object())
     with pytest.raises(ConfigError, match="k"):
         sl.sae.vector_features(steered, sae, k=0)
+    normed = _topk_sae(model)
+    normed.cfg.normalize_activations = "layer_norm"
+    with pytest.raises(ConfigError, match="layer_norm"):
+        sl.sae.activation_shift(steered, normed, toks)
     nohook = _topk_sae(model)
     nohook.cfg.metadata.hook_name = None
     with pytest.raises(ConfigError, match="hook"):

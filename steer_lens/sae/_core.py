@@ -135,6 +135,13 @@ def check_sae(model, sae, hook: str | None = None) -> str:
             f"this SAE reshapes its input ({sae.cfg.reshape_activations!r}, e.g. attention hook_z); "
             "steer_lens.sae supports SAEs on [batch, pos, d] activations such as the residual stream."
         )
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise ConfigError(
+            f"this SAE normalises each token at run time (normalize_activations={norm!r}), so its decode "
+            "depends on the last encode's state and feature interventions are ill-defined. Fix: use an SAE "
+            "with normalize_activations='none' (folded scaling, as sl.sae.train produces)."
+        )
     shape = hook_width(model, hook)
     d_in = int(sae.cfg.d_in)
     if len(shape) != 3 or shape[-1] != d_in:
