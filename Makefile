@@ -39,6 +39,10 @@ docs: install
 
 bench: install
 	$(HF_ENV) $(BIN)/python benchmarks/bench_core.py
+	$(HF_ENV) $(BIN)/python benchmarks/bench_rl.py --threads 1
+	$(HF_ENV) $(BIN)/python benchmarks/bench_patching.py --threads 1
+	$(HF_ENV) $(BIN)/python benchmarks/bench_sae.py --threads 1
+	$(HF_ENV) $(BIN)/python benchmarks/bench_lora.py --threads 1
 
 clean:
 	rm -rf $(VENV) site demo-out .pytest_cache

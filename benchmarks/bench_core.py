@@ -8,7 +8,8 @@ For the real model (raincandy-u/TinyStories-656K) and a pythia-410m-shaped rando
 * one SFT step of the vector (the library's loop) vs a plain forward+backward of the same model and
   batch without vectors (goal <= 1.1x), and vs a rank-4 LoRA step (peft, on the Hugging Face model of
   the same architecture and size);
-* peak memory (CUDA: max allocated; CPU: peak RSS of a fresh subprocess per configuration).
+* peak memory of one step above the loaded model (CUDA: max allocated; CPU: resident memory sampled
+  every millisecond), each configuration in a fresh subprocess.
 
 Timings interleave the variants (A B A B ...) and report medians, so drift on a shared machine hits
 both sides alike. Run: ``make bench`` or ``python benchmarks/bench_core.py [--quick] [--device cuda]``.
@@ -164,9 +165,38 @@ def bench_speed(kind: str, device: str, reps: int, batch: int, pos: int, new: in
     return out
 
 
-def _memory_child(kind, device, which, batch, pos, q):
-    import resource
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+
+class _RssSampler:
+    """Peak resident memory above a baseline, sampled every millisecond on a thread (CPU runs)."""
+
+    def __init__(self):
+        import threading
+
+        self.base = _rss_mib()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            self._stop.wait(0.001)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def _memory_child(kind, device, which, batch, pos, q):
     import steer_lens as sl
 
     torch.manual_seed(0)
@@ -180,25 +210,31 @@ def _memory_child(kind, device, which, batch, pos, q):
     else:
         model, hook = build(kind, device)
         vocab = int(model.cfg.d_vocab)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     toks = torch.randint(3, vocab, (batch, pos)).to(device)
+    steered = sl.SteeredTransformer(model, [hook]) if which == "vector" else None
     if which == "plain":
         for p in model.parameters():
             p.requires_grad_(True)
-        model(toks).logsumexp(-1).mean().backward()
-    elif which == "vector":
-        s = sl.SteeredTransformer(model, [hook])
-        s(toks).logsumexp(-1).mean().backward()
-    elif which == "lora":
-        model(input_ids=toks).logits.logsumexp(-1).mean().backward()
-    elif which == "forward":
-        with torch.no_grad():
-            model(toks)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    q.put({"rss_mib": peak_rss / 1024, "rss_delta_mib": (peak_rss - base_rss) / 1024, "cuda_peak_mib": cuda_peak})
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_cuda = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else None
+    with _RssSampler() as rss:
+        if which == "plain":
+            model(toks).logsumexp(-1).mean().backward()
+        elif which == "vector":
+            steered(toks).logsumexp(-1).mean().backward()
+        elif which == "lora":
+            model(input_ids=toks).logits.logsumexp(-1).mean().backward()
+        elif which == "forward":
+            with torch.no_grad():
+                model(toks)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    out = {"rss_step_mib": rss.peak - rss.base, "rss_base_mib": rss.base}
+    if device.startswith("cuda"):
+        out["cuda_step_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base_cuda
+    q.put(out)
 
 
 def bench_memory(kind, device, batch, pos) -> dict:
@@ -245,8 +281,9 @@ def main(argv=None) -> int:
         print(f"SFT step         vector/LoRA r=4 step = {r['sft_vs_lora_ratio']:.3f}x  "
               f"(LoRA {t['lora_r4_step'] * 1e3:.1f} ms)")
         m = r["memory"]
-        key = "cuda_peak_mib" if device.startswith("cuda") else "rss_mib"
-        print("peak memory (MiB, " + key + "): " + ", ".join(f"{k} {v[key]:.0f}" for k, v in m.items()))
+        key = "cuda_step_mib" if device.startswith("cuda") else "rss_step_mib"
+        print(f"peak memory of one step above the loaded model (MiB, {key}): "
+              + ", ".join(f"{k} {v[key]:.0f}" for k, v in m.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
