@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out", required=True, help="folder for the vector and metrics.jsonl")
     try:
-        from steer_lens.train.rl_cli import add_rl_arguments
+        from steer_lens.cli_rl import add_rl_arguments
     except ImportError:  # pragma: no cover - RL command not available in this build
         add_rl_arguments = None
     if add_rl_arguments is not None:
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train" and args.objective == "sft":
             return _run_sft(args)
         if args.command == "train" and args.objective == "rl":
-            from steer_lens.train.rl_cli import run_rl_command
+            from steer_lens.cli_rl import run_rl_command
 
             return int(run_rl_command(args))
     except SteerLensError as e:

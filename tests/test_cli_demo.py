@@ -1,0 +1,67 @@
+"""The command line and the demo: files written, values consistent, report self-contained."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.real_model
+
+
+def test_train_sft_command_writes_vector_and_metrics(real_model, tmp_path):
+    import steer_lens as sl
+    from steer_lens.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Once upon a time, there was a", "completion": " dog."},
+        {"text": "The dog ran to the park."},
+    ]))
+    out = tmp_path / "run"
+    rc = main(["train", "sft", "--data", str(data), "--steps", "6", "--batch-size", "2", "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    loaded = sl.SteeredTransformer.load(out / "vector", real_model)
+    assert loaded.training_config["optim"]["steps"] == 6
+    assert abs(float(loaded.vectors["blocks.1.hook_resid_pre"].norm()) - rows[-1]["norm/blocks.1.hook_resid_pre"]) < 1e-3
+
+
+def test_cli_reports_steer_lens_errors_without_traceback(tmp_path, capsys):
+    from steer_lens.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc = main(["train", "sft", "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("steer-lens: error: examples: got none") and "Traceback" not in err
+
+
+def test_demo_report_is_self_contained_and_summary_consistent(tmp_path, stories):
+    from steer_lens.demo import run_demo, word_rate
+
+    files = []
+    for i, s in enumerate(stories[:40]):
+        f = tmp_path / f"s{i}.txt"
+        f.write_text(s)
+        files.append(f)
+    res = run_demo(texts=files, steps=30, n_samples=8, max_new_tokens=20, out=tmp_path / "out", progress=False)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<script src=" not in html  # plotly.js is inline: the report opens offline
+    assert html.count("Plotly.newPlot") >= 5
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steered_rate"] == res.steered_rate and 0 <= res.base_rate <= 1
+    assert res.n_train == sum(bool(re.search(r"\bdog\b", s, re.I)) for s in _sentences(stories[:40]))
+    assert word_rate(["A dog.", "Dogs!", "hotdog", "the DOG ran"], "dog") == 0.5
+    assert torch.isfinite(torch.tensor(res.heldout_loss_steered))
+
+
+def _sentences(texts):
+    from steer_lens.demo import split_sentences
+
+    return split_sentences(texts)
