@@ -27,17 +27,16 @@ from jaxtyping import Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError, ShapeMismatchError
-from steer_lens.patching.activation import (
+from steer_lens.patching.metrics import Metric, MetricFn, call_metric
+from steer_lens.patching.results import PatchResult, VectorAttribution
+from steer_lens.patching.sites import (
     _AXIS_DIM,
     By,
     _check_metric,
     _check_tokens,
     _labels,
-    _plan,
-    _unwrap,
+    _prepare,
 )
-from steer_lens.patching.metrics import Metric, MetricFn, call_metric
-from steer_lens.patching.results import PatchResult, VectorAttribution
 
 __all__ = ["attribution_patch", "vector_attribution"]
 
@@ -87,12 +86,9 @@ def attribution_patch(
         HookNameError, ConfigError, ShapeMismatchError: as :func:`activation_patch`.
         MetricError: the metric is not a differentiable scalar, or is non-finite.
     """
-    base, hooks = _unwrap(model)
-    clean_tokens = _check_tokens(clean_tokens, "clean_tokens", base)
-    corrupted_tokens = _check_tokens(corrupted_tokens, "corrupted_tokens", base)
-    _check_metric(metric)
-    plan = _plan(
-        base, hook, by, pos=corrupted_tokens.shape[1], layers=layers, heads=heads, positions=positions
+    base, hooks, clean_tokens, corrupted_tokens, plan = _prepare(
+        model, clean_tokens, corrupted_tokens, metric, hook, by,
+        layers=layers, heads=heads, positions=positions,
     )
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ShapeMismatchError(

@@ -43,9 +43,9 @@ from jaxtyping import Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
-from steer_lens.patching.activation import _check_metric, _check_tokens
 from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching.results import PathPatchResult
+from steer_lens.patching.sites import _check_metric, _check_tokens
 
 __all__ = ["path_patch"]
 

@@ -11,6 +11,9 @@
 Methods: TopK SAEs (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), ReLU SAEs with an
 L1 penalty (Bricken et al. 2023, "Towards Monosemanticity"); the loss-recovered metric as in sae-lens's
 evals (zero ablation as the reference).
+
+:func:`evaluate` and :class:`SAEQuality` live in :mod:`steer_lens.sae.evaluation` and
+:func:`sample_corpus` in :mod:`steer_lens.sae.corpus`; all three are importable from here too.
 """
 
 from __future__ import annotations
@@ -20,29 +23,27 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, EmptyInputError, ModelNotAvailableError
 from steer_lens.models import check_hook_names, model_info
 from steer_lens.sae._core import (
     ModelLike,
-    SAELike,
     check_nonempty,
-    check_sae,
     hook_width,
     iter_batches,
     run_kwargs,
     sae_lens,
-    unwrap,
     unwrap_model,
 )
+from steer_lens.sae.corpus import sample_corpus
+from steer_lens.sae.evaluation import SAEQuality, evaluate
 from steer_lens.vectors import atomic_write_json
 
 __all__ = ["SAEQuality", "SAETrainConfig", "TrainedSAE", "evaluate", "load", "sample_corpus", "train"]
@@ -121,168 +122,6 @@ def load(
         sae.cfg.metadata.hook_name = hook
     sae.eval()
     return sae
-
-
-# ---------------------------------------------------------------------------------------------------
-# quality
-# ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class SAEQuality:
-    """How well an SAE reconstructs a model's activations on a corpus (see :func:`evaluate`).
-
-    Attributes:
-        hook: the hook point.
-        n_tokens: tokens evaluated (BOS and padding excluded).
-        fvu: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``.
-        l0: mean number of active features per token.
-        dead_features: features that never fired on the corpus.
-        d_sae: number of features.
-        ce_clean: next-token cross-entropy of the model, nats/token.
-        ce_spliced: the same with the SAE's reconstruction replacing the activation (no error term).
-        ce_zero_ablation: the same with the activation replaced by zeros.
-        loss_recovered: ``(ce_zero_ablation - ce_spliced) / (ce_zero_ablation - ce_clean)``.
-        feature_density: ``[d_sae]`` fraction of tokens on which each feature fires.
-    """
-
-    hook: str
-    n_tokens: int
-    fvu: float
-    l0: float
-    dead_features: int
-    d_sae: int
-    ce_clean: float
-    ce_spliced: float
-    ce_zero_ablation: float
-    loss_recovered: float
-    feature_density: Float[Tensor, " d_sae"] = field(repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The scalar fields as a JSON-ready dict."""
-        d = asdict(self)
-        d.pop("feature_density")
-        return d
-
-    def to_pandas(self):
-        """One-row DataFrame of the scalar fields."""
-        import pandas as pd
-
-        return pd.DataFrame([self.to_dict()])
-
-    def plot(self):
-        """Histogram of log10 feature density (plotly Figure)."""
-        import plotly.graph_objects as go
-
-        dens = torch.log10(self.feature_density.double() + 1e-10).numpy()
-        fig = go.Figure(go.Histogram(x=dens, nbinsx=50))
-        fig.update_layout(
-            title=f"SAE feature density at {self.hook} (FVU {self.fvu:.3f}, L0 {self.l0:.1f}, "
-            f"dead {self.dead_features}/{self.d_sae})",
-            xaxis_title="log10 fraction of tokens on which the feature fires",
-            yaxis_title="features",
-        )
-        return fig
-
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def _next_token_ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of next-token cross-entropy (nats) over positions where both tokens are real, and count."""
-    lp = logits[:, :-1].float().log_softmax(-1)
-    nll = -lp.gather(-1, tokens[:, 1:, None])[..., 0]
-    m = (mask[:, :-1] * mask[:, 1:]).bool()
-    return (nll * m).sum().double(), m.sum()
-
-
-@torch.no_grad()
-def evaluate(model: ModelLike, sae: SAELike, texts: Any, *, hook: str | None = None, batch_size: int = 16) -> SAEQuality:
-    """Measure an SAE on a corpus: FVU, L0, dead features, and cross-entropy loss recovered.
-
-    Three forward passes per batch: the clean model, the model with the SAE's reconstruction spliced
-    in at its hook (no error term), and with the activation zero-ablated. Streams the texts; memory
-    is ``O(batch * pos * d_sae)``.
-
-    Args:
-        model: a HookedTransformer (or a SteeredTransformer: its base model is used).
-        sae: a sae-lens SAE or a :class:`TrainedSAE`.
-        texts: strings (BOS prepended, BOS excluded from the statistics), dataset rows with ``"text"``,
-            or token ids.
-        hook: override of the SAE's hook (normally read from its metadata).
-        batch_size: texts per forward pass.
-
-    Returns:
-        :class:`SAEQuality` (cross-entropies in nats/token).
-
-    Raises:
-        EmptyInputError: no texts. HookNameError, ShapeMismatchError, ConfigError: see ``check``.
-    """
-    model = unwrap_model(model)
-    sae = unwrap(sae)
-    check_nonempty(texts)
-    hook = check_sae(model, sae, hook)
-    d_sae = int(sae.cfg.d_sae)
-    dev = sae.W_dec.device
-    sq_err = torch.zeros((), dtype=torch.float64, device=dev)
-    sum_x = torch.zeros(int(sae.cfg.d_in), dtype=torch.float64, device=dev)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    l0_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    fires = torch.zeros(d_sae, dtype=torch.float64, device=dev)
-    n = torch.zeros((), dtype=torch.float64, device=dev)
-    ce = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("clean", "spliced", "zero")}
-    ce_n = torch.zeros((), dtype=torch.float64, device=dev)
-    for batch in iter_batches(model, texts, batch_size=batch_size):
-        kw = {"attention_mask": batch.attention_mask}
-        stats: dict[str, Tensor] = {}
-
-        def splice(act, hook, stats=stats, batch=batch):
-            x = act.to(sae.dtype)
-            f = sae.encode(x)
-            recon = sae.decode(f)
-            c = batch.count.to(dev)
-            xm, rm, fm = x[c].double(), recon[c].double(), f[c]
-            stats["sq_err"] = (xm - rm).pow(2).sum()
-            stats["sum_x"] = xm.sum(0)
-            stats["sum_sq"] = xm.pow(2).sum()
-            stats["l0"] = (fm > 0).sum().double()
-            stats["fires"] = (fm > 0).sum(0).double()
-            stats["n"] = c.sum().double()
-            return recon.to(act.dtype)
-
-        logits = model(batch.tokens, **kw)
-        s, cnt = _next_token_ce(logits, batch.tokens, batch.attention_mask)
-        ce["clean"] += s.to(dev)
-        ce_n += cnt.to(dev)
-        logits = model.run_with_hooks(batch.tokens, fwd_hooks=[(hook, splice)], **kw)
-        ce["spliced"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].to(dev)
-        logits = model.run_with_hooks(
-            batch.tokens, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))], **kw
-        )
-        ce["zero"] += _next_token_ce(logits, batch.tokens, batch.attention_mask)[0].to(dev)
-        sq_err += stats["sq_err"]
-        sum_x += stats["sum_x"]
-        sum_sq += stats["sum_sq"]
-        l0_sum += stats["l0"]
-        fires += stats["fires"]
-        n += stats["n"]
-    n_tok = int(n.item())
-    if n_tok == 0:
-        raise EmptyInputError("texts: no tokens to evaluate (every text was only BOS).")
-    total_var = sum_sq - sum_x.pow(2).sum() / n
-    ce_vals = {k: float(v / ce_n.clamp(min=1)) for k, v in ce.items()}
-    denom = ce_vals["zero"] - ce_vals["clean"]
-    return SAEQuality(
-        hook=hook,
-        n_tokens=n_tok,
-        fvu=float(sq_err / total_var),
-        l0=float(l0_sum / n),
-        dead_features=int((fires == 0).sum()),
-        d_sae=d_sae,
-        ce_clean=ce_vals["clean"],
-        ce_spliced=ce_vals["spliced"],
-        ce_zero_ablation=ce_vals["zero"],
-        loss_recovered=(ce_vals["zero"] - ce_vals["spliced"]) / denom if denom != 0 else float("nan"),
-        feature_density=(fires / n).float().cpu(),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -616,76 +455,3 @@ def _to_inference(sl_, tsae):
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae
-
-
-# ---------------------------------------------------------------------------------------------------
-# a corpus sampled from the model
-# ---------------------------------------------------------------------------------------------------
-def sample_corpus(
-    model: ModelLike,
-    n_texts: int = 1000,
-    max_new_tokens: int = 256,
-    *,
-    prompts: Sequence[str] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 128,
-    seed: int = 0,
-) -> list[str]:
-    """Sample texts from the (unsteered) model, as a training corpus for :func:`train`.
-
-    Small models often come with little real text; an SAE trained on the model's own samples sees
-    the activation distribution the model produces, and real text can then be kept for evaluation.
-    Each batch is sampled with seed ``seed + batch_index`` (reproducible on one device).
-
-    Args:
-        model: a HookedTransformer with a tokenizer, or a SteeredTransformer (sampled with its
-            vectors off).
-        n_texts: number of texts.
-        max_new_tokens: tokens per text (stops earlier at EOS).
-        prompts: prompts cycled over the texts (default: the empty prompt, i.e. BOS only, which
-            samples whole stories).
-        temperature: softmax temperature.
-        top_p: nucleus-sampling mass.
-        batch_size: texts sampled in parallel.
-        seed: base seed.
-
-    Returns:
-        ``n_texts`` strings (prompt + completion).
-
-    Raises:
-        ConfigError: bad counts, or a model without tokenizer.
-        SequenceTooLongError: ``max_new_tokens`` plus prompt exceeds ``n_ctx``.
-    """
-    from steer_lens.steering import SteeredTransformer
-
-    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
-        raise ConfigError(f"n_texts: expected a positive integer, got {n_texts!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}.")
-    if isinstance(model, SteeredTransformer):
-        steered = model
-        base = model.model
-    else:
-        base = model
-        if getattr(base, "tokenizer", None) is None:
-            raise ConfigError("sample_corpus needs a model with a tokenizer.")
-        flags = [p.requires_grad for p in base.parameters()]
-        steered = SteeredTransformer(base, hooks=["blocks.0.hook_resid_pre"])
-        for p, f in zip(base.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-    prompts = list(prompts) if prompts is not None else [""]
-    if not prompts:
-        raise EmptyInputError("prompts: got an empty list; pass at least one prompt or None.")
-    out: list[str] = []
-    i = 0
-    with steered.disabled():
-        while len(out) < n_texts:
-            b = min(batch_size, n_texts - len(out))
-            batch_prompts = [prompts[(len(out) + j) % len(prompts)] for j in range(b)]
-            texts = steered.sample(
-                batch_prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i
-            ).texts()
-            out.extend(texts or [])
-            i += 1
-    return out

@@ -1,0 +1,296 @@
+"""The batched sweep of activation patching: many patched sites per forward pass.
+
+:func:`_sweep` runs the clean input once (caching only the patched hooks), then the corrupted batch
+repeated along the batch dimension, copy ``s`` patching site ``s``; :class:`_Runner` starts each pass
+at the patched block from the corrupted run's cached block input and, for last-position metrics,
+computes only the positions a site can change. :func:`_finish` reads every value back to the host
+once. See :mod:`steer_lens.patching.activation` for the method and its references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, MetricError
+from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
+from steer_lens.patching.results import PatchResult
+from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# the runner: forward passes that may start at a block
+# ---------------------------------------------------------------------------------------------------
+class _Runner:
+    """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix.
+
+    * ``prefix``: start at block ``l`` from the corrupted run's input to that block.
+    * ``last_only``: the metric reads the last position only: unembed it alone.
+    * ``suffix``: (with ``last_only``) a site at position ``p`` cannot change positions ``< p`` (causal
+      attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
+      keys and values of the earlier positions through a frozen key/value cache.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokens: Tensor,
+        hooks: list,
+        *,
+        share_prefix: bool = True,
+        last_only: bool = False,
+    ) -> None:
+        from transformer_lens import HookedTransformer
+
+        self.model = model
+        self.tokens = tokens
+        self.hooks = hooks
+        self.prefix = (
+            share_prefix
+            and isinstance(model, HookedTransformer)
+            and getattr(model.cfg, "positional_embedding_type", "") != "shortformer"
+        )
+        self.last_only = last_only and self.prefix
+        self.suffix = self.last_only and getattr(model.cfg, "positional_embedding_type", "") in (
+            "standard",
+            "rotary",
+        )
+        self.block_inputs: dict[int, Tensor] = {}
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.attention_mask: Tensor | None = None
+
+    def corrupted_run(self, layers: Sequence[int]) -> Tensor:
+        """Logits of the corrupted run; records the input of each block in ``layers`` (and keys/values)."""
+        capture, after = [], []
+        if self.prefix:
+
+            def save(act, hook, store, layer):
+                store[layer] = act.detach()
+
+            capture = [
+                (f"blocks.{layer}.hook_resid_pre", _partial(save, store=self.block_inputs, layer=layer))
+                for layer in sorted(set(layers))
+            ]
+            if self.suffix:
+                for i in range(min(layers), int(self.model.cfg.n_layers)):
+                    after.append((f"blocks.{i}.attn.hook_k", _partial(save, store=self.keys, layer=i)))
+                    after.append((f"blocks.{i}.attn.hook_v", _partial(save, store=self.values, layer=i)))
+            self.attention_mask = self.model.input_to_embed(self.tokens)[3]
+        # block inputs are captured first (the raw input), keys/values last (what attention used)
+        with self.model.hooks(fwd_hooks=capture + list(self.hooks) + after):
+            return self.model(self.tokens)
+
+    def _cache(self, layer: int, n_copies: int, p0: int):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        def rep(t: Tensor) -> Tensor:
+            return t[:, :p0].repeat(n_copies, *[1] * (t.ndim - 1))
+
+        entries = [
+            TransformerLensKeyValueCacheEntry(
+                past_keys=rep(self.keys[i]), past_values=rep(self.values[i]), frozen=True
+            )
+            if i >= layer
+            else None
+            for i in range(int(self.model.cfg.n_layers))
+        ]
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
+        return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=rep(mask), frozen=True)
+
+    def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0) -> Tensor:
+        """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on.
+
+        With ``p0 > 0`` (suffix mode) only positions ``>= p0`` are computed and the logits are those
+        of the last position.
+        """
+        with self.model.hooks(fwd_hooks=list(self.hooks) + hooks):
+            if not self.prefix:
+                return self.model(self.tokens.repeat(n_copies, 1))
+            x = self.block_inputs[layer]
+            mask = self.attention_mask
+            cache = None
+            if p0 > 0:
+                cache = self._cache(layer, n_copies, p0)
+                x = x[:, p0:]
+                if mask is not None:  # the full mask: cached positions and the suffix
+                    mask = mask.repeat(n_copies, 1)
+            elif mask is not None:
+                mask = mask.repeat(n_copies, 1)
+            x = x.repeat(n_copies, *[1] * (x.ndim - 1))
+            if not self.last_only:
+                return self.model(x, start_at_layer=layer, attention_mask=mask)
+            n_layers = int(self.model.cfg.n_layers)
+            resid = self.model(
+                x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask, past_kv_cache=cache
+            )
+            return self.model(resid[:, -1:], start_at_layer=n_layers)  # no blocks: norm, unembed, softcap
+
+
+def _partial(fn: Callable, **kw):
+    def wrapped(act, hook):
+        return fn(act, hook, **kw)
+
+    return wrapped
+
+
+def _bytes_per_sequence(model, pos: int) -> int:
+    cfg = model.cfg
+    el = torch.finfo(getattr(cfg, "dtype", torch.float32)).bits // 8
+    d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * cfg.d_model)
+    per_tok = 2 * cfg.d_vocab + 3 * d_mlp + 10 * cfg.d_model + 3 * cfg.n_heads * pos
+    return int(el * pos * per_tok)
+
+
+def _chunk(model, pos: int, batch: int, max_batch: int | None, memory_budget: int) -> int:
+    """Number of patched copies per forward pass."""
+    if max_batch is None:
+        max_batch = max(batch, memory_budget // max(1, _bytes_per_sequence(model, pos)))
+    if max_batch < batch:
+        raise ConfigError(
+            f"max_batch: expected at least the batch size ({batch}) so one patched copy fits, got {max_batch}."
+        )
+    return max(1, max_batch // batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------------------------------
+def _capture_clean(
+    model, tokens: Tensor, names: Sequence[str], hooks: list
+) -> tuple[Tensor, dict[str, Tensor]]:
+    acts: dict[str, Tensor] = {}
+
+    def save(act, hook):
+        acts[hook.name] = act.detach()
+
+    with model.hooks(fwd_hooks=list(hooks) + [(n, save) for n in names]):  # after steering hooks
+        logits = model(tokens)
+    return logits, acts
+
+
+def _sweep(
+    model,
+    plan: _Plan,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: MetricFn | Metric,
+    *,
+    clean_hooks: list,
+    corrupted_hooks: list,
+    max_batch: int | None,
+    memory_budget: int,
+    align: Tensor | None,
+    share_prefix: bool,
+    progress: bool,
+    position_groups: int | None = None,
+    max_copies: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
+    batch, pos = corrupted_tokens.shape
+    with torch.no_grad():
+        clean_logits, clean_acts = _capture_clean(model, clean_tokens, list(plan.names.values()), clean_hooks)
+        runner = _Runner(
+            model,
+            corrupted_tokens,
+            corrupted_hooks,
+            share_prefix=share_prefix,
+            last_only=bool(getattr(metric, "last_position_only", False)),
+        )
+        corrupted_logits = runner.corrupted_run(plan.layers)
+        clean_m = call_metric(metric, clean_logits)
+        corrupted_m = call_metric(metric, corrupted_logits)
+        del clean_logits, corrupted_logits
+        if align is not None:
+            dim = 1 if plan.kind != "pattern" else None
+            for n in clean_acts:
+                clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
+        copies = min(
+            _chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites, max_copies or plan.n_sites
+        )
+        out: list[Tensor] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
+        site_pos = torch.tensor(plan.site_positions())
+        if position_groups is None:  # split only sweeps large enough to keep passes >= 64 sequences
+            position_groups = min(6, plan.n_sites * batch // 64)
+        suffix = runner.suffix and "pos" in plan.by and position_groups > 1
+        if suffix:  # several passes per layer, each over the positions from its earliest site on
+            n_pos = len(plan.index["pos"])
+            copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
+        # sites ordered by position, so that each pass starts as late as its earliest site allows
+        order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
+        pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
+        for layer in plan.layers:
+            name = plan.names[layer]
+            clean = clean_acts[name]
+            layer_out = []
+            for start in range(0, plan.n_sites, copies):
+                sites = order[start : start + copies]
+                n = sites.shape[0]
+                m = plan.mask(sites, clean.shape, clean.device)
+                p0 = int(site_pos[sites[0]]) if suffix else 0
+                src = clean
+                if p0 > 0:  # activations hold positions >= p0 only
+                    m = m.narrow(pos_dim + 1, p0, m.shape[pos_dim + 1] - p0)
+                    src = clean.narrow(pos_dim, p0, clean.shape[pos_dim] - p0)
+
+                def patch(act, hook, m=m, src=src, n=n):
+                    a = act.view(n, act.shape[0] // n, *act.shape[1:])
+                    return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
+
+                logits = runner.run(layer, n, [(name, patch)], p0=p0)
+                layer_out.append(evaluate_metric(metric, logits, n))
+                del logits
+                if bar is not None:
+                    bar.update(n)
+            vals = torch.cat(layer_out)
+            out.append(
+                vals if not suffix else torch.empty_like(vals).index_copy_(0, order.to(vals.device), vals)
+            )
+        if bar is not None:
+            bar.close()
+        values = torch.cat(out).view(len(plan.layers), *plan.grid)
+    return values, clean_m, corrupted_m
+
+
+def _finish(
+    values: Tensor,
+    clean_m: Tensor,
+    corrupted_m: Tensor,
+    *,
+    plan: _Plan,
+    model,
+    tokens: Tensor,
+    kind: str,
+    metric,
+) -> PatchResult:
+    # one read-back for everything
+    flat = torch.cat(
+        [values.reshape(-1).double(), clean_m.reshape(1).double(), corrupted_m.reshape(1).double()]
+    )
+    host = flat.cpu()
+    if not torch.isfinite(host).all():
+        raise MetricError(
+            "metric returned NaN or inf for some patched runs (or the clean/corrupted run). Fix: make the "
+            "metric finite, e.g. use log-probabilities instead of log of probabilities that can be 0."
+        )
+    vals = host[:-2].view(values.shape).to(values.dtype)
+    return PatchResult(
+        values=vals,
+        axes=plan.by,
+        labels=_labels(model, plan, tokens),
+        hook=plan.hook,
+        kind=kind,
+        metric_name=getattr(metric, "name", getattr(metric, "__name__", "metric")),
+        clean_metric=float(host[-2]),
+        corrupted_metric=float(host[-1]),
+    )
