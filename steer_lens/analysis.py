@@ -557,12 +557,9 @@ def sampled_rate(
         EmptyInputError: no prompts.
         RewardError: the reward failed (see :func:`steer_lens.train.rewards.score`).
     """
+    from steer_lens.generation import repeat_prompts
     from steer_lens.train.rewards import score
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = [p for p in prompts for _ in range(n_samples)]
-    if not prompts:
-        raise EmptyInputError("prompts: got none; give at least one prompt.")
+    prompts = repeat_prompts(prompts, n_samples)
     gen = steered.sample(prompts, max_new_tokens, temperature=temperature, seed=seed)
     return float(score(reward, prompts, gen.completions).mean())

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, SequenceTooLongError
 
-__all__ = ["Generation", "new_kv_cache", "pick_next_token", "sample_tokens"]
+__all__ = ["Generation", "new_kv_cache", "pick_next_token", "repeat_prompts", "sample_tokens"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,27 @@ def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: 
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def repeat_prompts(prompts: str | Sequence[str] | Tensor, n_samples: int) -> list[str] | Tensor:
+    """Each prompt ``n_samples`` times in a row (texts, or token-id rows ``[batch, pos]``), for sampling.
+
+    Raises:
+        EmptyInputError: no prompts (or an empty token tensor).
+    """
+    from steer_lens.errors import EmptyInputError
+
+    if isinstance(prompts, Tensor):
+        rows = (prompts if prompts.ndim == 2 else prompts[None]).repeat_interleave(n_samples, dim=0)
+        if rows.numel() == 0:
+            raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
+        return rows
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = [p for p in prompts for _ in range(n_samples)]
+    if not out:
+        raise EmptyInputError("prompts: got none; give at least one prompt.")
+    return out
 
 
 def new_kv_cache(model, batch: int, device):

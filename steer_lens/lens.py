@@ -446,16 +446,9 @@ def generation_shift(
     Raises:
         EmptyInputError: no prompts.
     """
-    if isinstance(prompts, Tensor):
-        prompts = (prompts if prompts.ndim == 2 else prompts[None]).repeat_interleave(n_samples, dim=0)
-        if prompts.numel() == 0:
-            raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
-    else:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = [p for p in prompts for _ in range(n_samples)]
-        if not prompts:
-            raise EmptyInputError("prompts: got none; give at least one prompt.")
+    from steer_lens.generation import repeat_prompts
+
+    prompts = repeat_prompts(prompts, n_samples)
     gen = steered.sample(prompts, max_new_tokens, seed=seed, temperature=temperature)
     P = gen.prompt_len
     plens = [P] * gen.tokens.shape[0]  # so positions="prompt"/"generated" act as during sampling
