@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
+from steer_lens.models import matmul_layout
 from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching.results import PatchResult
 from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan
@@ -63,7 +64,8 @@ class _Runner:
         self.attention_mask: Tensor | None = None
 
     def corrupted_run(self, layers: Sequence[int]) -> Tensor:
-        """Logits of the corrupted run; records the input of each block in ``layers`` (and keys/values)."""
+        """Logits of the corrupted run (``last_only``: its final residual at the last position, before
+        the final norm); records the input of each block in ``layers`` (and keys/values)."""
         capture, after = [], []
         if self.prefix:
 
@@ -81,7 +83,15 @@ class _Runner:
             self.attention_mask = self.model.input_to_embed(self.tokens)[3]
         # block inputs are captured first (the raw input), keys/values last (what attention used)
         with self.model.hooks(fwd_hooks=capture + list(self.hooks) + after):
+            if self.last_only:
+                n_layers = int(self.model.cfg.n_layers)
+                return self.model(self.tokens, stop_at_layer=n_layers)[:, -1:]
             return self.model(self.tokens)
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        """Logits ``[rows, 1, d_vocab]`` of final residuals (final norm and unembedding, under the hooks)."""
+        with self.model.hooks(fwd_hooks=list(self.hooks)):
+            return self.model(resid, start_at_layer=int(self.model.cfg.n_layers))
 
     def _cache(self, layer: int, n_copies: int, p0: int):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -106,8 +116,10 @@ class _Runner:
     def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0) -> Tensor:
         """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on.
 
-        With ``p0 > 0`` (suffix mode) only positions ``>= p0`` are computed and the logits are those
-        of the last position.
+        With ``last_only`` the final residual ``[n_copies * batch, 1, d_model]`` at the last position is
+        returned instead (see :meth:`unembed`): TransformerLens's unembedding copies ``W_U`` on every
+        call, so the sweep unembeds all passes together. With ``p0 > 0`` (suffix mode) only positions
+        ``>= p0`` are computed.
         """
         with self.model.hooks(fwd_hooks=list(self.hooks) + hooks):
             if not self.prefix:
@@ -129,7 +141,7 @@ class _Runner:
             resid = self.model(
                 x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask, past_kv_cache=cache
             )
-            return self.model(resid[:, -1:], start_at_layer=n_layers)  # no blocks: norm, unembed, softcap
+            return resid[:, -1:]  # final norm and unembedding later, for all passes at once (`unembed`)
 
 
 def _partial(fn: Callable, **kw):
@@ -162,16 +174,34 @@ def _chunk(model, pos: int, batch: int, max_batch: int | None, memory_budget: in
 # the sweep
 # ---------------------------------------------------------------------------------------------------
 def _capture_clean(
-    model, tokens: Tensor, names: Sequence[str], hooks: list
+    model, tokens: Tensor, names: Sequence[str], hooks: list, last_only: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clean logits (``last_only``: at the last position only) and the activations at ``names``."""
     acts: dict[str, Tensor] = {}
 
     def save(act, hook):
         acts[hook.name] = act.detach()
 
     with model.hooks(fwd_hooks=list(hooks) + [(n, save) for n in names]):  # after steering hooks
-        logits = model(tokens)
-    return logits, acts
+        if not last_only:
+            return model(tokens), acts
+        n_layers = int(model.cfg.n_layers)
+        resid = model(tokens, stop_at_layer=n_layers)[:, -1:]
+        return model(resid, start_at_layer=n_layers), acts
+
+
+def _unembed_metric(
+    runner: _Runner, metric, rows: list[Tensor], batch: int, memory_budget: int
+) -> Tensor:
+    """Metric of each copy from final residuals ``[copies * batch, 1, d_model]`` (chunks to the budget)."""
+    resid = torch.cat(rows)
+    per_row = 3 * int(runner.model.cfg.d_vocab) * resid.element_size()  # logits + log-softmax + slack
+    step = max(1, memory_budget // per_row // batch) * batch
+    out = []
+    for start in range(0, resid.shape[0], step):
+        chunk = resid[start : start + step]
+        out.append(evaluate_metric(metric, runner.unembed(chunk), chunk.shape[0] // batch))
+    return torch.cat(out)
 
 
 def _sweep(
@@ -193,8 +223,7 @@ def _sweep(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
     batch, pos = corrupted_tokens.shape
-    with torch.no_grad():
-        clean_logits, clean_acts = _capture_clean(model, clean_tokens, list(plan.names.values()), clean_hooks)
+    with torch.no_grad(), matmul_layout(model):
         runner = _Runner(
             model,
             corrupted_tokens,
@@ -202,10 +231,19 @@ def _sweep(
             share_prefix=share_prefix,
             last_only=bool(getattr(metric, "last_position_only", False)),
         )
-        corrupted_logits = runner.corrupted_run(plan.layers)
+        last_only = runner.last_only
+        clean_logits, clean_acts = _capture_clean(
+            model, clean_tokens, list(plan.names.values()), clean_hooks, last_only
+        )
         clean_m = call_metric(metric, clean_logits)
-        corrupted_m = call_metric(metric, corrupted_logits)
-        del clean_logits, corrupted_logits
+        del clean_logits
+        corrupted = runner.corrupted_run(plan.layers)
+        rows: list[Tensor] = []  # last_only: final residuals, unembedded together at the end
+        if last_only:
+            rows.append(corrupted)
+        else:
+            corrupted_m = call_metric(metric, corrupted)
+        del corrupted
         if align is not None:
             dim = 1 if plan.kind != "pattern" else None
             for n in clean_acts:
@@ -220,8 +258,8 @@ def _sweep(
 
             bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
         site_pos = torch.tensor(plan.site_positions())
-        if position_groups is None:  # split only sweeps large enough to keep passes >= 64 sequences
-            position_groups = min(6, plan.n_sites * batch // 64)
+        if position_groups is None:  # up to 6 passes per layer, each of >= ~12 sequences (measured on CPU)
+            position_groups = min(6, plan.n_sites * batch // 12)
         suffix = runner.suffix and "pos" in plan.by and position_groups > 1
         if suffix:  # several passes per layer, each over the positions from its earliest site on
             n_pos = len(plan.index["pos"])
@@ -247,17 +285,25 @@ def _sweep(
                     a = act.view(n, act.shape[0] // n, *act.shape[1:])
                     return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
 
-                logits = runner.run(layer, n, [(name, patch)], p0=p0)
-                layer_out.append(evaluate_metric(metric, logits, n))
-                del logits
+                out_n = runner.run(layer, n, [(name, patch)], p0=p0)
+                if last_only:
+                    rows.append(out_n)
+                else:
+                    layer_out.append(evaluate_metric(metric, out_n, n))
+                del out_n
                 if bar is not None:
                     bar.update(n)
-            vals = torch.cat(layer_out)
-            out.append(
-                vals if not suffix else torch.empty_like(vals).index_copy_(0, order.to(vals.device), vals)
-            )
+            if not last_only:
+                out.append(torch.cat(layer_out))
         if bar is not None:
             bar.close()
+        if last_only:
+            vals = _unembed_metric(runner, metric, rows, batch, memory_budget)
+            corrupted_m, vals = vals[0], vals[1:]
+            out = list(vals.view(len(plan.layers), plan.n_sites))
+        if suffix:  # back from position order to site order
+            idx = order.to(out[0].device)
+            out = [torch.empty_like(v).index_copy_(0, idx, v) for v in out]
         values = torch.cat(out).view(len(plan.layers), *plan.grid)
     return values, clean_m, corrupted_m
 
