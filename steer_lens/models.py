@@ -359,7 +359,7 @@ _LAYOUTS = {
 
 
 @contextmanager
-def matmul_layout(model: HookedModel) -> Iterator[HookedModel]:
+def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[HookedModel]:
     """Within the block, store the attention and unembedding weights in the memory order of their matmul.
 
     TransformerLens 3.x rearranges ``W_Q``/``W_K``/``W_V`` (``"head d_model d_head -> (head d_head)
@@ -380,6 +380,8 @@ def matmul_layout(model: HookedModel) -> Iterator[HookedModel]:
 
     Args:
         model: a ``HookedTransformer`` (anything else is yielded unchanged).
+        unembed: also lay out ``W_U`` (one 100 MiB copy on entry for a 50k vocabulary: leave it out
+            when the block does not run the full unembedding).
 
     Yields:
         the same model.
@@ -392,6 +394,8 @@ def matmul_layout(model: HookedModel) -> Iterator[HookedModel]:
         with torch.no_grad():
             for module in model.modules() if isinstance(model, torch.nn.Module) else ():
                 for attr, order in _LAYOUTS.items():
+                    if attr == "W_U" and not unembed:
+                        continue
                     param = module._parameters.get(attr) if hasattr(module, "_parameters") else None
                     if param is None or param.ndim != len(order):
                         continue

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens.errors import MetricError, ShapeMismatchError
+from steer_lens.errors import ConfigError, MetricError, ShapeMismatchError
 
 __all__ = ["Metric", "MetricFn", "kl_to", "logit_diff", "logprob", "prob_change", "evaluate_metric"]
 
@@ -41,8 +41,16 @@ class Metric:
         units: ``"logits"``, ``"nats"`` or ``"probability"``.
         last_position_only: the metric reads only the logits at the last position, so sweeps may
             compute the final norm and unembedding there only (the largest saving for big vocabularies).
+        columns: the vocabulary entries whose *raw* logits are all the metric reads (sorted unique
+            token ids ``[n_columns]``; no softmax over the vocabulary). With ``on_columns`` it lets the
+            sweeps unembed these columns only (``x @ W_U[:, columns]``) instead of the full vocabulary.
+        on_columns: the same metric as a function of the column logits ``[batch, pos, n_columns]``
+            (column ``j`` holds token ``columns[j]``); required with ``columns``.
 
     Calling the metric returns the mean over the batch (a 0-dim tensor), like a TransformerLens metric.
+
+    Raises:
+        ConfigError: ``columns`` without ``on_columns`` or the other way round.
     """
 
     def __init__(
@@ -52,11 +60,24 @@ class Metric:
         name: str,
         units: str,
         last_position_only: bool = False,
+        columns: Int[Tensor, " n_columns"] | None = None,
+        on_columns: Callable[[Float[Tensor, "batch pos n_columns"]], Float[Tensor, " batch"]] | None = None,
     ) -> None:
+        if (columns is None) != (on_columns is None):
+            raise ConfigError(
+                "Metric: columns and on_columns go together (the token ids read, and the metric as a "
+                "function of their logits). Fix: give both, or neither."
+            )
         self._per_sequence = per_sequence
         self.name = name
         self.units = units
         self.last_position_only = bool(last_position_only)
+        self.columns = columns
+        self.on_columns = (
+            None
+            if on_columns is None
+            else Metric(on_columns, name=name, units=units, last_position_only=last_position_only)
+        )
 
     def per_sequence(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """The metric of each sequence, ``[batch]``."""
@@ -129,13 +150,25 @@ def logit_diff(
     """
     c, w = _as_ids(correct, "correct"), _as_ids(wrong, "wrong")
 
-    def per_seq(logits: Tensor) -> Tensor:
-        lg = _pos_logits(logits, pos)
-        n = lg.shape[0]
-        rows = torch.arange(n, device=lg.device)
-        return lg[rows, _tile(c, n, "correct", lg.device)] - lg[rows, _tile(w, n, "wrong", lg.device)]
+    def make(c: Tensor, w: Tensor) -> Callable[[Tensor], Tensor]:
+        def per_seq(logits: Tensor) -> Tensor:
+            lg = _pos_logits(logits, pos)
+            n = lg.shape[0]
+            rows = torch.arange(n, device=lg.device)
+            return lg[rows, _tile(c, n, "correct", lg.device)] - lg[rows, _tile(w, n, "wrong", lg.device)]
 
-    return Metric(per_seq, name="logit_diff", units="logits", last_position_only=_is_last(pos))
+        return per_seq
+
+    # the metric reads two raw logits per sequence: sweeps may unembed these columns only
+    columns = torch.unique(torch.cat([c.reshape(-1), w.reshape(-1)]))
+    return Metric(
+        make(c, w),
+        name="logit_diff",
+        units="logits",
+        last_position_only=_is_last(pos),
+        columns=columns,
+        on_columns=make(torch.searchsorted(columns, c), torch.searchsorted(columns, w)),
+    )
 
 
 def logprob(

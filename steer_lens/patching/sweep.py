@@ -88,10 +88,9 @@ class _Runner:
                 return self.model(self.tokens, stop_at_layer=n_layers)[:, -1:]
             return self.model(self.tokens)
 
-    def unembed(self, resid: Tensor) -> Tensor:
-        """Logits ``[rows, 1, d_vocab]`` of final residuals (final norm and unembedding, under the hooks)."""
-        with self.model.hooks(fwd_hooks=list(self.hooks)):
-            return self.model(resid, start_at_layer=int(self.model.cfg.n_layers))
+    def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Logits ``[rows, 1, d_vocab]`` (or ``[rows, 1, n_columns]``) of final residuals, under the hooks."""
+        return _final_logits(self.model, resid, self.hooks, columns)
 
     def _cache(self, layer: int, n_copies: int, p0: int):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -173,10 +172,57 @@ def _chunk(model, pos: int, batch: int, max_batch: int | None, memory_budget: in
 # ---------------------------------------------------------------------------------------------------
 # the sweep
 # ---------------------------------------------------------------------------------------------------
+def _final_logits(model, resid: Tensor, hooks: list, columns: Tensor | None) -> Tensor:
+    """Final norm and unembedding of residuals ``[rows, pos, d_model]`` under ``hooks``.
+
+    With ``columns`` only those vocabulary entries are computed (``ln_final``, ``unembed.hook_in``,
+    then ``x @ W_U[:, columns] + b_U[columns]``): ``[rows, pos, n_columns]``.
+    """
+    n_layers = int(model.cfg.n_layers)
+    with model.hooks(fwd_hooks=list(hooks)):
+        if columns is None:
+            return model(resid, start_at_layer=n_layers)
+        x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+        x = model.unembed.hook_in(x)
+        w_u = model.unembed.W_U
+        cols = columns.to(w_u.device)
+        logits = x @ w_u[:, cols].to(x.dtype)
+        b_u = getattr(model.unembed, "b_U", None)
+        return logits if b_u is None else logits + b_u[cols].to(x.dtype)
+
+
+def _metric_columns(model, metric, last_only: bool, hook_lists: Sequence[list]) -> Tensor | None:
+    """The vocabulary columns a last-position sweep may restrict the unembedding to, or None.
+
+    Only for a :class:`Metric` that declares ``columns`` (e.g. ``logit_diff``), on a model without
+    logit soft-capping, and when no hook of the run sits on the unembedding (it would see a column slice).
+    """
+    columns = getattr(metric, "columns", None)
+    if not last_only or columns is None or getattr(metric, "on_columns", None) is None:
+        return None
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        return None
+    if any(str(name).startswith("unembed") for hooks in hook_lists for name, _ in hooks):
+        return None
+    if columns.numel() and (int(columns.min()) < 0 or int(columns.max()) >= int(model.cfg.d_vocab)):
+        raise MetricError(
+            f"metric {getattr(metric, 'name', metric)}: token ids {columns.tolist()} outside the vocabulary "
+            f"[0, {int(model.cfg.d_vocab)}). Fix: build the metric from this model's token ids."
+        )
+    return columns
+
+
 def _capture_clean(
-    model, tokens: Tensor, names: Sequence[str], hooks: list, last_only: bool = False
+    model,
+    tokens: Tensor,
+    names: Sequence[str],
+    hooks: list,
+    last_only: bool = False,
+    columns: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clean logits (``last_only``: at the last position only) and the activations at ``names``."""
+    """Clean logits (``last_only``: at the last position only; ``columns``: those only) and the
+    activations at ``names``."""
     acts: dict[str, Tensor] = {}
 
     def save(act, hook):
@@ -185,22 +231,24 @@ def _capture_clean(
     with model.hooks(fwd_hooks=list(hooks) + [(n, save) for n in names]):  # after steering hooks
         if not last_only:
             return model(tokens), acts
-        n_layers = int(model.cfg.n_layers)
-        resid = model(tokens, stop_at_layer=n_layers)[:, -1:]
-        return model(resid, start_at_layer=n_layers), acts
+        resid = model(tokens, stop_at_layer=int(model.cfg.n_layers))[:, -1:]
+    return _final_logits(model, resid, hooks, columns), acts
 
 
 def _unembed_metric(
-    runner: _Runner, metric, rows: list[Tensor], batch: int, memory_budget: int
+    runner: _Runner, metric, rows: list[Tensor], batch: int, memory_budget: int, columns: Tensor | None
 ) -> Tensor:
     """Metric of each copy from final residuals ``[copies * batch, 1, d_model]`` (chunks to the budget)."""
     resid = torch.cat(rows)
-    per_row = 3 * int(runner.model.cfg.d_vocab) * resid.element_size()  # logits + log-softmax + slack
+    width = int(runner.model.cfg.d_vocab) if columns is None else columns.numel()
+    per_row = 3 * width * resid.element_size()  # logits + log-softmax + slack
     step = max(1, memory_budget // per_row // batch) * batch
+    if columns is not None:
+        metric = metric.on_columns
     out = []
     for start in range(0, resid.shape[0], step):
         chunk = resid[start : start + step]
-        out.append(evaluate_metric(metric, runner.unembed(chunk), chunk.shape[0] // batch))
+        out.append(evaluate_metric(metric, runner.unembed(chunk, columns), chunk.shape[0] // batch))
     return torch.cat(out)
 
 
@@ -223,19 +271,20 @@ def _sweep(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
     batch, pos = corrupted_tokens.shape
-    with torch.no_grad(), matmul_layout(model):
-        runner = _Runner(
-            model,
-            corrupted_tokens,
-            corrupted_hooks,
-            share_prefix=share_prefix,
-            last_only=bool(getattr(metric, "last_position_only", False)),
-        )
-        last_only = runner.last_only
+    runner = _Runner(
+        model,
+        corrupted_tokens,
+        corrupted_hooks,
+        share_prefix=share_prefix,
+        last_only=bool(getattr(metric, "last_position_only", False)),
+    )
+    last_only = runner.last_only
+    columns = _metric_columns(model, metric, last_only, [clean_hooks, corrupted_hooks])
+    with torch.no_grad(), matmul_layout(model, unembed=columns is None):
         clean_logits, clean_acts = _capture_clean(
-            model, clean_tokens, list(plan.names.values()), clean_hooks, last_only
+            model, clean_tokens, list(plan.names.values()), clean_hooks, last_only, columns
         )
-        clean_m = call_metric(metric, clean_logits)
+        clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
         del clean_logits
         corrupted = runner.corrupted_run(plan.layers)
         rows: list[Tensor] = []  # last_only: final residuals, unembedded together at the end
@@ -298,7 +347,7 @@ def _sweep(
         if bar is not None:
             bar.close()
         if last_only:
-            vals = _unembed_metric(runner, metric, rows, batch, memory_budget)
+            vals = _unembed_metric(runner, metric, rows, batch, memory_budget, columns)
             corrupted_m, vals = vals[0], vals[1:]
             out = list(vals.view(len(plan.layers), plan.n_sites))
         if suffix:  # back from position order to site order
