@@ -109,36 +109,46 @@ def test_prefix_sharing_and_chunking_do_not_change_values(tiny_model):
 
 
 def test_position_grouped_passes_equal_transformer_lens():
-    """Large by-position sweeps run in passes over positions >= p0 against cached keys/values."""
+    """Large by-position sweeps run in passes over positions >= p0 against cached keys/values; sites
+    local to their position (z, pattern, resid_mid, attn_out, q ...) run their own block on p0..p1 only."""
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
     from steer_lens.patching import activation
 
-    model = sl.random_model("llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    model = sl.random_model("llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
     clean, corrupted = _pair(53, pos=16, seed=14)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     _, cache = model.run_with_cache(clean)
-    starts = []
+    calls = []
     run = activation._Runner.run
 
-    def spy(self, layer, n, hooks, p0=0):
-        starts.append(p0)
-        return run(self, layer, n, hooks, p0=p0)
+    def spy(self, layer, n, hooks, p0=0, p1=None):
+        calls.append((p0, p1 is not None and self.local_ok(layer, p1)))
+        return run(self, layer, n, hooks, p0=p0, p1=p1)
 
+    cases = [
+        ("z", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_out_by_pos),
+        ("q", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_q_by_pos),
+        ("v", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_v_by_pos),
+        ("pattern", ("layer", "head", "pos"), tlp.get_act_patch_attn_head_pattern_by_pos),
+        ("resid_mid", None, tlp.get_act_patch_resid_mid),
+        ("attn_out", None, tlp.get_act_patch_attn_out),
+        ("mlp_out", None, tlp.get_act_patch_mlp_out),
+        ("resid_pre", None, tlp.get_act_patch_resid_pre),
+    ]
     activation._Runner.run = spy
     try:
-        res = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
-        pat = sl.patching.activation_patch(
-            model, clean, corrupted, metric, "pattern", by=("layer", "head", "pos")
-        )
+        results = [
+            sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+            for hook, by, _ in cases
+        ]
     finally:
         activation._Runner.run = run
-    assert max(starts) > 0  # some passes started after position 0
-    ref = tlp.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
-    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
-    ref = tlp.get_act_patch_attn_head_pattern_by_pos(model, corrupted, cache, metric)
-    torch.testing.assert_close(pat.values, ref, atol=ATOL, rtol=0)
+    assert any(p0 > 0 for p0, _ in calls)  # some passes started after position 0
+    assert any(local for _, local in calls)  # and some ran their block on p0..p1 only
+    for (hook, _, tl_fn), values in zip(cases, results, strict=True):
+        torch.testing.assert_close(values, tl_fn(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook)
 
 
 def test_properties_self_patch_and_whole_layer(tiny_model):

@@ -167,7 +167,7 @@ def logit_diff(
         units="logits",
         last_position_only=_is_last(pos),
         columns=columns,
-        on_columns=make(torch.searchsorted(columns, c), torch.searchsorted(columns, w)),
+        on_columns=make(torch.searchsorted(columns, c.contiguous()), torch.searchsorted(columns, w.contiguous())),
     )
 
 

@@ -72,9 +72,10 @@ class _Runner:
             def save(act, hook, store, layer):
                 store[layer] = act.detach()
 
+            wanted = set(layers) | {i + 1 for i in layers if i + 1 < int(self.model.cfg.n_layers)}
             capture = [
                 (f"blocks.{layer}.hook_resid_pre", _partial(save, store=self.block_inputs, layer=layer))
-                for layer in sorted(set(layers))
+                for layer in sorted(wanted)
             ]
             if self.suffix:
                 for i in range(min(layers), int(self.model.cfg.n_layers)):
@@ -92,7 +93,7 @@ class _Runner:
         """Logits ``[rows, 1, d_vocab]`` (or ``[rows, 1, n_columns]``) of final residuals, under the hooks."""
         return _final_logits(self.model, resid, self.hooks, columns)
 
-    def _cache(self, layer: int, n_copies: int, p0: int):
+    def _cache(self, layer: int, n_copies: int, p0: int, stop: int | None = None):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -103,7 +104,7 @@ class _Runner:
             TransformerLensKeyValueCacheEntry(
                 past_keys=rep(self.keys[i]), past_values=rep(self.values[i]), frozen=True
             )
-            if i >= layer
+            if layer <= i < (stop or int(self.model.cfg.n_layers))
             else None
             for i in range(int(self.model.cfg.n_layers))
         ]
@@ -112,14 +113,19 @@ class _Runner:
             mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
         return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=rep(mask), frozen=True)
 
-    def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0) -> Tensor:
+    def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0, p1: int | None = None) -> Tensor:
         """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on.
 
         With ``last_only`` the final residual ``[n_copies * batch, 1, d_model]`` at the last position is
         returned instead (see :meth:`unembed`): TransformerLens's unembedding copies ``W_U`` on every
         call, so the sweep unembeds all passes together. With ``p0 > 0`` (suffix mode) only positions
-        ``>= p0`` are computed.
+        ``>= p0`` are computed. With ``p1`` (suffix mode, sites that change block ``layer``'s output at
+        their own position only, e.g. ``z``) block ``layer`` runs on positions ``p0..p1`` alone and the
+        later blocks take the corrupted run's block input for the positions after ``p1``.
         """
+        n_layers = int(self.model.cfg.n_layers)
+        if p1 is not None and self.local_ok(layer, p1):
+            return self._run_local(layer, n_copies, hooks, p0, p1)
         with self.model.hooks(fwd_hooks=list(self.hooks) + hooks):
             if not self.prefix:
                 return self.model(self.tokens.repeat(n_copies, 1))
@@ -136,11 +142,48 @@ class _Runner:
             x = x.repeat(n_copies, *[1] * (x.ndim - 1))
             if not self.last_only:
                 return self.model(x, start_at_layer=layer, attention_mask=mask)
-            n_layers = int(self.model.cfg.n_layers)
             resid = self.model(
                 x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask, past_kv_cache=cache
             )
             return resid[:, -1:]  # final norm and unembedding later, for all passes at once (`unembed`)
+
+    def local_ok(self, layer: int, p1: int) -> bool:
+        """Whether :meth:`run` with ``p1`` takes the position-local path."""
+        return self.suffix and layer + 1 < int(self.model.cfg.n_layers) and p1 + 1 < self.tokens.shape[1]
+
+    def _run_local(self, layer: int, n_copies: int, hooks: list, p0: int, p1: int) -> Tensor:
+        """:meth:`run` for sites local to their position: block ``layer`` on positions ``p0..p1`` only."""
+
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat(n_copies, *[1] * (t.ndim - 1))
+
+        n_layers = int(self.model.cfg.n_layers)
+        mask = self.attention_mask
+        with self.model.hooks(fwd_hooks=list(self.hooks) + hooks):
+            out = self.model(
+                rep(self.block_inputs[layer][:, p0 : p1 + 1]),
+                start_at_layer=layer,
+                stop_at_layer=layer + 1,
+                attention_mask=None if mask is None else rep(mask[:, : p1 + 1]),
+                past_kv_cache=self._cache(layer, n_copies, p0, stop=layer + 1) if p0 > 0 else None,
+            )
+            # positions after p1 leave block `layer` as in the corrupted run
+            x = torch.cat([out, rep(self.block_inputs[layer + 1][:, p1 + 1 :])], dim=1)
+            resid = self.model(
+                x,
+                start_at_layer=layer + 1,
+                stop_at_layer=n_layers,
+                attention_mask=None if mask is None else rep(mask),
+                past_kv_cache=self._cache(layer + 1, n_copies, p0) if p0 > 0 else None,
+            )
+        return resid[:, -1:]
+
+
+# hooks whose value at position p changes the output of its block at position p only (not resid_pre,
+# k, v: later positions of the same block read them through attention)
+_LOCAL_HOOKS = frozenset(
+    {"resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "result", "pattern", "attn_scores"}
+)
 
 
 def _partial(fn: Callable, **kw):
@@ -313,6 +356,8 @@ def _sweep(
         if suffix:  # several passes per layer, each over the positions from its earliest site on
             n_pos = len(plan.index["pos"])
             copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
+        # sites that change block `layer`'s output at their own position only
+        local = suffix and plan.hook in _LOCAL_HOOKS
         # sites ordered by position, so that each pass starts as late as its earliest site allows
         order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
         pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
@@ -325,16 +370,24 @@ def _sweep(
                 n = sites.shape[0]
                 m = plan.mask(sites, clean.shape, clean.device)
                 p0 = int(site_pos[sites[0]]) if suffix else 0
+                p1 = int(site_pos[sites[-1]]) if local else None
                 src = clean
-                if p0 > 0:  # activations hold positions >= p0 only
-                    m = m.narrow(pos_dim + 1, p0, m.shape[pos_dim + 1] - p0)
-                    src = clean.narrow(pos_dim, p0, clean.shape[pos_dim] - p0)
+                end = clean.shape[pos_dim]
+                if local and runner.local_ok(layer, p1):  # block `layer` runs on positions p0..p1
+                    end = p1 + 1
+                else:
+                    p1 = None
+                if p0 > 0 or end < clean.shape[pos_dim]:  # activations hold positions p0..end-1 only
+                    m = m.narrow(pos_dim + 1, p0, end - p0)
+                    src = clean.narrow(pos_dim, p0, end - p0)
+                    if plan.kind == "pattern" and end < src.shape[-1]:  # keys seen: positions < end
+                        src = src.narrow(-1, 0, end)
 
                 def patch(act, hook, m=m, src=src, n=n):
                     a = act.view(n, act.shape[0] // n, *act.shape[1:])
                     return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
 
-                out_n = runner.run(layer, n, [(name, patch)], p0=p0)
+                out_n = runner.run(layer, n, [(name, patch)], p0=p0, p1=p1)
                 if last_only:
                     rows.append(out_n)
                 else:
