@@ -596,3 +596,21 @@ def test_real_model_attribution_ranks_sites(real_model):
     est = sl.patching.attribution_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
     rho = spearmanr(exact.effect.reshape(-1), est.values.reshape(-1))[0]
     assert rho > 0.5
+
+
+def test_column_metric_equals_full_metric_and_bad_ids(tiny_model):
+    """logit_diff declares the two columns it reads; on those columns it gives the same values."""
+    import steer_lens as sl
+    from steer_lens.errors import ConfigError, MetricError
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, 53, generator=g)
+    metric = sl.patching.logit_diff(torch.tensor([9, 2, 9]), torch.tensor([4, 40, 2]))
+    assert metric.columns.tolist() == [2, 4, 9, 40]
+    sub = logits[..., metric.columns]
+    torch.testing.assert_close(metric.on_columns.per_sequence(sub), metric.per_sequence(logits), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="columns and on_columns"):
+        sl.patching.Metric(lambda x: x[:, -1, 0], name="m", units="logits", columns=torch.tensor([0]))
+    clean, corrupted = _pair(tiny_model.cfg.d_vocab, seed=8)
+    with pytest.raises(MetricError, match="outside the vocabulary"):
+        sl.patching.activation_patch(tiny_model, clean, corrupted, sl.patching.logit_diff(10**6, 1))
