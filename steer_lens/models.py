@@ -388,6 +388,13 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
 
     Raises:
         Nothing of its own; exceptions inside the block propagate after the weights are restored.
+
+    Example:
+        ```python
+        with torch.no_grad(), sl.models.matmul_layout(model):
+            for batch in batches:          # many small forward passes
+                logits = model(batch)      # same logits as without the block
+        ```
     """
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     try:

@@ -18,6 +18,13 @@ per site and reads the metric back to the host after each. Here:
   site at position ``p`` cannot change earlier positions (causal attention): large by-position
   sweeps are split into a few passes by position, each computing positions ``>= p0`` against the
   corrupted run's cached keys and values of the earlier ones.
+* **Sites local to their position** (``z``, ``q``, ``pattern``, ``resid_mid``, ``attn_out``, ...)
+  change their block's output at their own position only: their block runs on the pass's site
+  positions alone, and the next block takes the corrupted run's input for the later positions.
+* **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
+  and unembedding run for all passes together at the end, and for a metric that reads a few raw
+  logits (``logit_diff``: ``Metric.columns``) only those vocabulary columns are computed.
+* **No per-pass weight copies**: the sweep runs inside :func:`steer_lens.models.matmul_layout`.
 * **Only the patched hooks are cached**, and the metric of every copy is kept on the device and read
   back once at the end.
 

@@ -32,6 +32,7 @@ class _Runner:
     * ``suffix``: (with ``last_only``) a site at position ``p`` cannot change positions ``< p`` (causal
       attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
       keys and values of the earlier positions through a frozen key/value cache.
+    * ``p1`` (in :meth:`run`): sites local to their position run block ``l`` on ``p0..p1`` only.
     """
 
     def __init__(
