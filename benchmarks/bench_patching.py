@@ -9,7 +9,9 @@ For each model and sweep it times, on the same inputs and metric:
 * ``plain``: plain batched forward passes over the same number of sequences (``n_sites * batch``),
   in the same chunk sizes: the floor for exact patching without prefix sharing.
 
-and prints the speed-up ``TL / ours`` (goal >= 20x on CPU, >= 50x on a GPU), ``ours / plain`` (goal
+The metric is ``logit_diff`` at the last position (it reads two logit columns, so the sweep unembeds
+only those; ``--metric logprob`` normalises over the whole vocabulary instead). The script prints
+the speed-up ``TL / ours`` (goal >= 20x on CPU, >= 50x on a GPU), ``ours / plain`` (goal
 <= 1.3x), the largest difference between the two results, and the peak memory of each method
 (measured in a fresh subprocess: growth of the resident set size, sampled every millisecond, on the
 CPU; ``max_memory_allocated`` on CUDA; TransformerLens holds one pass at a time, so its peak is
@@ -21,6 +23,7 @@ d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts
 
     python benchmarks/bench_patching.py [--device cpu|cuda] [--batch 2] [--models real,pythia]
                                         [--no-memory] [--repeats 1] [--threads 1]
+                                        [--metric logit_diff|logprob]
     python benchmarks/bench_patching.py --spearman      # attribution vs exact patching, real model
 """
 
@@ -77,10 +80,11 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
         corrupted = torch.randint(0, 50304, (batch, pos), generator=g).to(device)
     g = torch.Generator().manual_seed(1)
     vocab = int(model.cfg.d_vocab)
-    metric = sl.patching.logit_diff(
-        torch.randint(0, vocab, (batch,), generator=g), torch.randint(0, vocab, (batch,), generator=g)
-    )
-    return model, clean, corrupted, metric
+    correct = torch.randint(0, vocab, (batch,), generator=g)
+    wrong = torch.randint(0, vocab, (batch,), generator=g)
+    if os.environ.get("BENCH_METRIC", "logit_diff") == "logprob":  # normalises over the vocabulary
+        return model, clean, corrupted, sl.patching.logprob(correct)
+    return model, clean, corrupted, sl.patching.logit_diff(correct, wrong)
 
 
 def run_method(method: str, model, clean, corrupted, metric, sweep: str, device: str):
@@ -230,7 +234,14 @@ def main(argv=None) -> int:
         default=1,
         help="torch CPU threads (default 1: on a shared CPU more threads only add contention)",
     )
+    ap.add_argument(
+        "--metric",
+        default="logit_diff",
+        choices=["logit_diff", "logprob"],
+        help="logit_diff reads two logit columns; logprob needs the whole vocabulary",
+    )
     args = ap.parse_args(argv)
+    os.environ["BENCH_METRIC"] = args.metric
     torch.set_num_threads(args.threads)
     os.environ["BENCH_THREADS"] = str(args.threads)
     if args.spearman:
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
     logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     print(
-        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}"
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
+        f"metric={args.metric}"
     )
     rows = []
     tl_peak: dict[str, float] = {}
