@@ -387,7 +387,8 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
         the same model.
 
     Raises:
-        Nothing of its own; exceptions inside the block propagate after the weights are restored.
+        Exception: none of its own; an exception inside the block propagates after the weights are
+            restored.
 
     Example:
         ```python
