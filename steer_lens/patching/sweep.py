@@ -66,14 +66,23 @@ class _Runner:
         self.attention_mask: Tensor | None = None
         self._patches: dict[str, Callable] | None = None  # set inside `session`
 
-    def corrupted_run(self, layers: Sequence[int]) -> Tensor:
+    def corrupted_run(
+        self, layers: Sequence[int], clean: Tensor | None = None, clean_names: Sequence[str] = ()
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         """Logits of the corrupted run (``last_only``: its final residual at the last position, before
-        the final norm); records the input of each block in ``layers`` (and keys/values)."""
+        the final norm); records the input of each block in ``layers`` (and keys/values).
+
+        With ``clean`` (same shape as the corrupted tokens, same hooks) the clean run goes in the same
+        forward pass, stacked before the corrupted batch: returns (corrupted output, clean output, clean
+        activations at ``clean_names``); otherwise (corrupted output, None, {}).
+        """
         capture, after = [], []
+        b = 0 if clean is None else clean.shape[0]  # the corrupted rows start at b
+        clean_acts: dict[str, Tensor] = {}
         if self.prefix:
 
             def save(act, hook, store, layer):
-                store[layer] = act.detach()
+                store[layer] = act[b:].detach()
 
             wanted = set(layers) | {i + 1 for i in layers if i + 1 < int(self.model.cfg.n_layers)}
             capture = [
@@ -85,12 +94,19 @@ class _Runner:
                     after.append((f"blocks.{i}.attn.hook_k", _partial(save, store=self.keys, layer=i)))
                     after.append((f"blocks.{i}.attn.hook_v", _partial(save, store=self.values, layer=i)))
             self.attention_mask = self.model.input_to_embed(self.tokens)[3]
+
+        def save_clean(act, hook):
+            clean_acts[hook.name] = act[:b].detach()
+
+        after += [(n, save_clean) for n in clean_names]  # after the run's own (steering) hooks
+        tokens = self.tokens if clean is None else torch.cat([clean, self.tokens])
         # block inputs are captured first (the raw input), keys/values last (what attention used)
         with self.model.hooks(fwd_hooks=capture + list(self.hooks) + after):
             if self.last_only:
-                n_layers = int(self.model.cfg.n_layers)
-                return self.model(self.tokens, stop_at_layer=n_layers)[:, -1:]
-            return self.model(self.tokens)
+                out = self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))[:, -1:]
+            else:
+                out = self.model(tokens)
+        return out[b:], (None if clean is None else out[:b]), clean_acts
 
     def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
         """Logits ``[rows, 1, d_vocab]`` (or ``[rows, 1, n_columns]``) of final residuals, under the hooks."""
@@ -356,12 +372,16 @@ def _sweep(
     last_only = runner.last_only
     columns = _metric_columns(model, metric, last_only, [clean_hooks, corrupted_hooks])
     with torch.no_grad(), matmul_layout(model, unembed=columns is None):
-        clean_logits, clean_acts = _capture_clean(
-            model, clean_tokens, list(plan.names.values()), clean_hooks, last_only, columns
-        )
+        names = list(plan.names.values())
+        if clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape:
+            # one forward pass for both runs (clean rows first)
+            corrupted, clean_out, clean_acts = runner.corrupted_run(plan.layers, clean_tokens, names)
+            clean_logits = clean_out if not last_only else _final_logits(model, clean_out, clean_hooks, columns)
+        else:
+            clean_logits, clean_acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only, columns)
+            corrupted = runner.corrupted_run(plan.layers)[0]
         clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
         del clean_logits
-        corrupted = runner.corrupted_run(plan.layers)
         rows: list[Tensor] = []  # last_only: final residuals, unembedded together at the end
         if last_only:
             rows.append(corrupted)
