@@ -72,7 +72,11 @@ class _CallContext:
             full = torch.zeros(m.shape[0], self.offset + pos, dtype=torch.bool, device=device)
             n = min(m.shape[1], self.offset + pos)
             full[:, :n] = m[:, :n]
-            out = full[:, self.offset :].expand(batch, pos)
+            out = full[:, self.offset :]
+            if out.shape[0] not in (1, batch) and batch % out.shape[0] == 0:
+                # stacked copies of the batch (batched patching: copy k holds rows k*b .. k*b+b-1)
+                out = out.repeat(batch // out.shape[0], 1)
+            out = out.expand(batch, pos)
         else:
             end = self.prompt_end
             if end is None:

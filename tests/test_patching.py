@@ -373,7 +373,8 @@ def test_steering_patch_denoise_and_noise_equal_tl(tiny_model):
 
 @pytest.mark.parametrize("mask_ndim", [1, 2])
 def test_steering_patch_with_position_masks_equals_tl(mask_ndim):
-    """Vectors on some positions only: no suffix passes (absolute positions), one copy per 2-D mask."""
+    """Vectors on some positions only: no suffix passes (absolute positions); a per-sequence [batch, pos]
+    mask is tiled over the stacked copies of each pass."""
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
@@ -392,6 +393,10 @@ def test_steering_patch_with_position_masks_equals_tl(mask_ndim):
         ref = tlp.get_act_patch_attn_head_out_by_pos(model, tokens, base_cache, metric)
     res = sl.patching.steering_patch(steered, tokens, metric, "z", by=("layer", "pos", "head"), mode="noise")
     torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
+    one = sl.patching.steering_patch(
+        steered, tokens, metric, "z", by=("layer", "pos", "head"), mode="noise", max_batch=tokens.shape[0]
+    )  # one copy per pass: the mask is never tiled
+    torch.testing.assert_close(res.values, one.values, atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -227,8 +227,8 @@ def _steer_limits(steered) -> dict[str, Any]:
     """What a steered model's position setting allows the sweep to do.
 
     The vector's hook finds its positions by absolute index from the start of the call, so runs over
-    a suffix of positions only work with ``positions="all"``; an explicit ``[batch, pos]`` mask covers
-    one copy of the batch, so such sweeps patch one site per pass.
+    a suffix of positions only work with ``positions="all"``. (An explicit ``[batch, pos]`` mask is
+    tiled over the stacked copies of a batched pass by the steering hook itself.)
     """
     from steer_lens.steering import SteeredTransformer
 
@@ -238,8 +238,6 @@ def _steer_limits(steered) -> dict[str, Any]:
     limits: dict[str, Any] = {}
     if not (isinstance(pos, str) and pos == "all"):
         limits["position_groups"] = 1
-    if isinstance(pos, Tensor) and pos.ndim == 2 and pos.shape[0] > 1:
-        limits["max_copies"] = 1
     return limits
 
 

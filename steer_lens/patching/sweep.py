@@ -358,7 +358,6 @@ def _sweep(
     share_prefix: bool,
     progress: bool,
     position_groups: int | None = None,
-    max_copies: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
     batch, pos = corrupted_tokens.shape
@@ -393,7 +392,7 @@ def _sweep(
             for n in clean_acts:
                 clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
         copies = min(
-            _chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites, max_copies or plan.n_sites
+            _chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites
         )
         out: list[Tensor] = []
         bar = None
