@@ -103,9 +103,8 @@ def bench_speed(kind: str, device: str, reps: int, batch: int, pos: int, new: in
             steered.generate(prompt, new, seed=0, stop_at_eos=False)
 
     fns = {"unsteered": gen_off, "steered": lambda: steered.generate(prompt, new, seed=0, stop_at_eos=False)}
-    if kind == "real":
-        fns["transformer_lens"] = lambda: model.generate(prompt, max_new_tokens=new, verbose=False,
-                                                          stop_at_eos=False)
+    fns["transformer_lens"] = lambda: model.generate(prompt, max_new_tokens=new, verbose=False,
+                                                      stop_at_eos=False)
     t = interleaved(fns, max(2, reps // 2), device)
     out["generate_s"] = t
     out["generate_ratio"] = t["steered"] / t["unsteered"]

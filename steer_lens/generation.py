@@ -17,6 +17,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, SequenceTooLongError
+from steer_lens.models import matmul_layout
 
 __all__ = ["Generation", "new_kv_cache", "pick_next_token", "repeat_prompts", "sample_tokens"]
 
@@ -159,7 +160,9 @@ def sample_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=steered.device)
     new_tokens: list[Tensor] = []
     alive: list[Tensor] = []
-    with steered._steering(prompt_end=prompt_end):
+    # matmul_layout: TransformerLens copies W_U.T and the attention weights on every forward; one decode
+    # step per token makes those copies most of the step on large vocabularies (same logits either way)
+    with matmul_layout(steered.model), steered._steering(prompt_end=prompt_end):
         logits = steered.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
         for i in range(max_new_tokens):
             nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen)

@@ -28,7 +28,7 @@ def test_train_sft_command_writes_vector_and_metrics(real_model, tmp_path):
     assert [r["step"] for r in rows] == list(range(6))
     loaded = sl.SteeredTransformer.load(out / "vector", real_model)
     assert loaded.training_config["optim"]["steps"] == 6
-    assert abs(float(loaded.vectors["blocks.1.hook_resid_pre"].norm()) - rows[-1]["norm/blocks.1.hook_resid_pre"]) < 1e-3
+    assert abs(float(loaded.vectors["blocks.1.hook_resid_pre"].detach().norm()) - rows[-1]["norm/blocks.1.hook_resid_pre"]) < 1e-3
 
 
 def test_cli_reports_steer_lens_errors_without_traceback(tmp_path, capsys):

@@ -346,3 +346,17 @@ def test_works_on_transformer_bridge(real_model):
         "Once upon a time", 10, do_sample=False)
     with on_bridge.disabled():
         assert torch.equal(on_bridge(toks), bridge(toks))
+
+
+def test_greedy_sampling_equals_argmax_of_steered_forward(tiny_model):
+    """The sampling loop (KV cache, matmul_layout) picks the argmax of the plain steered forward pass."""
+    import steer_lens as sl
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pre"], init="random", init_norm=6.0)
+    toks = _tokens(tiny_model, batch=3, pos=4)
+    out = s.generate(toks, 8, do_sample=False, stop_at_eos=False)
+    ref = toks
+    with torch.no_grad():
+        for _ in range(8):
+            ref = torch.cat([ref, s(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
