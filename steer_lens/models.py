@@ -405,7 +405,12 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
                     if attr == "W_U" and not unembed:
                         continue
                     param = module._parameters.get(attr) if hasattr(module, "_parameters") else None
-                    if param is None or param.ndim != len(order):
+                    if (
+                        type(param) is not torch.nn.Parameter  # e.g. bitsandbytes' Params4bit
+                        or param.ndim != len(order)
+                        or not param.dtype.is_floating_point
+                        or any(param is p for p, _ in swapped)  # a weight shared by two modules
+                    ):
                         continue
                     inverse = [order.index(i) for i in range(len(order))]
                     laid = param.data.permute(*order).contiguous().permute(*inverse)
@@ -413,5 +418,5 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
                     param.data = laid
         yield model
     finally:
-        for param, data in swapped:
+        for param, data in reversed(swapped):
             param.data = data

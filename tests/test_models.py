@@ -57,3 +57,18 @@ def test_matmul_layout_restores_after_exception(tiny_model):
         assert model.unembed.W_U.data_ptr() != ptrs["unembed.W_U"]
         raise RuntimeError("boom")
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+
+
+def test_matmul_layout_shared_weight_restored_once():
+    """A parameter shared by two modules is re-laid once and comes back with its own strides."""
+    import steer_lens as sl
+
+    model = sl.random_model("gpt2", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=2)
+    model.blocks[1].attn.W_O = model.blocks[0].attn.W_O  # tied
+    w = model.blocks[0].attn.W_O
+    before, stride, ptr = w.detach().clone(), w.stride(), w.data_ptr()
+    tokens = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(1))
+    ref = model(tokens)
+    with sl.models.matmul_layout(model):
+        assert torch.equal(model(tokens), ref)
+    assert w.stride() == stride and w.data_ptr() == ptr and torch.equal(w, before)
