@@ -149,6 +149,18 @@ def test_position_grouped_passes_equal_transformer_lens():
     assert any(local for _, local in calls)  # and some ran their block on p0..p1 only
     for (hook, _, tl_fn), values in zip(cases, results, strict=True):
         torch.testing.assert_close(values, tl_fn(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook)
+    # last block: z sites before the last position cannot reach the last logits; only the last position runs
+    calls.clear()
+    activation._Runner.run = spy
+    try:
+        last = sl.patching.activation_patch(
+            model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), layers=[2]
+        )
+    finally:
+        activation._Runner.run = run
+    assert calls and all(p0 == 15 for p0, _ in calls)
+    torch.testing.assert_close(last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0)
+    torch.testing.assert_close(last.values, results[0][2:], atol=ATOL, rtol=0)
 
 
 def test_properties_self_patch_and_whole_layer(tiny_model):

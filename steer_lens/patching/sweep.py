@@ -412,13 +412,27 @@ def _sweep(
         # sites ordered by position, so that each pass starts as late as its earliest site allows
         order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
         pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
+        # in the last block, a site local to a position before the last one cannot reach the last
+        # position's logits: its run is the corrupted run (no pass needed)
+        last_block = int(model.cfg.n_layers) - 1
+        skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
+        orders: list[Tensor] = []  # per layer: the site order of its values
         with runner.session(list(plan.names.values())):  # one hooks context for every pass
             for layer in plan.layers:
                 name = plan.names[layer]
                 clean = clean_acts[name]
                 layer_out = []
-                for start in range(0, plan.n_sites, copies):
-                    sites = order[start : start + copies]
+                layer_order, first = order, 0
+                if skip_dead and layer == last_block:
+                    layer_order = torch.argsort(site_pos, stable=True)
+                    first = int((site_pos < pos - 1).sum())
+                    if first:
+                        rows.append(rows[0].repeat(first, 1, 1))  # the corrupted run's final residual
+                        if bar is not None:
+                            bar.update(first)
+                orders.append(layer_order)
+                for start in range(first, plan.n_sites, copies):
+                    sites = layer_order[start : start + copies]
                     n = sites.shape[0]
                     m = plan.mask(sites, clean.shape, clean.device)
                     p0 = int(site_pos[sites[0]]) if suffix else 0
@@ -455,9 +469,8 @@ def _sweep(
                 vals = _unembed_metric(runner, metric, rows, batch, memory_budget, columns)
                 corrupted_m, vals = vals[0], vals[1:]
                 out = list(vals.view(len(plan.layers), plan.n_sites))
-        if suffix:  # back from position order to site order
-            idx = order.to(out[0].device)
-            out = [torch.empty_like(v).index_copy_(0, idx, v) for v in out]
+        # back from the order of the passes to site order
+        out = [torch.empty_like(v).index_copy_(0, o.to(v.device), v) for v, o in zip(out, orders, strict=True)]
         values = torch.cat(out).view(len(plan.layers), *plan.grid)
     return values, clean_m, corrupted_m
 
