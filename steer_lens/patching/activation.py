@@ -20,7 +20,8 @@ per site and reads the metric back to the host after each. Here:
   corrupted run's cached keys and values of the earlier ones.
 * **Sites local to their position** (``z``, ``q``, ``pattern``, ``resid_mid``, ``attn_out``, ...)
   change their block's output at their own position only: their block runs on the pass's site
-  positions alone, and the next block takes the corrupted run's input for the later positions.
+  positions alone, and the next block takes the corrupted run's input for the later positions; in the
+  last block, such sites before the last position cannot reach a last-position metric and need no pass.
 * **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
   and unembedding run for all passes together at the end, and for a metric that reads a few raw
   logits (``logit_diff``: ``Metric.columns``) only those vocabulary columns are computed.
