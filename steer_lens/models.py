@@ -345,8 +345,8 @@ def check_hook_names(model: HookedModel, names: list[str] | tuple[str, ...]) -> 
 # ---------------------------------------------------------------------------------------------------
 # weight layout for TransformerLens's matmuls
 # ---------------------------------------------------------------------------------------------------
-# (module attribute, einops pattern TransformerLens applies before its matmul); the parameter is
-# re-strided so that the rearranged weight is a contiguous view instead of a fresh copy
+# parameter name -> the dimension order the parameter is stored in (then permuted back to its shape),
+# so that the rearrangement TransformerLens applies before its matmul is a contiguous view, not a copy
 _LAYOUTS = {
     "W_Q": (0, 2, 1),  # "head d_model d_head -> (head d_head) d_model": store as [head, d_head, d_model]
     "_W_K": (0, 2, 1),
@@ -398,6 +398,7 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
         ```
     """
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    seen: set[int] = set()  # a weight shared by two modules is laid out once
     try:
         with torch.no_grad():
             for module in model.modules() if isinstance(model, torch.nn.Module) else ():
@@ -409,9 +410,10 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
                         type(param) is not torch.nn.Parameter  # e.g. bitsandbytes' Params4bit
                         or param.ndim != len(order)
                         or not param.dtype.is_floating_point
-                        or any(param is p for p, _ in swapped)  # a weight shared by two modules
+                        or id(param) in seen
                     ):
                         continue
+                    seen.add(id(param))
                     inverse = [order.index(i) for i in range(len(order))]
                     laid = param.data.permute(*order).contiguous().permute(*inverse)
                     swapped.append((param, param.data))

@@ -305,15 +305,10 @@ def _metric_columns(model, metric, last_only: bool, hook_lists: Sequence[list]) 
 
 
 def _capture_clean(
-    model,
-    tokens: Tensor,
-    names: Sequence[str],
-    hooks: list,
-    last_only: bool = False,
-    columns: Tensor | None = None,
+    model, tokens: Tensor, names: Sequence[str], hooks: list, last_only: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clean logits (``last_only``: at the last position only; ``columns``: those only) and the
-    activations at ``names``."""
+    """Clean logits (``last_only``: the final residual at the last position, as
+    :meth:`_Runner.corrupted_run`) and the activations at ``names``."""
     acts: dict[str, Tensor] = {}
 
     def save(act, hook):
@@ -322,8 +317,7 @@ def _capture_clean(
     with model.hooks(fwd_hooks=list(hooks) + [(n, save) for n in names]):  # after steering hooks
         if not last_only:
             return model(tokens), acts
-        resid = model(tokens, stop_at_layer=int(model.cfg.n_layers))[:, -1:]
-    return _final_logits(model, resid, hooks, columns), acts
+        return model(tokens, stop_at_layer=int(model.cfg.n_layers))[:, -1:], acts
 
 
 def _unembed_metric(
@@ -374,11 +368,12 @@ def _sweep(
         names = list(plan.names.values())
         if clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape:
             # one forward pass for both runs (clean rows first)
-            corrupted, clean_out, clean_acts = runner.corrupted_run(plan.layers, clean_tokens, names)
-            clean_logits = clean_out if not last_only else _final_logits(model, clean_out, clean_hooks, columns)
+            corrupted, clean_logits, clean_acts = runner.corrupted_run(plan.layers, clean_tokens, names)
         else:
-            clean_logits, clean_acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only, columns)
+            clean_logits, clean_acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only)
             corrupted = runner.corrupted_run(plan.layers)[0]
+        if last_only:  # clean_logits holds the final residual of the last position
+            clean_logits = _final_logits(model, clean_logits, clean_hooks, columns)
         clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
         del clean_logits
         rows: list[Tensor] = []  # last_only: final residuals, unembedded together at the end
@@ -391,9 +386,7 @@ def _sweep(
             dim = 1 if plan.kind != "pattern" else None
             for n in clean_acts:
                 clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
-        copies = min(
-            _chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites
-        )
+        copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
         out: list[Tensor] = []
         bar = None
         if progress:
