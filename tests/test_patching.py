@@ -148,7 +148,9 @@ def test_position_grouped_passes_equal_transformer_lens():
     assert any(p0 > 0 for p0, _ in calls)  # some passes started after position 0
     assert any(local for _, local in calls)  # and some ran their block on p0..p1 only
     for (hook, _, tl_fn), values in zip(cases, results, strict=True):
-        torch.testing.assert_close(values, tl_fn(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook)
+        torch.testing.assert_close(
+            values, tl_fn(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
+        )
     # last block: z sites before the last position cannot reach the last logits; only the last position runs
     calls.clear()
     activation._Runner.run = spy
@@ -159,8 +161,109 @@ def test_position_grouped_passes_equal_transformer_lens():
     finally:
         activation._Runner.run = run
     assert calls and all(p0 == 15 for p0, _ in calls)
-    torch.testing.assert_close(last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0
+    )
     torch.testing.assert_close(last.values, results[0][2:], atol=ATOL, rtol=0)
+
+
+def _spy_last_query(activation):
+    """Counts of the last-query pieces: keys/values computed apart, merged last-block calls."""
+    counts = {"kv": 0, "flush_rows": []}
+    kv, last_position = activation._Runner._last_keys_values, activation._Runner._last_position
+
+    def spy_kv(self, x, n, p0, window=False):
+        counts["kv"] += 1
+        return kv(self, x, n, p0, window=window)
+
+    def spy_last(self, x, keys, values, n):
+        counts["flush_rows"].append(x.shape[0])
+        assert x.shape[1] == 1 and keys.shape[1] == self.tokens.shape[1] - 1  # one query, T-1 cached keys
+        return last_position(self, x, keys, values, n)
+
+    def restore():
+        activation._Runner._last_keys_values, activation._Runner._last_position = kv, last_position
+
+    activation._Runner._last_keys_values, activation._Runner._last_position = spy_kv, spy_last
+    return counts, restore
+
+
+LAST_QUERY_CASES = [
+    TL_CASES[i] for i in (0, 2, 4, 5, 6, 7, 13)
+]  # resid_pre, attn_out, z/q/k/v by pos, pattern
+
+
+def test_last_block_query_only_equals_transformer_lens(tiny_model):
+    """Position-grouped sweeps run the last block on the last position's query only (keys/values of the
+    other positions computed apart, passes of earlier blocks merged into one last-block call): values
+    still equal TransformerLens's for every hook kind, on the three families."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, pos=12, seed=21)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    counts, restore = _spy_last_query(activation)
+    try:
+        results = [
+            sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+            for hook, by, _ in LAST_QUERY_CASES
+        ]
+    finally:
+        restore()
+    assert counts["kv"] > 0 and max(counts["flush_rows"]) > 2 * 12  # several passes in one last-block call
+    for (hook, _, fn), values in zip(LAST_QUERY_CASES, results, strict=True):
+        torch.testing.assert_close(
+            values, getattr(tlp, fn)(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
+        )
+    # a vector in the last block (its hooks run in the keys/values computation too) and noising
+    steered = _steered(model)
+    _, base_cache = model.run_with_cache(clean)
+    with model.hooks(fwd_hooks=steered.fwd_hooks()):
+        ref = tlp.get_act_patch_resid_pre(model, clean, base_cache, metric)
+        ref_k = tlp.get_act_patch_attn_head_k_by_pos(model, clean, base_cache, metric)
+    counts, restore = _spy_last_query(activation)
+    try:
+        noi = sl.patching.steering_patch(steered, clean, metric, "resid_pre", mode="noise")
+        noi_k = sl.patching.steering_patch(
+            steered, clean, metric, "k", by=("layer", "pos", "head"), mode="noise"
+        )
+    finally:
+        restore()
+    assert counts["kv"] > 0
+    torch.testing.assert_close(noi.values, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(noi_k.values, ref_k, atol=ATOL, rtol=0)
+
+
+@pytest.mark.real_model
+def test_real_model_last_block_query_only(real_model, stories):
+    """The same on the real model (grouped-query attention: 4 key/value heads), 24-token story prompts."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    model = real_model
+    toks = [t[:24] for t in (model.to_tokens(s)[0] for s in stories) if t.shape[0] >= 24][:4]
+    clean, corrupted = torch.stack(toks[:2]), torch.stack(toks[2:])
+    metric = sl.patching.logit_diff(clean[:, -1], corrupted[:, -1])
+    _, cache = model.run_with_cache(clean)
+    counts, restore = _spy_last_query(activation)
+    try:
+        res = {
+            hook: sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+            for hook, by, _ in LAST_QUERY_CASES[:1] + LAST_QUERY_CASES[4:6]
+        }
+    finally:
+        restore()
+    assert counts["kv"] > 0
+    for hook, _by, fn in LAST_QUERY_CASES[:1] + LAST_QUERY_CASES[4:6]:
+        torch.testing.assert_close(
+            res[hook], getattr(tlp, fn)(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
+        )
 
 
 def test_properties_self_patch_and_whole_layer(tiny_model):
@@ -625,7 +728,9 @@ def test_column_metric_equals_full_metric_and_bad_ids(tiny_model):
     metric = sl.patching.logit_diff(torch.tensor([9, 2, 9]), torch.tensor([4, 40, 2]))
     assert metric.columns.tolist() == [2, 4, 9, 40]
     sub = logits[..., metric.columns]
-    torch.testing.assert_close(metric.on_columns.per_sequence(sub), metric.per_sequence(logits), rtol=0, atol=0)
+    torch.testing.assert_close(
+        metric.on_columns.per_sequence(sub), metric.per_sequence(logits), rtol=0, atol=0
+    )
     with pytest.raises(ConfigError, match="columns and on_columns"):
         sl.patching.Metric(lambda x: x[:, -1, 0], name="m", units="logits", columns=torch.tensor([0]))
     clean, corrupted = _pair(tiny_model.cfg.d_vocab, seed=8)

@@ -34,6 +34,11 @@ class _Runner:
       attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
       keys and values of the earlier positions through a frozen key/value cache.
     * ``p1`` (in :meth:`run`): sites local to their position run block ``l`` on ``p0..p1`` only.
+    * ``last_query`` (set by the sweep, with ``suffix``): the last block computes the query, attention
+      output and MLP of the last position only; for the earlier positions it computes just the keys
+      and values (``hook_resid_pre`` -> ``ln1`` -> ``attn.calculate_qkv_matrices``, TransformerLens's
+      own modules and hooks), and the last position attends to them through a key/value cache. Passes
+      of sites before the last block go into one such call together (:meth:`flush`).
     """
 
     def __init__(
@@ -65,6 +70,35 @@ class _Runner:
         self.values: dict[int, Tensor] = {}
         self.attention_mask: Tensor | None = None
         self._patches: dict[str, Callable] | None = None  # set inside `session`
+        self.last_query = False
+        # positions (start, length), relative to the pass's first position, of the activation the
+        # current call computes; None: all of them (the patch narrows its mask to this window)
+        self.window: tuple[int, int] | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor, _Deferred]] = []
+        self._pending_bytes = 0
+        self.flush_bytes = 1 << 28
+
+    def kv_ok(self) -> bool:
+        """Whether the last block's keys and values can be computed apart from its queries (the block
+        feeds ``ln1(resid_pre)`` straight to ``attn.calculate_qkv_matrices`` and caches what it
+        returns), as ``last_query`` needs."""
+        cfg = self.model.cfg
+        try:
+            from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+        except ImportError:  # pragma: no cover - other TransformerLens versions: keep the full block
+            return False
+        post_norm = set(POST_NORM_ARCHITECTURES) | {"OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"}
+        block = self.model.blocks[int(cfg.n_layers) - 1]
+        return (
+            self.suffix
+            and self.tokens.shape[1] >= 2
+            and not getattr(cfg, "use_attn_in", False)
+            and not getattr(cfg, "use_split_qkv_input", False)
+            and getattr(cfg, "original_architecture", None) not in post_norm
+            and getattr(cfg, "clip_qkv", None) is None
+            and hasattr(block, "ln1")
+            and hasattr(block.attn, "calculate_qkv_matrices")
+        )
 
     def corrupted_run(
         self, layers: Sequence[int], clean: Tensor | None = None, clean_names: Sequence[str] = ()
@@ -161,7 +195,9 @@ class _Runner:
             mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
         return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=rep(mask), frozen=True)
 
-    def run(self, layer: int, n_copies: int, hooks: list, p0: int = 0, p1: int | None = None) -> Tensor:
+    def run(
+        self, layer: int, n_copies: int, hooks: list, p0: int = 0, p1: int | None = None
+    ) -> Tensor | _Deferred:
         """Logits of ``n_copies`` stacked copies of the corrupted batch, from block ``layer`` on.
 
         With ``last_only`` the final residual ``[n_copies * batch, 1, d_model]`` at the last position is
@@ -172,6 +208,8 @@ class _Runner:
         later blocks take the corrupted run's block input for the positions after ``p1``.
         """
         n_layers = int(self.model.cfg.n_layers)
+        if self.last_query:
+            return self._run_last_query(layer, n_copies, hooks, p0, p1)
         if p1 is not None and self.local_ok(layer, p1):
             return self._run_local(layer, n_copies, hooks, p0, p1)
         with self._hooked(hooks):
@@ -225,6 +263,129 @@ class _Runner:
                 past_kv_cache=self._cache(layer + 1, n_copies, p0) if p0 > 0 else None,
             )
         return resid[:, -1:]
+
+
+    # -- last-query mode -----------------------------------------------------------------------------
+    def _run_last_query(
+        self, layer: int, n_copies: int, hooks: list, p0: int, p1: int | None
+    ) -> Tensor | _Deferred:
+        """:meth:`run` in ``last_query`` mode: a :class:`_Deferred` final residual for sites before the
+        last block (resolved by :meth:`flush`), the final residual itself for sites in the last block."""
+        last = int(self.model.cfg.n_layers) - 1
+
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat(n_copies, *[1] * (t.ndim - 1))
+
+        mask = self.attention_mask
+        with self._hooked(hooks):
+            if layer == last:  # the patch acts in the last block: keys/values and the query here
+                x = rep(self.block_inputs[last][:, p0:])
+                keys, values = self._last_keys_values(x, n_copies, p0, window=True)
+                self.window = (x.shape[1] - 1, 1)
+                try:
+                    return self._last_position(x[:, -1:], keys, values, n_copies)
+                finally:
+                    self.window = None
+            if p1 is not None and self.local_ok(layer, p1):  # block `layer` on positions p0..p1 only
+                out = self.model(
+                    rep(self.block_inputs[layer][:, p0 : p1 + 1]),
+                    start_at_layer=layer,
+                    stop_at_layer=layer + 1,
+                    attention_mask=None if mask is None else rep(mask[:, : p1 + 1]),
+                    past_kv_cache=self._cache(layer, n_copies, p0, stop=layer + 1) if p0 > 0 else None,
+                )
+                x = torch.cat([out, rep(self.block_inputs[layer + 1][:, p1 + 1 :])], dim=1)
+                start = layer + 1
+            else:
+                x = rep(self.block_inputs[layer][:, p0:])
+                start = layer
+            if start < last:
+                x = self.model(
+                    x,
+                    start_at_layer=start,
+                    stop_at_layer=last,
+                    attention_mask=None if mask is None else rep(mask),
+                    past_kv_cache=self._cache(start, n_copies, p0, stop=last) if p0 > 0 else None,
+                )
+            keys, values = self._last_keys_values(x, n_copies, p0)
+        deferred = _Deferred()
+        self._pending.append((keys, values, x[:, -1:], deferred))
+        self._pending_bytes += (keys.numel() + values.numel() + x.shape[0] * x.shape[-1]) * x.element_size()
+        if self._pending_bytes > self.flush_bytes:
+            self.flush()
+        return deferred
+
+    def _last_keys_values(
+        self, x: Tensor, n_copies: int, p0: int, window: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values of the last block for positions ``0..T-2``: the corrupted run's before
+        ``p0``, computed from the block input ``x`` (positions ``p0..T-1``) for ``p0..T-2``."""
+        last = int(self.model.cfg.n_layers) - 1
+        prefix_k = self.keys[last][:, :p0].repeat(n_copies, *[1] * (self.keys[last].ndim - 1))
+        prefix_v = self.values[last][:, :p0].repeat(n_copies, *[1] * (self.values[last].ndim - 1))
+        if x.shape[1] < 2:
+            return prefix_k, prefix_v
+        block = self.model.blocks[last]
+        if window:
+            self.window = (0, x.shape[1] - 1)
+        try:
+            # as TransformerBlock.forward up to the key/value cache (same modules, same hooks)
+            resid = block.hook_resid_pre(x[:, :-1])
+            _, k, v = block.attn.calculate_qkv_matrices(block.ln1(resid), block.ln1(resid), block.ln1(resid))
+        finally:
+            self.window = None
+        return torch.cat([prefix_k, k], dim=1), torch.cat([prefix_v, v], dim=1)
+
+    def _last_position(self, x: Tensor, keys: Tensor, values: Tensor, n_copies: int) -> Tensor:
+        """The last block at the last position only (input ``x`` ``[rows, 1, d_model]``), attending to
+        ``keys``/``values`` of positions ``0..T-2``: the final residual ``[rows, 1, d_model]``."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        n_layers = int(self.model.cfg.n_layers)
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
+        mask = mask.repeat(n_copies, 1)
+        entries = [None] * (n_layers - 1) + [
+            TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
+        ]
+        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask[:, :-1], frozen=True)
+        return self.model(
+            x,
+            start_at_layer=n_layers - 1,
+            stop_at_layer=n_layers,
+            attention_mask=None if self.attention_mask is None else mask,
+            past_kv_cache=cache,
+        )
+
+    def flush(self) -> None:
+        """Run the last block for every pending pass in one call (no patch is active there: each of
+        these passes patched an earlier block) and resolve their :class:`_Deferred` results."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        keys = torch.cat([p[0] for p in pending])
+        values = torch.cat([p[1] for p in pending])
+        x = torch.cat([p[2] for p in pending])
+        with self._hooked([]):
+            out = self._last_position(x, keys, values, x.shape[0] // self.tokens.shape[0])
+        start = 0
+        for _, _, xi, deferred in pending:
+            deferred.value = out[start : start + xi.shape[0]]
+            start += xi.shape[0]
+
+
+class _Deferred:
+    """The final residual of a pass whose last block runs later, in :meth:`_Runner.flush`."""
+
+    value: Tensor | None = None
+
+
+def _resolve(runner: _Runner, rows: list) -> list[Tensor]:
+    """``rows`` with every :class:`_Deferred` replaced by its tensor (flushing the runner first)."""
+    runner.flush()
+    return [r.value if isinstance(r, _Deferred) else r for r in rows]
 
 
 # hooks whose value at position p changes the output of its block at position p only (not resid_pre,
@@ -397,6 +558,11 @@ def _sweep(
         if position_groups is None:  # up to 6 passes per layer, each of >= ~12 sequences (measured on CPU)
             position_groups = min(6, plan.n_sites * batch // 12)
         suffix = runner.suffix and "pos" in plan.by and position_groups > 1
+        # the last block computes the last position's query only (keys/values for the others)
+        runner.last_query = suffix and runner.kv_ok()
+        runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
+        last_block = int(model.cfg.n_layers) - 1
+        all_copies = copies  # sites in the last block: keys/values are cheap, no position groups
         if suffix:  # several passes per layer, each over the positions from its earliest site on
             n_pos = len(plan.index["pos"])
             copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
@@ -407,7 +573,6 @@ def _sweep(
         pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
         # in the last block, a site local to a position before the last one cannot reach the last
         # position's logits: its run is the corrupted run (no pass needed)
-        last_block = int(model.cfg.n_layers) - 1
         skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
         orders: list[Tensor] = []  # per layer: the site order of its values
         with runner.session(list(plan.names.values())):  # one hooks context for every pass
@@ -424,8 +589,9 @@ def _sweep(
                         if bar is not None:
                             bar.update(first)
                 orders.append(layer_order)
-                for start in range(first, plan.n_sites, copies):
-                    sites = layer_order[start : start + copies]
+                step = all_copies if runner.last_query and layer == last_block else copies
+                for start in range(first, plan.n_sites, step):
+                    sites = layer_order[start : start + step]
                     n = sites.shape[0]
                     m = plan.mask(sites, clean.shape, clean.device)
                     p0 = int(site_pos[sites[0]]) if suffix else 0
@@ -443,6 +609,9 @@ def _sweep(
                             src = src.narrow(-1, 0, end)
 
                     def patch(act, hook, m=m, src=src, n=n):
+                        if runner.window is not None:  # the call computes some of the pass's positions
+                            m = m.narrow(pos_dim + 1, *runner.window)
+                            src = src.narrow(pos_dim, *runner.window)
                         a = act.view(n, act.shape[0] // n, *act.shape[1:])
                         return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
 
@@ -459,6 +628,7 @@ def _sweep(
             if bar is not None:
                 bar.close()
             if last_only:
+                rows = _resolve(runner, rows)  # passes whose last block has not run yet
                 vals = _unembed_metric(runner, metric, rows, batch, memory_budget, columns)
                 corrupted_m, vals = vals[0], vals[1:]
                 out = list(vals.view(len(plan.layers), plan.n_sites))
