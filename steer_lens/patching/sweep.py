@@ -431,7 +431,8 @@ def _final_logits(model, resid: Tensor, hooks: list, columns: Tensor | None) -> 
     then ``x @ W_U[:, columns] + b_U[columns]``): ``[rows, pos, n_columns]``.
     """
     n_layers = int(model.cfg.n_layers)
-    with model.hooks(fwd_hooks=list(hooks)):
+    # installing hooks and removing them walks every hook point (~0.3 ms on a small model): skip if none
+    with model.hooks(fwd_hooks=list(hooks)) if hooks else nullcontext():
         if columns is None:
             return model(resid, start_at_layer=n_layers)
         x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
