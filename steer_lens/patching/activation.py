@@ -22,6 +22,10 @@ per site and reads the metric back to the host after each. Here:
   change their block's output at their own position only: their block runs on the pass's site
   positions alone, and the next block takes the corrupted run's input for the later positions; in the
   last block, such sites before the last position cannot reach a last-position metric and need no pass.
+* **The last block computes one query.** In those position-grouped sweeps the last block runs the
+  last position alone (query, attention output, MLP), attending through a key/value cache to keys
+  and values computed for the other positions by the block's own ``hook_resid_pre``, ``ln1`` and
+  ``attn.calculate_qkv_matrices``; the passes of earlier blocks share one such call.
 * **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
   and unembedding run for all passes together at the end, and for a metric that reads a few raw
   logits (``logit_diff``: ``Metric.columns``) only those vocabulary columns are computed.
