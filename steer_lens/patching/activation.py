@@ -53,6 +53,9 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, ShapeMismatchError
 from steer_lens.patching.metrics import Metric, MetricFn
 from steer_lens.patching.results import PatchResult
+
+# the sweep engine; `_Runner` and `_chunk` are also reached from here by tests and benchmarks
+from steer_lens.patching.runner import _Runner  # noqa: F401
 from steer_lens.patching.sites import (
     HOOKS,
     By,
@@ -63,9 +66,7 @@ from steer_lens.patching.sites import (
     _prepare,
     _steer_limits,
 )
-
-# the sweep engine; `_Runner` and `_chunk` are also reached from here by tests and benchmarks
-from steer_lens.patching.sweep import _chunk, _finish, _Runner, _sweep  # noqa: F401
+from steer_lens.patching.sweep import _chunk, _finish, _sweep  # noqa: F401
 
 __all__ = ["HOOKS", "activation_patch", "steering_patch"]
 
