@@ -356,6 +356,11 @@ _LAYOUTS = {
     "W_O": (2, 0, 1),  # "head d_head d_model -> d_model (head d_head)": store as [d_model, head, d_head]
     "W_U": (1, 0),  # Unembed's W_U.T.contiguous(): store as [d_vocab, d_model]
 }
+# the same for the weights of one module class only (other classes use these names differently)
+_CLASS_LAYOUTS = {
+    # GatedMLP's F.linear(x, W.T.contiguous()) for W_gate, W_in, W_out: store W transposed
+    "GatedMLP": {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)},
+}
 
 
 @contextmanager
@@ -364,8 +369,9 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
 
     TransformerLens 3.x rearranges ``W_Q``/``W_K``/``W_V`` (``"head d_model d_head -> (head d_head)
     d_model"``), ``W_O`` (``"head d_head d_model -> d_model (head d_head)"``) and ``W_U``
-    (``W_U.T.contiguous()``) on *every* forward pass; each is a transposing copy of the whole weight
-    matrix. For many small passes (activation patching, one pass per group of sites) these copies cost
+    (``W_U.T.contiguous()``) on *every* forward pass, and ``GatedMLP`` (Llama, Mistral, Gemma ...)
+    its ``W_gate``/``W_in``/``W_out`` (``W.T.contiguous()``); each is a transposing copy of the whole
+    weight matrix. For many small passes (activation patching, one pass per group of sites) these copies cost
     more than the matmuls: on a pythia-70m-shaped model on one CPU thread, a 1 MiB ``W_Q`` copy takes
     about 2 ms and the 100 MiB ``W_U`` copy about 0.2 s. Here each such parameter's ``.data`` is
     replaced, for the duration of the block, by a tensor with the *same values and shape* whose
@@ -376,7 +382,8 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
     version, or a ``TransformerBridge``, the block is at worst a no-op for speed, never for values.
 
     Only use it around inference (no optimiser should hold these parameters while it is active); the
-    weights held during the block take one extra copy of the attention and unembedding weights.
+    weights held during the block take one extra copy of the attention, gated-MLP and unembedding
+    weights.
 
     Args:
         model: a ``HookedTransformer`` (anything else is yielded unchanged).
@@ -402,7 +409,11 @@ def matmul_layout(model: HookedModel, *, unembed: bool = True) -> Iterator[Hooke
     try:
         with torch.no_grad():
             for module in model.modules() if isinstance(model, torch.nn.Module) else ():
-                for attr, order in _LAYOUTS.items():
+                layouts = _LAYOUTS
+                extra = _CLASS_LAYOUTS.get(type(module).__name__)
+                if extra is not None:
+                    layouts = {**_LAYOUTS, **extra}
+                for attr, order in layouts.items():
                     if attr == "W_U" and not unembed:
                         continue
                     param = module._parameters.get(attr) if hasattr(module, "_parameters") else None

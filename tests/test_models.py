@@ -46,6 +46,11 @@ def test_matmul_layout_makes_tl_rearrangements_views(real_model):
         assert w_o.contiguous().data_ptr() == attn.W_O.data_ptr()
         w_u = real_model.unembed.W_U
         assert w_u.T.contiguous().data_ptr() == w_u.data_ptr()
+        mlp = real_model.blocks[0].mlp  # GatedMLP: F.linear(x, W.T.contiguous())
+        for w in (mlp.W_gate, mlp.W_in, mlp.W_out):
+            assert w.T.contiguous().data_ptr() == w.data_ptr()
+    mlp = real_model.blocks[0].mlp
+    assert mlp.W_in.is_contiguous() and mlp.W_in.T.contiguous().data_ptr() != mlp.W_in.data_ptr()
 
 
 def test_matmul_layout_restores_after_exception(tiny_model):

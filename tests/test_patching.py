@@ -152,15 +152,26 @@ def test_position_grouped_passes_equal_transformer_lens():
             values, tl_fn(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
         )
     # last block: z sites before the last position cannot reach the last logits; only the last position runs
-    calls.clear()
-    activation._Runner.run = spy
+    # (they are patched inside the last block's single-query call, against the corrupted keys/values)
+    from steer_lens.patching.last_query import _LastQuery
+
+    deferred, defer_last = [], _LastQuery.defer_last
+
+    def spy_last(self, name, n, mask, src, pos_dim, p0):
+        deferred.append(p0)
+        return defer_last(self, name, n, mask, src, pos_dim, p0)
+
+    kv_calls, qkv = [], _LastQuery._qkv
+    _LastQuery.defer_last = spy_last
+    _LastQuery._qkv = lambda self, x: kv_calls.append(x.shape) or qkv(self, x)
     try:
         last = sl.patching.activation_patch(
             model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), layers=[2]
         )
     finally:
-        activation._Runner.run = run
-    assert calls and all(p0 == 15 for p0, _ in calls)
+        _LastQuery.defer_last, _LastQuery._qkv = defer_last, qkv
+    assert deferred and all(p0 == 15 for p0 in deferred)
+    assert all(shape[0] <= 2 * clean.shape[0] for shape in kv_calls)  # clean/corrupted rows only
     torch.testing.assert_close(
         last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0
     )
@@ -169,12 +180,15 @@ def test_position_grouped_passes_equal_transformer_lens():
 
 def _spy_last_query(activation):
     """Counts of the last-query pieces: keys/values computed apart, merged last-block calls."""
-    counts = {"kv": 0, "flush_rows": []}
-    kv, last_position = activation._Runner._last_keys_values, activation._Runner._last_position
+    from steer_lens.patching.last_query import _LastQuery
 
-    def spy_kv(self, x, n, p0, window=False):
+    counts = {"kv": 0, "flush_rows": []}
+    kv, last_position = _LastQuery._qkv, _LastQuery._last_position
+
+    def spy_kv(self, x):
         counts["kv"] += 1
-        return kv(self, x, n, p0, window=window)
+        assert x.shape[1] <= self.tokens.shape[1] - 1  # never the last position's keys
+        return kv(self, x)
 
     def spy_last(self, x, keys, values, n):
         counts["flush_rows"].append(x.shape[0])
@@ -182,9 +196,9 @@ def _spy_last_query(activation):
         return last_position(self, x, keys, values, n)
 
     def restore():
-        activation._Runner._last_keys_values, activation._Runner._last_position = kv, last_position
+        _LastQuery._qkv, _LastQuery._last_position = kv, last_position
 
-    activation._Runner._last_keys_values, activation._Runner._last_position = spy_kv, spy_last
+    _LastQuery._qkv, _LastQuery._last_position = spy_kv, spy_last
     return counts, restore
 
 

@@ -14,11 +14,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from steer_lens.patching.last_query import _bind, _Deferred, _Entry, _LastQuery
+
 
 # ---------------------------------------------------------------------------------------------------
 # the runner: forward passes that may start at a block
 # ---------------------------------------------------------------------------------------------------
-class _Runner:
+class _Runner(_LastQuery):
     """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix.
 
     * ``prefix``: start at block ``l`` from the corrupted run's input to that block.
@@ -64,10 +66,8 @@ class _Runner:
         self.attention_mask: Tensor | None = None
         self._patches: dict[str, Callable] | None = None  # set inside `session`
         self.last_query = False
-        # positions (start, length), relative to the pass's first position, of the activation the
-        # current call computes; None: all of them (the patch narrows its mask to this window)
-        self.window: tuple[int, int] | None = None
-        self._pending: list[tuple[Tensor, Tensor, Tensor, _Deferred]] = []
+        self._pending: list[_Entry] = []
+        self._clean_in: Tensor | None = None  # fused mode: the clean rows' last-block input
         self._pending_bytes = 0
         self.flush_bytes = 1 << 28
 
@@ -113,13 +113,13 @@ class _Runner:
 
             wanted = set(layers) | {i + 1 for i in layers if i + 1 < int(self.model.cfg.n_layers)}
             capture = [
-                (f"blocks.{layer}.hook_resid_pre", _partial(save, store=self.block_inputs, layer=layer))
+                (f"blocks.{layer}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=layer))
                 for layer in sorted(wanted)
             ]
             if self.suffix:
                 for i in range(min(layers), int(self.model.cfg.n_layers)):
-                    after.append((f"blocks.{i}.attn.hook_k", _partial(save, store=self.keys, layer=i)))
-                    after.append((f"blocks.{i}.attn.hook_v", _partial(save, store=self.values, layer=i)))
+                    after.append((f"blocks.{i}.attn.hook_k", _bind(save, store=self.keys, layer=i)))
+                    after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
             self.attention_mask = self.model.input_to_embed(self.tokens)[3]
 
         def save_clean(act, hook):
@@ -202,7 +202,7 @@ class _Runner:
         """
         n_layers = int(self.model.cfg.n_layers)
         if self.last_query:
-            return self._run_last_query(layer, n_copies, hooks, p0, p1)
+            return self.run_to_last(layer, n_copies, hooks, p0, p1)
         if p1 is not None and self.local_ok(layer, p1):
             return self._run_local(layer, n_copies, hooks, p0, p1)
         with self._hooked(hooks):
@@ -266,128 +266,6 @@ class _Runner:
         )
         # positions after p1 leave block `layer` as in the corrupted run
         return torch.cat([out, rep(self.block_inputs[layer + 1][:, p1 + 1 :])], dim=1)
-
-    # -- last-query mode -----------------------------------------------------------------------------
-    def _run_last_query(
-        self, layer: int, n_copies: int, hooks: list, p0: int, p1: int | None
-    ) -> Tensor | _Deferred:
-        """:meth:`run` in ``last_query`` mode: a :class:`_Deferred` final residual for sites before the
-        last block (resolved by :meth:`flush`), the final residual itself for sites in the last block."""
-        last = int(self.model.cfg.n_layers) - 1
-
-        def rep(t: Tensor) -> Tensor:
-            return t.repeat(n_copies, *[1] * (t.ndim - 1))
-
-        mask = self.attention_mask
-        with self._hooked(hooks):
-            if layer == last:  # the patch acts in the last block: keys/values and the query here
-                x = rep(self.block_inputs[last][:, p0:])
-                keys, values = self._last_keys_values(x, n_copies, p0, window=True)
-                self.window = (x.shape[1] - 1, 1)
-                try:
-                    return self._last_position(x[:, -1:], keys, values, n_copies)
-                finally:
-                    self.window = None
-            if p1 is not None and self.local_ok(layer, p1):  # block `layer` on positions p0..p1 only
-                x = self._local_block(layer, n_copies, p0, p1)
-                start = layer + 1
-            else:
-                x = rep(self.block_inputs[layer][:, p0:])
-                start = layer
-            if start < last:
-                x = self.model(
-                    x,
-                    start_at_layer=start,
-                    stop_at_layer=last,
-                    attention_mask=None if mask is None else rep(mask),
-                    past_kv_cache=self._cache(start, n_copies, p0, stop=last) if p0 > 0 else None,
-                )
-            keys, values = self._last_keys_values(x, n_copies, p0)
-        deferred = _Deferred()
-        self._pending.append((keys, values, x[:, -1:], deferred))
-        self._pending_bytes += (keys.numel() + values.numel() + x.shape[0] * x.shape[-1]) * x.element_size()
-        if self._pending_bytes > self.flush_bytes:
-            self.flush()
-        return deferred
-
-    def _last_keys_values(
-        self, x: Tensor, n_copies: int, p0: int, window: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """Keys and values of the last block for positions ``0..T-2``: the corrupted run's before
-        ``p0``, computed from the block input ``x`` (positions ``p0..T-1``) for ``p0..T-2``."""
-        last = int(self.model.cfg.n_layers) - 1
-        prefix_k = self.keys[last][:, :p0].repeat(n_copies, *[1] * (self.keys[last].ndim - 1))
-        prefix_v = self.values[last][:, :p0].repeat(n_copies, *[1] * (self.values[last].ndim - 1))
-        if x.shape[1] < 2:
-            return prefix_k, prefix_v
-        block = self.model.blocks[last]
-        if window:
-            self.window = (0, x.shape[1] - 1)
-        try:
-            # as TransformerBlock.forward up to the key/value cache (same modules, same hooks)
-            resid = block.hook_resid_pre(x[:, :-1])
-            _, k, v = block.attn.calculate_qkv_matrices(block.ln1(resid), block.ln1(resid), block.ln1(resid))
-        finally:
-            self.window = None
-        return torch.cat([prefix_k, k], dim=1), torch.cat([prefix_v, v], dim=1)
-
-    def _last_position(self, x: Tensor, keys: Tensor, values: Tensor, n_copies: int) -> Tensor:
-        """The last block at the last position only (input ``x`` ``[rows, 1, d_model]``), attending to
-        ``keys``/``values`` of positions ``0..T-2``: the final residual ``[rows, 1, d_model]``."""
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-        n_layers = int(self.model.cfg.n_layers)
-        mask = self.attention_mask
-        if mask is None:
-            mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
-        mask = mask.repeat(n_copies, 1)
-        entries = [None] * (n_layers - 1) + [
-            TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
-        ]
-        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask[:, :-1], frozen=True)
-        return self.model(
-            x,
-            start_at_layer=n_layers - 1,
-            stop_at_layer=n_layers,
-            attention_mask=None if self.attention_mask is None else mask,
-            past_kv_cache=cache,
-        )
-
-    def flush(self) -> None:
-        """Run the last block for every pending pass in one call (no patch is active there: each of
-        these passes patched an earlier block) and resolve their :class:`_Deferred` results."""
-        if not self._pending:
-            return
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        keys = torch.cat([p[0] for p in pending])
-        values = torch.cat([p[1] for p in pending])
-        x = torch.cat([p[2] for p in pending])
-        with self._hooked([]):
-            out = self._last_position(x, keys, values, x.shape[0] // self.tokens.shape[0])
-        start = 0
-        for _, _, xi, deferred in pending:
-            deferred.value = out[start : start + xi.shape[0]]
-            start += xi.shape[0]
-
-
-class _Deferred:
-    """The final residual of a pass whose last block runs later, in :meth:`_Runner.flush`."""
-
-    value: Tensor | None = None
-
-
-def _resolve(runner: _Runner, rows: list) -> list[Tensor]:
-    """``rows`` with every :class:`_Deferred` replaced by its tensor (flushing the runner first)."""
-    runner.flush()
-    return [r.value if isinstance(r, _Deferred) else r for r in rows]
-
-
-def _partial(fn: Callable, **kw):
-    def wrapped(act, hook):
-        return fn(act, hook, **kw)
-
-    return wrapped
 
 
 def _final_logits(model, resid: Tensor, hooks: list, columns: Tensor | None) -> Tensor:

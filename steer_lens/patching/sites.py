@@ -237,7 +237,7 @@ def _steer_limits(steered) -> dict[str, Any]:
     pos = steered.positions
     limits: dict[str, Any] = {}
     if not (isinstance(pos, str) and pos == "all"):
-        limits["position_groups"] = 1
+        limits["positional"] = True
     return limits
 
 

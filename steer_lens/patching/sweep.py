@@ -15,9 +15,10 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
 from steer_lens.models import matmul_layout
+from steer_lens.patching.last_query import _resolve, _Tiled
 from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching.results import PatchResult
-from steer_lens.patching.runner import _final_logits, _resolve, _Runner
+from steer_lens.patching.runner import _final_logits, _Runner
 from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan
 
 # hooks whose value at position p changes the output of its block at position p only (not resid_pre,
@@ -119,8 +120,13 @@ def _sweep(
     share_prefix: bool,
     progress: bool,
     position_groups: int | None = None,
+    positional: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(values [len(layers), *grid] on device, clean metric, corrupted metric)."""
+    """(values [len(layers), *grid] on device, clean metric, corrupted metric).
+
+    ``positional``: the run's hooks find positions by absolute index (a position-specific steering
+    vector), so every pass must cover all positions.
+    """
     batch, pos = corrupted_tokens.shape
     runner = _Runner(
         model,
@@ -130,68 +136,93 @@ def _sweep(
         last_only=bool(getattr(metric, "last_position_only", False)),
     )
     last_only = runner.last_only
+    last_block = int(model.cfg.n_layers) - 1
     columns = _metric_columns(model, metric, last_only, [clean_hooks, corrupted_hooks])
+    # how the sites are grouped into passes
+    copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
+    site_pos = torch.tensor(plan.site_positions())
+    if positional:
+        position_groups = 1
+    elif position_groups is None:  # up to 6 passes per layer, each of >= ~12 sequences (measured on CPU)
+        position_groups = max(1, min(6, plan.n_sites * batch // 12))
+    suffix = runner.suffix and "pos" in plan.by and not positional
+    # the last block computes the last position's query only (keys/values for the others)
+    runner.last_query = suffix and runner.kv_ok()
+    runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
+    # fused: the clean run in the same passes as the patched copies (the patch reads its rows)
+    runner.fused = fused = (
+        runner.last_query
+        and clean_hooks is corrupted_hooks
+        and clean_tokens.shape == corrupted_tokens.shape
+        and align is None
+    )
+    all_copies = copies  # sites in the last block: keys/values are cheap, no position groups
+    if suffix:  # several passes per layer, each over the positions from its earliest site on
+        n_pos = len(plan.index["pos"])
+        copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
+    # sites that change block `layer`'s output at their own position only
+    local = suffix and plan.hook in _LOCAL_HOOKS
+    # sites ordered by position, so that each pass starts as late as its earliest site allows
+    order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
+    pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
+    # in the last block, a site local to a position before the last one cannot reach the last
+    # position's logits: its run is the corrupted run (no pass needed)
+    skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
+
+    def site_mask(sites: Tensor):
+        return lambda shape: plan.mask(sites, shape, corrupted_tokens.device)
+
     with torch.no_grad(), matmul_layout(model, unembed=columns is None):
         names = list(plan.names.values())
-        if clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape:
+        rows: list = []  # last_only: final residuals, unembedded together at the end
+        fused_first = None  # fused: the first pass of block 0, run inside the clean/corrupted pass
+        if fused:
+            first_layer = plan.layers[0]
+            if first_layer == 0 < last_block:
+                sites = order[:copies]
+                fused_first = (plan.names[0], sites.shape[0], site_mask(sites), pos_dim)
+            clean_d, corrupted, clean_acts, first_d = runner.fused_run(
+                plan.layers, clean_tokens, names, fused_first
+            )
+            rows += [clean_d, corrupted]
+        elif clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape:
             # one forward pass for both runs (clean rows first)
             corrupted, clean_logits, clean_acts = runner.corrupted_run(plan.layers, clean_tokens, names)
         else:
             clean_logits, clean_acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only)
             corrupted = runner.corrupted_run(plan.layers)[0]
-        if last_only:  # clean_logits holds the final residual of the last position
-            clean_logits = _final_logits(model, clean_logits, clean_hooks, columns)
-        clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
-        del clean_logits
-        rows: list[Tensor] = []  # last_only: final residuals, unembedded together at the end
-        if last_only:
-            rows.append(corrupted)
-        else:
-            corrupted_m = call_metric(metric, corrupted)
+        if not fused:
+            if last_only:  # clean_logits holds the final residual of the last position
+                clean_logits = _final_logits(model, clean_logits, clean_hooks, columns)
+            clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
+            del clean_logits
+            if last_only:
+                rows.append(corrupted)
+            else:
+                corrupted_m = call_metric(metric, corrupted)
+        corrupted_row = rows[-1] if last_only else None
         del corrupted
         if align is not None:
             dim = 1 if plan.kind != "pattern" else None
             for n in clean_acts:
                 clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
-        copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
         out: list[Tensor] = []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
-        site_pos = torch.tensor(plan.site_positions())
-        if position_groups is None:  # up to 6 passes per layer, each of >= ~12 sequences (measured on CPU)
-            position_groups = min(6, plan.n_sites * batch // 12)
-        suffix = runner.suffix and "pos" in plan.by and position_groups > 1
-        # the last block computes the last position's query only (keys/values for the others)
-        runner.last_query = suffix and runner.kv_ok()
-        runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
-        last_block = int(model.cfg.n_layers) - 1
-        all_copies = copies  # sites in the last block: keys/values are cheap, no position groups
-        if suffix:  # several passes per layer, each over the positions from its earliest site on
-            n_pos = len(plan.index["pos"])
-            copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
-        # sites that change block `layer`'s output at their own position only
-        local = suffix and plan.hook in _LOCAL_HOOKS
-        # sites ordered by position, so that each pass starts as late as its earliest site allows
-        order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
-        pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
-        # in the last block, a site local to a position before the last one cannot reach the last
-        # position's logits: its run is the corrupted run (no pass needed)
-        skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
         orders: list[Tensor] = []  # per layer: the site order of its values
         with runner.session(list(plan.names.values())):  # one hooks context for every pass
             for layer in plan.layers:
                 name = plan.names[layer]
-                clean = clean_acts[name]
                 layer_out = []
                 layer_order, first = order, 0
                 if skip_dead and layer == last_block:
                     layer_order = torch.argsort(site_pos, stable=True)
                     first = int((site_pos < pos - 1).sum())
                     if first:
-                        rows.append(rows[0].repeat(first, 1, 1))  # the corrupted run's final residual
+                        rows.append(_Tiled(corrupted_row, first))  # the corrupted run's final residual
                         if bar is not None:
                             bar.update(first)
                 orders.append(layer_order)
@@ -199,34 +230,20 @@ def _sweep(
                 for start in range(first, plan.n_sites, step):
                     sites = layer_order[start : start + step]
                     n = sites.shape[0]
-                    m = plan.mask(sites, clean.shape, clean.device)
                     p0 = int(site_pos[sites[0]]) if suffix else 0
-                    p1 = int(site_pos[sites[-1]]) if local else None
-                    src = clean
-                    end = clean.shape[pos_dim]
-                    if local and runner.local_ok(layer, p1):  # block `layer` runs on positions p0..p1
-                        end = p1 + 1
+                    if fused_first is not None and layer == 0 and start == 0:  # ran in the fused pass
+                        rows.append(first_d)
+                    elif runner.last_query and layer == last_block:  # patched inside the flush's calls
+                        src = None if fused else clean_acts[name]
+                        rows.append(runner.defer_last(name, n, site_mask(sites), src, pos_dim, p0))
                     else:
-                        p1 = None
-                    if p0 > 0 or end < clean.shape[pos_dim]:  # activations hold positions p0..end-1 only
-                        m = m.narrow(pos_dim + 1, p0, end - p0)
-                        src = clean.narrow(pos_dim, p0, end - p0)
-                        if plan.kind == "pattern" and end < src.shape[-1]:  # keys seen: positions < end
-                            src = src.narrow(-1, 0, end)
-
-                    def patch(act, hook, m=m, src=src, n=n):
-                        if runner.window is not None:  # the call computes some of the pass's positions
-                            m = m.narrow(pos_dim + 1, *runner.window)
-                            src = src.narrow(pos_dim, *runner.window)
-                        a = act.view(n, act.shape[0] // n, *act.shape[1:])
-                        return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
-
-                    out_n = runner.run(layer, n, [(name, patch)], p0=p0, p1=p1)
-                    if last_only:
-                        rows.append(out_n)
-                    else:
-                        layer_out.append(evaluate_metric(metric, out_n, n))
-                    del out_n
+                        p1 = int(site_pos[sites[-1]]) if local else None
+                        out_n = _pass(runner, plan, layer, sites, clean_acts[name], p0, p1, pos_dim)
+                        if last_only:
+                            rows.append(out_n)
+                        else:
+                            layer_out.append(evaluate_metric(metric, out_n, n))
+                        del out_n
                     if bar is not None:
                         bar.update(n)
                 if not last_only:
@@ -236,12 +253,40 @@ def _sweep(
             if last_only:
                 rows = _resolve(runner, rows)  # passes whose last block has not run yet
                 vals = _unembed_metric(runner, metric, rows, batch, memory_budget, columns)
+                if fused:
+                    clean_m, vals = vals[0], vals[1:]
                 corrupted_m, vals = vals[0], vals[1:]
                 out = list(vals.view(len(plan.layers), plan.n_sites))
         # back from the order of the passes to site order
         out = [torch.empty_like(v).index_copy_(0, o.to(v.device), v) for v, o in zip(out, orders, strict=True)]
         values = torch.cat(out).view(len(plan.layers), *plan.grid)
     return values, clean_m, corrupted_m
+
+
+def _pass(
+    runner: _Runner, plan: _Plan, layer: int, sites: Tensor, clean: Tensor, p0: int, p1: int | None, pos_dim: int
+):
+    """One pass: the sites' copies of the corrupted batch, patched at block ``layer`` from ``clean``
+    (final residuals, logits or a deferred result, as :meth:`_Runner.run` returns)."""
+    n = sites.shape[0]
+    m = plan.mask(sites, clean.shape, clean.device)
+    src = clean
+    end = clean.shape[pos_dim]
+    if p1 is not None and runner.local_ok(layer, p1):  # block `layer` runs on positions p0..p1
+        end = p1 + 1
+    else:
+        p1 = None
+    if p0 > 0 or end < clean.shape[pos_dim]:  # activations hold positions p0..end-1 only
+        m = m.narrow(pos_dim + 1, p0, end - p0)
+        src = clean.narrow(pos_dim, p0, end - p0)
+        if plan.kind == "pattern" and end < src.shape[-1]:  # keys seen: positions < end
+            src = src.narrow(-1, 0, end)
+
+    def patch(act, hook):
+        a = act.view(n, act.shape[0] // n, *act.shape[1:])
+        return torch.where(m, src[None].to(act.dtype), a).view(act.shape)
+
+    return runner.run(layer, n, [(plan.names[layer], patch)], p0=p0, p1=p1)
 
 
 def _finish(

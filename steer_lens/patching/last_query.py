@@ -1,0 +1,328 @@
+"""The last block of a last-position sweep, on the last position's query only.
+
+A last-position metric needs the last block's output at the last position only; the other positions
+matter there only through the keys and values they put in the block's attention. So the patching
+passes stop *before* the last block and leave a :class:`_Entry`: the last block's input, and either
+the keys/values it will attend to (computed by the pass) or nothing (computed in :meth:`flush`). A
+flush then runs the last block for all pending entries together: one key/value computation
+(``hook_resid_pre`` -> ``ln1`` -> ``attn.calculate_qkv_matrices``, TransformerLens's own modules and
+hooks) for the positions ``0..T-2`` of the entries that need it, and one call of the block on the
+last position alone, attending to those keys/values through a frozen key/value cache.
+
+Sites *in* the last block are entries too: their patch is applied inside these two calls, to their
+rows only (:func:`_patch_rows`). In the *fused* mode (clean and corrupted runs with the same hooks and
+shape) the patch source is the clean rows of the same call, so a sweep needs no clean activations of
+the last block at all, and the sites of block 0 go into the clean/corrupted run itself
+(:meth:`_LastQuery.fused_run`): their patch reads the clean rows at the hook as the pass computes it.
+See :mod:`steer_lens.patching.activation` for the method and its references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(eq=False)
+class _Deferred:
+    """The final residual ``[rows, 1, d_model]`` of a pass whose last block runs later (in a flush)."""
+
+    value: Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Tiled:
+    """``k`` copies of another row set's final residual (e.g. the corrupted run's, for sites that
+    cannot reach the last position)."""
+
+    src: Tensor | _Deferred
+    k: int
+
+
+@dataclass(eq=False)
+class _Entry:
+    """Rows waiting for the last block.
+
+    ``x``: the last block's input, ``[rows, T, d_model]`` when ``keys`` is None (the flush computes
+    keys/values for positions ``0..T-2``), else ``[rows, 1, d_model]`` with ``keys``/``values``
+    ``[rows, T-1, ...]`` given. With ``mask`` the rows are ``n`` stacked copies of the batch, patched
+    at the last block's hook: ``mask(shape)`` is the bool site mask ``[n, 1, *shape[1:]]`` for an
+    activation of (full-position) ``shape``; the source is ``src`` (a clean activation over all
+    positions) or, if None, the clean rows of the same call.
+    """
+
+    x: Tensor
+    deferred: _Deferred | None
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    n: int = 0
+    mask: Callable[[tuple[int, ...]], Tensor] | None = None
+    src: Tensor | None = None
+    pos_dim: int = 1
+    name: str = ""  # the hook the patch acts at
+    clean: bool = False  # these rows are the clean run (the in-call patch source)
+    _masks: dict = field(default_factory=dict)
+
+    def full_mask(self, shape: tuple[int, ...]) -> Tensor:
+        if shape not in self._masks:
+            self._masks[shape] = self.mask(shape)
+        return self._masks[shape]
+
+
+def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int | None, batch: int,
+                n_pos: int, window: tuple[int, int] | None) -> Tensor:
+    """``act`` with the rows of each patched entry (at its row offset) patched from its source.
+
+    ``window`` (start, length): the positions of the full sequence (``n_pos`` long) the call computes;
+    masks and captured sources are narrowed to it. Rows outside the segments are left as they are.
+    """
+    parts, at = [], 0
+    for offset, e in segments:
+        rows = e.n * batch
+        full = list(act.shape)
+        full[e.pos_dim] = n_pos
+        m = e.full_mask(tuple(full))
+        if e.src is None:
+            src = act[clean_at : clean_at + batch]
+        else:
+            src = e.src
+            if window is not None:
+                src = src.narrow(e.pos_dim, *window)
+        if window is not None:
+            m = m.narrow(e.pos_dim + 1, *window)
+        a = act[offset : offset + rows]
+        patched = torch.where(m, src[None].to(act.dtype), a.view(e.n, batch, *a.shape[1:]))
+        parts += [act[at:offset], patched.view(a.shape)]
+        at = offset + rows
+    parts.append(act[at:])
+    return torch.cat(parts)
+
+
+def _patch_hook(act, hook, segs, at, b, t, w):
+    return _patch_rows(act, segs, at, b, t, w)
+
+
+class _LastQuery:
+    """The last-query mode of :class:`steer_lens.patching.runner._Runner` (a mixin; see the module)."""
+
+    # set by the runner: model, tokens, hooks, keys, values, block_inputs, attention_mask, _hooked
+    fused: bool = False  # clean rows in the same calls (patch source of in-call patches)
+
+    def _last(self) -> int:
+        return int(self.model.cfg.n_layers) - 1
+
+    def _rep(self, t: Tensor, n: int) -> Tensor:
+        return t.repeat(n, *[1] * (t.ndim - 1))
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The last block's keys and values of block inputs ``x`` (as ``TransformerBlock.forward`` up to
+        the key/value cache: same modules, same hooks)."""
+        block = self.model.blocks[self._last()]
+        resid = block.hook_resid_pre(x)
+        _, k, v = block.attn.calculate_qkv_matrices(block.ln1(resid), block.ln1(resid), block.ln1(resid))
+        return k, v
+
+    def _defer(self, entry: _Entry) -> None:
+        self._pending.append(entry)
+        nbytes = entry.x.numel() + (0 if entry.keys is None else entry.keys.numel() + entry.values.numel())
+        self._pending_bytes += nbytes * entry.x.element_size()
+        if self._pending_bytes > self.flush_bytes:
+            self.flush()
+
+    # -- the passes ---------------------------------------------------------------------------------
+    def fused_run(
+        self,
+        layers,
+        clean: Tensor,
+        clean_names,
+        first: tuple[str, int, Callable, int] | None = None,
+    ) -> tuple[_Deferred, _Deferred, dict[str, Tensor], _Deferred | None]:
+        """The clean and corrupted runs in one pass up to the last block, with the copies of ``first``
+        = (hook name, n copies, mask, position dim) — sites of block 0 — patched in the same pass from
+        the clean rows. Records the corrupted run's block inputs (and keys/values for suffix caches,
+        also the last block's) and the clean activations at ``clean_names`` (before the last block).
+
+        Returns (clean, corrupted, clean activations, first's copies) with deferred final residuals.
+        """
+        last = self._last()
+        b = clean.shape[0]
+        n0 = 0 if first is None else first[1]
+        clean_acts: dict[str, Tensor] = {}
+
+        def save(act, hook, store, layer):
+            store[layer] = act[b : 2 * b].detach()
+
+        def save_clean(act, hook):
+            clean_acts[hook.name] = act[:b].detach()
+
+        wanted = set(layers) | {i + 1 for i in layers}
+        capture = [
+            (f"blocks.{i}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=i))
+            for i in sorted(wanted)
+            if i < last
+        ]
+        after = []
+        for i in range(min(layers), last):
+            after.append((f"blocks.{i}.attn.hook_k", _bind(save, store=self.keys, layer=i)))
+            after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
+        after += [(n, save_clean) for n in clean_names if not n.startswith(f"blocks.{last}.")]
+        patch = []
+        if first is not None:
+            name, n0, mask, pos_dim = first
+            e = _Entry(x=clean, deferred=None, n=n0, mask=mask, pos_dim=pos_dim, name=name)
+            n_pos = self.tokens.shape[1]
+            patch = [(name, lambda act, hook: _patch_rows(act, [(2 * b, e)], 0, b, n_pos, None))]
+        tokens = torch.cat([clean, self.tokens, self._rep(self.tokens, n0)])
+        self.attention_mask = self.model.input_to_embed(self.tokens)[3]
+        with self.model.hooks(fwd_hooks=capture + list(self.hooks) + patch + after):
+            y = self.model(tokens, stop_at_layer=last)  # the last block's input, every row
+            corrupted_in = y[b : 2 * b]
+            k, v = self._qkv(corrupted_in[:, :-1])  # the corrupted run's (for passes from p0 > 0)
+        self.block_inputs[last], self.keys[last], self.values[last] = corrupted_in, k, v
+        out = [_Deferred(), _Deferred(), _Deferred() if n0 else None]
+        self._defer(_Entry(x=y[:b], deferred=out[0], clean=True))
+        self._defer(_Entry(x=corrupted_in, deferred=out[1]))
+        if n0:
+            self._defer(_Entry(x=y[2 * b :], deferred=out[2]))
+        self._clean_in = y[:b]
+        return out[0], out[1], clean_acts, out[2]
+
+    def run_to_last(self, layer: int, n_copies: int, hooks: list, p0: int, p1: int | None) -> _Deferred:
+        """A pass of sites before the last block: blocks ``layer..last-1`` on positions ``>= p0`` and
+        the last block's keys/values; the query waits for :meth:`flush`."""
+        last = self._last()
+        mask = self.attention_mask
+        with self._hooked(hooks):
+            if p1 is not None and self.local_ok(layer, p1):  # block `layer` on positions p0..p1 only
+                x = self._local_block(layer, n_copies, p0, p1)
+                start = layer + 1
+            else:
+                x = self._rep(self.block_inputs[layer][:, p0:], n_copies)
+                start = layer
+            if start < last:
+                x = self.model(
+                    x,
+                    start_at_layer=start,
+                    stop_at_layer=last,
+                    attention_mask=None if mask is None else self._rep(mask, n_copies),
+                    past_kv_cache=self._cache(start, n_copies, p0, stop=last) if p0 > 0 else None,
+                )
+            keys, values = self._last_keys_values(x, n_copies, p0)
+        deferred = _Deferred()
+        self._defer(_Entry(x=x[:, -1:], deferred=deferred, keys=keys, values=values))
+        return deferred
+
+    def defer_last(
+        self, name: str, n_copies: int, mask: Callable, src: Tensor | None, pos_dim: int, p0: int
+    ) -> _Deferred:
+        """Sites in the last block (their earliest position ``p0``): ``n_copies`` of the corrupted
+        batch, patched inside the flush's calls from ``src`` (None: the clean rows of the call)."""
+        last = self._last()
+        x = self._rep(self.block_inputs[last], n_copies)
+        deferred = _Deferred()
+        entry = _Entry(x=x, deferred=deferred, n=n_copies, mask=mask, src=src, pos_dim=pos_dim, name=name)
+        if p0 >= self.tokens.shape[1] - 1:  # only the query is patched: the corrupted keys/values
+            entry.x = x[:, -1:]
+            entry.keys, entry.values = self._last_keys_values(x[:, -1:], n_copies, p0)
+        self._defer(entry)
+        return deferred
+
+    def _last_keys_values(self, x: Tensor, n_copies: int, p0: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of the last block for positions ``0..T-2``: the corrupted run's before
+        ``p0``, computed from the block input ``x`` (positions ``p0..T-1``) for ``p0..T-2``."""
+        last = self._last()
+        prefix_k = self._rep(self.keys[last][:, :p0], n_copies)
+        prefix_v = self._rep(self.values[last][:, :p0], n_copies)
+        if x.shape[1] < 2:
+            return prefix_k, prefix_v
+        k, v = self._qkv(x[:, :-1])
+        return torch.cat([prefix_k, k], dim=1), torch.cat([prefix_v, v], dim=1)
+
+    def _last_position(self, x: Tensor, keys: Tensor, values: Tensor, n_copies: int) -> Tensor:
+        """The last block at the last position only (input ``x`` ``[rows, 1, d_model]``), attending to
+        ``keys``/``values`` of positions ``0..T-2``: the final residual ``[rows, 1, d_model]``."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        n_layers = int(self.model.cfg.n_layers)
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
+        mask = self._rep(mask, n_copies)
+        entries = [None] * (n_layers - 1) + [
+            TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
+        ]
+        cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask[:, :-1], frozen=True)
+        return self.model(
+            x,
+            start_at_layer=n_layers - 1,
+            stop_at_layer=n_layers,
+            attention_mask=None if self.attention_mask is None else mask,
+            past_kv_cache=cache,
+        )
+
+    def flush(self) -> None:
+        """Run the last block for every pending entry: one key/value call for the entries given in
+        full, one single-query call for all, with the patches of last-block sites applied to their rows."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        b, n_pos = self.tokens.shape[0], self.tokens.shape[1]
+        full = [e for e in pending if e.keys is None]
+        ready = [e for e in pending if e.keys is not None]
+        if any(e.mask is not None and e.src is None for e in pending) and not any(e.clean for e in full):
+            full.insert(0, _Entry(x=self._clean_in, deferred=None, clean=True))  # the patch source
+        rows = full + ready
+        offsets, at = [], 0
+        for e in rows:
+            offsets.append(at)
+            at += e.x.shape[0]
+        clean_at = next((o for o, e in zip(offsets, rows, strict=True) if e.clean), None)
+        segments = [(o, e) for o, e in zip(offsets, rows, strict=True) if e.mask is not None]
+
+        def hooks(window, n_rows):  # the patches of the entries among the call's first n_rows rows
+            out = []
+            for name in dict.fromkeys(e.name for _, e in segments):
+                segs = [(o, e) for o, e in segments if o < n_rows and e.name == name]
+                if segs:
+                    out.append((name, _bind(_patch_hook, segs=segs, at=clean_at, b=b, t=n_pos, w=window)))
+            return out
+
+        keys = [e.keys for e in ready]
+        values = [e.values for e in ready]
+        xs = [e.x[:, -1:] for e in full] + [e.x for e in ready]
+        if full:
+            x_full = torch.cat([e.x for e in full])
+            with self._hooked(hooks((0, n_pos - 1), x_full.shape[0])):
+                k, v = self._qkv(x_full[:, :-1])
+            keys.insert(0, k)
+            values.insert(0, v)
+        x = torch.cat(xs)
+        with self._hooked(hooks((n_pos - 1, 1), x.shape[0])):
+            out = self._last_position(x, torch.cat(keys), torch.cat(values), x.shape[0] // b)
+        for o, e in zip(offsets, rows, strict=True):
+            if e.deferred is not None:
+                e.deferred.value = out[o : o + e.x.shape[0]]
+
+
+def _resolve(runner, rows: list) -> list[Tensor]:
+    """``rows`` with every :class:`_Deferred` / :class:`_Tiled` replaced by its tensor (flushing the
+    runner first)."""
+    runner.flush()
+
+    def value(r):
+        if isinstance(r, _Tiled):
+            return value(r.src).repeat(r.k, 1, 1)
+        return r.value if isinstance(r, _Deferred) else r
+
+    return [value(r) for r in rows]
+
+
+def _bind(fn: Callable, **kw):
+    def wrapped(act, hook):
+        return fn(act, hook, **kw)
+
+    return wrapped
