@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -108,7 +109,7 @@ def test_prefix_sharing_and_chunking_do_not_change_values(tiny_model):
     torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
 
 
-def test_position_grouped_passes_equal_transformer_lens():
+def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
     """Large by-position sweeps run in passes over positions >= p0 against cached keys/values; sites
     local to their position (z, pattern, resid_mid, attn_out, q ...) run their own block on p0..p1 only."""
     from transformer_lens import patching as tlp
@@ -122,6 +123,8 @@ def test_position_grouped_passes_equal_transformer_lens():
     _, cache = model.run_with_cache(clean)
     calls = []
     run = activation._Runner.run
+    # this model is small enough that the sweep would choose one pass per layer: ask for 4
+    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=4))
 
     def spy(self, layer, n, hooks, p0=0, p1=None):
         calls.append((p0, p1 is not None and self.local_ok(layer, p1)))
@@ -250,6 +253,40 @@ def test_last_block_query_only_equals_transformer_lens(tiny_model):
     assert counts["kv"] > 0
     torch.testing.assert_close(noi.values, ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(noi_k.values, ref_k, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_last_block_flushes_and_one_layer_equal_transformer_lens(monkeypatch, n_layers):
+    """The merged last-block calls with a tiny flush size (each flush re-adds the clean rows its
+    in-call patches read from) and on a one-layer model (block 0 is the last block: no fused first
+    pass), with position groups: values equal TransformerLens's."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation
+    from steer_lens.patching.last_query import _LastQuery
+
+    model = sl.random_model("llama", n_layers=n_layers, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3)
+    clean, corrupted = _pair(53, pos=10, seed=8)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=3))
+    flushes, flush = [], _LastQuery.flush
+
+    def spy(self):
+        flushes.append([e.clean for e in self._pending])
+        return flush(self)
+
+    monkeypatch.setattr(_LastQuery, "flush", spy)
+    for hook, by, fn in [TL_CASES[0], TL_CASES[4], TL_CASES[7]]:  # resid_pre, z, v by position
+        res = sl.patching.activation_patch(
+            model, clean, corrupted, metric, hook, by=by, memory_budget=1 << 16
+        )
+        torch.testing.assert_close(
+            res.values, getattr(tlp, fn)(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
+        )
+    assert sum(1 for f in flushes if f) > 3 * 2  # several flushes per sweep
+    assert sum(1 for f in flushes if f and not any(f)) > 0  # ... also without the clean run's rows
 
 
 @pytest.mark.real_model

@@ -22,10 +22,13 @@ per site and reads the metric back to the host after each. Here:
   change their block's output at their own position only: their block runs on the pass's site
   positions alone, and the next block takes the corrupted run's input for the later positions; in the
   last block, such sites before the last position cannot reach a last-position metric and need no pass.
-* **The last block computes one query.** In those position-grouped sweeps the last block runs the
-  last position alone (query, attention output, MLP), attending through a key/value cache to keys
-  and values computed for the other positions by the block's own ``hook_resid_pre``, ``ln1`` and
-  ``attn.calculate_qkv_matrices``; the passes of earlier blocks share one such call.
+* **The last block computes one query.** In by-position sweeps the last block runs the last
+  position alone (query, attention output, MLP), attending through a key/value cache to keys and
+  values computed for the other positions by the block's own ``hook_resid_pre``, ``ln1`` and
+  ``attn.calculate_qkv_matrices``; the passes of earlier blocks and the sites of the last block share
+  one such call (:mod:`steer_lens.patching.last_query`). When clean and corrupted runs share hooks and
+  shape, the clean rows ride along: last-block sites are patched from them inside that call, and the
+  first pass of block 0 runs inside the clean/corrupted pass itself.
 * **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
   and unembedding run for all passes together at the end, and for a metric that reads a few raw
   logits (``logit_diff``: ``Metric.columns``) only those vocabulary columns are computed.
@@ -38,7 +41,8 @@ up to float rounding; the tests check it for every hook on GPT-2-, NeoX- and Lla
 on a real Llama with grouped-query attention (where ``k``/``v`` sites are the key/value heads).
 
 This module holds the public functions; the site plan and the input checks are in
-:mod:`steer_lens.patching.sites`, the batched engine in :mod:`steer_lens.patching.sweep`.
+:mod:`steer_lens.patching.sites`, the batched engine in :mod:`steer_lens.patching.sweep` (passes: :mod:`steer_lens.patching.runner`,
+:mod:`steer_lens.patching.last_query`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ See :mod:`steer_lens.patching.activation` for the method and its references.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -176,12 +177,11 @@ class _LastQuery:
             n_pos = self.tokens.shape[1]
             patch = [(name, lambda act, hook: _patch_rows(act, [(2 * b, e)], 0, b, n_pos, None))]
         tokens = torch.cat([clean, self.tokens, self._rep(self.tokens, n0)])
-        self.attention_mask = self.model.input_to_embed(self.tokens)[3]
+        self.attention_mask = self._padding_mask()
         with self.model.hooks(fwd_hooks=capture + list(self.hooks) + patch + after):
             y = self.model(tokens, stop_at_layer=last)  # the last block's input, every row
             corrupted_in = y[b : 2 * b]
-            k, v = self._qkv(corrupted_in[:, :-1])  # the corrupted run's (for passes from p0 > 0)
-        self.block_inputs[last], self.keys[last], self.values[last] = corrupted_in, k, v
+        self.block_inputs[last] = corrupted_in
         out = [_Deferred(), _Deferred(), _Deferred() if n0 else None]
         self._defer(_Entry(x=y[:b], deferred=out[0], clean=True))
         self._defer(_Entry(x=corrupted_in, deferred=out[1]))
@@ -230,10 +230,27 @@ class _LastQuery:
         self._defer(entry)
         return deferred
 
+    def _corrupted_keys_values(self) -> None:
+        """The corrupted run's keys/values of the last block (the run's hooks only: a pass's patch
+        that may be set on the session's dispatcher is put aside meanwhile)."""
+        last = self._last()
+        saved = None if self._patches is None else dict(self._patches)
+        context = self.model.hooks(fwd_hooks=list(self.hooks)) if saved is None else nullcontext()
+        if saved is not None:
+            self._patches.clear()
+        try:
+            with context:
+                self.keys[last], self.values[last] = self._qkv(self.block_inputs[last][:, :-1])
+        finally:
+            if saved is not None:
+                self._patches.update(saved)
+
     def _last_keys_values(self, x: Tensor, n_copies: int, p0: int) -> tuple[Tensor, Tensor]:
         """Keys and values of the last block for positions ``0..T-2``: the corrupted run's before
         ``p0``, computed from the block input ``x`` (positions ``p0..T-1``) for ``p0..T-2``."""
         last = self._last()
+        if last not in self.keys:  # fused mode: the corrupted run's, computed on first use
+            self._corrupted_keys_values()
         prefix_k = self._rep(self.keys[last][:, :p0], n_copies)
         prefix_v = self._rep(self.values[last][:, :p0], n_copies)
         if x.shape[1] < 2:

@@ -120,7 +120,7 @@ class _Runner(_LastQuery):
                 for i in range(min(layers), int(self.model.cfg.n_layers)):
                     after.append((f"blocks.{i}.attn.hook_k", _bind(save, store=self.keys, layer=i)))
                     after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
-            self.attention_mask = self.model.input_to_embed(self.tokens)[3]
+            self.attention_mask = self._padding_mask()
 
         def save_clean(act, hook):
             clean_acts[hook.name] = act[:b].detach()
@@ -134,6 +134,14 @@ class _Runner(_LastQuery):
             else:
                 out = self.model(tokens)
         return out[b:], (None if clean is None else out[:b]), clean_acts
+
+    def _padding_mask(self) -> Tensor | None:
+        """The attention mask TransformerLens builds for the corrupted tokens (None without left
+        padding, as ``HookedTransformer.input_to_embed`` decides; that call embeds the tokens too)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or getattr(tokenizer, "padding_side", None) != "left":
+            return None
+        return self.model.input_to_embed(self.tokens)[3]
 
     def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
         """Logits ``[rows, 1, d_vocab]`` (or ``[rows, 1, n_columns]``) of final residuals, under the hooks."""

@@ -143,8 +143,11 @@ def _sweep(
     site_pos = torch.tensor(plan.site_positions())
     if positional:
         position_groups = 1
-    elif position_groups is None:  # up to 6 passes per layer, each of >= ~12 sequences (measured on CPU)
-        position_groups = max(1, min(6, plan.n_sites * batch // 12))
+    elif position_groups is None:
+        # up to 6 passes per layer, each of >= ~12 sequences at d_model 512 and more on narrower
+        # models, where a pass costs more in calls than in compute (measured on CPU)
+        rows = 12 * max(1, 512 // int(model.cfg.d_model))
+        position_groups = max(1, min(6, plan.n_sites * batch // rows))
     suffix = runner.suffix and "pos" in plan.by and not positional
     # the last block computes the last position's query only (keys/values for the others)
     runner.last_query = suffix and runner.kv_ok()
