@@ -537,6 +537,35 @@ def test_steering_patch_denoise_and_noise_equal_tl(tiny_model):
     assert abs(float(whole.values[1]) - whole.clean_metric) < ATOL
 
 
+@pytest.mark.parametrize("positions", ["all", "mask"])
+def test_activation_patch_on_steered_model_equals_tl(tiny_model, positions):
+    """`activation_patch` on a SteeredTransformer runs both inputs steered. With a vector in the last
+    block (its hook fires in the clean rows, the corrupted rows and every copy of the fused passes),
+    and with a position-specific vector (no suffix passes), values equal TransformerLens's with the
+    steering hooks installed."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = tiny_model
+    last = model.cfg.n_layers - 1
+    if positions == "mask":
+        positions = torch.arange(12) % 3 == 0
+    steered = sl.SteeredTransformer(
+        model, hooks=[f"blocks.{last}.hook_resid_pre"], init="random", init_norm=3.0, seed=1, positions=positions
+    )
+    clean, corrupted = _pair(model.cfg.d_vocab, pos=12, seed=31)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    with model.hooks(fwd_hooks=steered.fwd_hooks()):
+        _, cache = model.run_with_cache(clean)
+        refs = [getattr(tlp, fn)(model, corrupted, cache, metric) for _, _, fn in (TL_CASES[0], TL_CASES[6])]
+    for (hook, by, _), ref in zip((TL_CASES[0], TL_CASES[6]), refs, strict=True):  # resid_pre, k by pos
+        res = sl.patching.activation_patch(steered, clean, corrupted, metric, hook, by=by)
+        torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=hook)
+    plain = sl.patching.activation_patch(model, clean, corrupted, metric, "resid_pre")
+    assert (plain.values - refs[0]).abs().max() > 1e-3  # the vector matters here
+
+
 @pytest.mark.parametrize("mask_ndim", [1, 2])
 def test_steering_patch_with_position_masks_equals_tl(mask_ndim):
     """Vectors on some positions only: no suffix passes (absolute positions); a per-sequence [batch, pos]

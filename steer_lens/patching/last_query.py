@@ -68,9 +68,11 @@ class _Entry:
     _masks: dict = field(default_factory=dict)
 
     def full_mask(self, shape: tuple[int, ...]) -> Tensor:
-        if shape not in self._masks:
-            self._masks[shape] = self.mask(shape)
-        return self._masks[shape]
+        """The site mask for an activation of ``shape`` (all positions; cached per shape)."""
+        key = tuple(shape[1:])  # the row count does not enter the mask
+        if key not in self._masks:
+            self._masks[key] = self.mask(tuple(shape))
+        return self._masks[key]
 
 
 def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int | None, batch: int,
