@@ -380,6 +380,28 @@ def test_positions_heads_layers_restrict_the_sweep(tiny_model):
     assert part.labels["layer"] == ["1"] and part.labels["head"] == ["2"]
 
 
+@pytest.mark.parametrize("groups", [None, 3])
+def test_restricted_sweeps_equal_rows_of_the_full_sweep(monkeypatch, groups):
+    """Layer and position subsets change which passes exist (no block-0 pass inside the clean/corrupted
+    pass, first position group starting after 0, last block alone): the values are still the full
+    sweep's rows, with one pass per layer or position groups."""
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    if groups is not None:
+        monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=groups))
+    model = sl.random_model("llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
+    clean, corrupted = _pair(53, pos=14, seed=5)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    for hook, by in [("resid_pre", None), ("z", ("layer", "pos", "head")), ("k", ("layer", "pos", "head"))]:
+        full = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+        for layers in ([1], [0, 2], [2]):
+            part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, layers=layers)
+            torch.testing.assert_close(part.values, full[layers], atol=ATOL, rtol=0, msg=f"{hook} {layers}")
+        part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, positions=[3, 7, 13])
+        torch.testing.assert_close(part.values, full[:, [3, 7, 13]], atol=ATOL, rtol=0, msg=hook)
+
+
 def test_align_patches_shifted_positions():
     from transformer_lens import patching as tlp
 
