@@ -104,15 +104,10 @@ def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int |
     return torch.cat(parts)
 
 
-def _patch_hook(act, hook, segs, at, b, t, w):
-    return _patch_rows(act, segs, at, b, t, w)
-
-
 class _LastQuery:
     """The last-query mode of :class:`steer_lens.patching.runner._Runner` (a mixin; see the module)."""
 
     # set by the runner: model, tokens, hooks, keys, values, block_inputs, attention_mask, _hooked
-    fused: bool = False  # clean rows in the same calls (patch source of in-call patches)
 
     def _last(self) -> int:
         return int(self.model.cfg.n_layers) - 1
@@ -222,13 +217,14 @@ class _LastQuery:
     ) -> _Deferred:
         """Sites in the last block (their earliest position ``p0``): ``n_copies`` of the corrupted
         batch, patched inside the flush's calls from ``src`` (None: the clean rows of the call)."""
-        last = self._last()
-        x = self._rep(self.block_inputs[last], n_copies)
+        corrupted_in = self.block_inputs[self._last()]
         deferred = _Deferred()
-        entry = _Entry(x=x, deferred=deferred, n=n_copies, mask=mask, src=src, pos_dim=pos_dim, name=name)
+        entry = _Entry(x=corrupted_in, deferred=deferred, n=n_copies, mask=mask, src=src, pos_dim=pos_dim, name=name)
         if p0 >= self.tokens.shape[1] - 1:  # only the query is patched: the corrupted keys/values
-            entry.x = x[:, -1:]
-            entry.keys, entry.values = self._last_keys_values(x[:, -1:], n_copies, p0)
+            entry.x = self._rep(corrupted_in[:, -1:], n_copies)
+            entry.keys, entry.values = self._last_keys_values(entry.x, n_copies, p0)
+        else:
+            entry.x = self._rep(corrupted_in, n_copies)
         self._defer(entry)
         return deferred
 
@@ -307,7 +303,7 @@ class _LastQuery:
             for name in dict.fromkeys(e.name for _, e in segments):
                 segs = [(o, e) for o, e in segments if o < n_rows and e.name == name]
                 if segs:
-                    out.append((name, _bind(_patch_hook, segs=segs, at=clean_at, b=b, t=n_pos, w=window)))
+                    out.append((name, lambda act, hook, s=segs: _patch_rows(act, s, clean_at, b, n_pos, window)))
             return out
 
         keys = [e.keys for e in ready]

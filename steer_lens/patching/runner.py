@@ -181,7 +181,7 @@ class _Runner(_LastQuery):
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         def rep(t: Tensor) -> Tensor:
-            return t[:, :p0].repeat(n_copies, *[1] * (t.ndim - 1))
+            return self._rep(t[:, :p0], n_copies)
 
         entries = [
             TransformerLensKeyValueCacheEntry(
@@ -222,11 +222,9 @@ class _Runner(_LastQuery):
             if p0 > 0:
                 cache = self._cache(layer, n_copies, p0)
                 x = x[:, p0:]
-                if mask is not None:  # the full mask: cached positions and the suffix
-                    mask = mask.repeat(n_copies, 1)
-            elif mask is not None:
-                mask = mask.repeat(n_copies, 1)
-            x = x.repeat(n_copies, *[1] * (x.ndim - 1))
+            if mask is not None:  # the full mask (with p0 > 0: cached positions and the suffix)
+                mask = self._rep(mask, n_copies)
+            x = self._rep(x, n_copies)
             if not self.last_only:
                 return self.model(x, start_at_layer=layer, attention_mask=mask)
             resid = self.model(
@@ -241,9 +239,6 @@ class _Runner(_LastQuery):
     def _run_local(self, layer: int, n_copies: int, hooks: list, p0: int, p1: int) -> Tensor:
         """:meth:`run` for sites local to their position: block ``layer`` on positions ``p0..p1`` only."""
 
-        def rep(t: Tensor) -> Tensor:
-            return t.repeat(n_copies, *[1] * (t.ndim - 1))
-
         n_layers = int(self.model.cfg.n_layers)
         mask = self.attention_mask
         with self._hooked(hooks):
@@ -252,7 +247,7 @@ class _Runner(_LastQuery):
                 x,
                 start_at_layer=layer + 1,
                 stop_at_layer=n_layers,
-                attention_mask=None if mask is None else rep(mask),
+                attention_mask=None if mask is None else self._rep(mask, n_copies),
                 past_kv_cache=self._cache(layer + 1, n_copies, p0) if p0 > 0 else None,
             )
         return resid[:, -1:]
@@ -261,19 +256,16 @@ class _Runner(_LastQuery):
         """Block ``layer`` on positions ``p0..p1`` only (under the current hooks): the input of block
         ``layer + 1`` for positions ``p0..T-1`` (after ``p1``: the corrupted run's)."""
 
-        def rep(t: Tensor) -> Tensor:
-            return t.repeat(n_copies, *[1] * (t.ndim - 1))
-
         mask = self.attention_mask
         out = self.model(
-            rep(self.block_inputs[layer][:, p0 : p1 + 1]),
+            self._rep(self.block_inputs[layer][:, p0 : p1 + 1], n_copies),
             start_at_layer=layer,
             stop_at_layer=layer + 1,
-            attention_mask=None if mask is None else rep(mask[:, : p1 + 1]),
+            attention_mask=None if mask is None else self._rep(mask[:, : p1 + 1], n_copies),
             past_kv_cache=self._cache(layer, n_copies, p0, stop=layer + 1) if p0 > 0 else None,
         )
         # positions after p1 leave block `layer` as in the corrupted run
-        return torch.cat([out, rep(self.block_inputs[layer + 1][:, p1 + 1 :])], dim=1)
+        return torch.cat([out, self._rep(self.block_inputs[layer + 1][:, p1 + 1 :], n_copies)], dim=1)
 
 
 def _final_logits(model, resid: Tensor, hooks: list, columns: Tensor | None) -> Tensor:

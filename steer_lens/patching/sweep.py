@@ -141,19 +141,12 @@ def _sweep(
     # how the sites are grouped into passes
     copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
     site_pos = torch.tensor(plan.site_positions())
-    if positional:
-        position_groups = 1
-    elif position_groups is None:
-        # up to 6 passes per layer, each of >= ~12 sequences at d_model 512 and more on narrower
-        # models, where a pass costs more in calls than in compute (measured on CPU)
-        rows = 12 * max(1, 512 // int(model.cfg.d_model))
-        position_groups = max(1, min(6, plan.n_sites * batch // rows))
     suffix = runner.suffix and "pos" in plan.by and not positional
     # the last block computes the last position's query only (keys/values for the others)
     runner.last_query = suffix and runner.kv_ok()
     runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
     # fused: the clean run in the same passes as the patched copies (the patch reads its rows)
-    runner.fused = fused = (
+    fused = (
         runner.last_query
         and clean_hooks is corrupted_hooks
         and clean_tokens.shape == corrupted_tokens.shape
@@ -161,6 +154,11 @@ def _sweep(
     )
     all_copies = copies  # sites in the last block: keys/values are cheap, no position groups
     if suffix:  # several passes per layer, each over the positions from its earliest site on
+        if position_groups is None:
+            # up to 6 passes per layer, each of >= ~12 sequences at d_model 512 and more on narrower
+            # models, where a pass costs more in calls than in compute (measured on CPU)
+            rows = 12 * max(1, 512 // int(model.cfg.d_model))
+            position_groups = max(1, min(6, plan.n_sites * batch // rows))
         n_pos = len(plan.index["pos"])
         copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
     # sites that change block `layer`'s output at their own position only
@@ -216,7 +214,7 @@ def _sweep(
 
             bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
         orders: list[Tensor] = []  # per layer: the site order of its values
-        with runner.session(list(plan.names.values())):  # one hooks context for every pass
+        with runner.session(names):  # one hooks context for every pass
             for layer in plan.layers:
                 name = plan.names[layer]
                 layer_out = []
