@@ -160,9 +160,9 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
 
     deferred, defer_last = [], _LastQuery.defer_last
 
-    def spy_last(self, name, n, mask, src, pos_dim, p0):
-        deferred.append(p0)
-        return defer_last(self, name, n, mask, src, pos_dim, p0)
+    def spy_last(self, name, n, mask, src, pos_dim, p0, derive=""):
+        deferred.append((p0, derive))
+        return defer_last(self, name, n, mask, src, pos_dim, p0, derive)
 
     kv_calls, qkv = [], _LastQuery._qkv
     _LastQuery.defer_last = spy_last
@@ -173,7 +173,7 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
         )
     finally:
         _LastQuery.defer_last, _LastQuery._qkv = defer_last, qkv
-    assert deferred and all(p0 == 15 for p0 in deferred)
+    assert deferred and all(p0 == 15 and derive == "corrupted" for p0, derive in deferred)
     assert all(shape[0] <= 2 * clean.shape[0] for shape in kv_calls)  # clean/corrupted rows only
     torch.testing.assert_close(
         last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0
@@ -287,6 +287,52 @@ def test_last_block_flushes_and_one_layer_equal_transformer_lens(monkeypatch, n_
         )
     assert sum(1 for f in flushes if f) > 3 * 2  # several flushes per sweep
     assert sum(1 for f in flushes if f and not any(f)) > 0  # ... also without the clean run's rows
+
+
+@pytest.mark.parametrize("case", [0, 6, 7, 8, 10, 11], ids=lambda i: "-".join([TL_CASES[i][0], *(TL_CASES[i][1] or ())]))
+def test_last_block_keys_values_come_from_clean_and_corrupted_rows(monkeypatch, case):
+    """Sites in the last block whose patch acts before its keys/values position by position
+    (resid_pre, k, v) or after them (z): the flush computes keys/values for the clean and corrupted
+    rows only and mixes the patched rows' from them; values equal TransformerLens's (grouped-query
+    attention: 2 key/value heads for 4 query heads)."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching.last_query import _LastQuery
+
+    hook, by, fn = TL_CASES[case]
+    model = sl.random_model(
+        "llama", n_layers=2, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=4, n_key_value_heads=2
+    )
+    clean, corrupted = _pair(53, pos=7, seed=2)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    rows, qkv = [], _LastQuery._qkv
+    monkeypatch.setattr(_LastQuery, "_qkv", lambda self, x: rows.append(x.shape[0]) or qkv(self, x))
+    res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, layers=[1])
+    assert rows and max(rows) <= 2 * clean.shape[0]  # no keys/values computed for patched copies
+    ref = getattr(tlp, fn)(model, corrupted, cache, metric)
+    torch.testing.assert_close(res.values[0], ref[1], atol=ATOL, rtol=0)
+
+
+def test_qk_norm_model_equals_transformer_lens(monkeypatch):
+    """A model with a q/k norm after ``hook_k`` (as Qwen3, Gemma 3, OLMo 2): the key caches of the
+    suffix passes hold the normalised keys, so passes that start after position 0 stay exact."""
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    model = sl.random_model(
+        "llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3, n_key_value_heads=2,
+        use_qk_norm=True,
+    )
+    clean, corrupted = _pair(53, pos=10, seed=1)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=3))
+    for i in (0, 4, 6):  # resid_pre; z, k by position
+        hook, by, fn = TL_CASES[i]
+        res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
+        ref = _tl_reference(model, fn, clean, corrupted, metric)
+        torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=hook)
 
 
 @pytest.mark.real_model

@@ -65,6 +65,12 @@ class _Entry:
     pos_dim: int = 1
     name: str = ""  # the hook the patch acts at
     clean: bool = False  # these rows are the clean run (the in-call patch source)
+    corrupted: bool = False  # these rows are the corrupted run
+    # how the flush gets the keys/values of a last-block site's rows without computing them (``x`` is
+    # then the last position only): "corrupted" (the patch acts after them), "resid" (the patch
+    # replaces whole positions of the block input: the clean rows' keys/values there), "k" / "v" (the
+    # patch acts on them: patched from the clean rows'); "" computes them
+    derive: str = ""
     _masks: dict = field(default_factory=dict)
 
     def full_mask(self, shape: tuple[int, ...]) -> Tensor:
@@ -94,7 +100,7 @@ def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int |
             src = e.src
             if window is not None:
                 src = src.narrow(e.pos_dim, *window)
-        if window is not None:
+        if window is not None and m.shape[e.pos_dim + 1] == n_pos:  # (1: sites over all positions)
             m = m.narrow(e.pos_dim + 1, *window)
         a = act[offset : offset + rows]
         patched = torch.where(m, src[None].to(act.dtype), a.view(e.n, batch, *a.shape[1:]))
@@ -115,6 +121,19 @@ class _LastQuery:
     def _rep(self, t: Tensor, n: int) -> Tensor:
         return t.repeat(n, *[1] * (t.ndim - 1))
 
+    def _keys_hook(self, layer: int, rows: slice) -> Callable:
+        """A hook at block ``layer``'s ``attn.hook_k`` that records ``rows`` of the keys as attention
+        caches them: after the q/k norm where the model has one (Qwen3, Gemma 3, OLMo 2 apply it after
+        ``hook_k``)."""
+        attn = self.model.blocks[layer].attn
+        norm = getattr(attn, "k_norm", None) if getattr(self.model.cfg, "use_qk_norm", False) else None
+
+        def save(act, hook):
+            k = act[rows].detach()
+            self.keys[layer] = k if norm is None else attn._apply_qk_norm(k, norm)
+
+        return save
+
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The last block's keys and values of block inputs ``x`` (as ``TransformerBlock.forward`` up to
         the key/value cache: same modules, same hooks)."""
@@ -126,6 +145,10 @@ class _LastQuery:
     def _defer(self, entry: _Entry) -> None:
         self._pending.append(entry)
         nbytes = entry.x.numel() + (0 if entry.keys is None else entry.keys.numel() + entry.values.numel())
+        if entry.derive:  # the keys/values the flush makes for it
+            cfg = self.model.cfg
+            kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+            nbytes += 2 * entry.x.shape[0] * (self.tokens.shape[1] - 1) * kv_heads * cfg.d_head
         self._pending_bytes += nbytes * entry.x.element_size()
         if self._pending_bytes > self.flush_bytes:
             self.flush()
@@ -164,7 +187,7 @@ class _LastQuery:
         ]
         after = []
         for i in range(min(layers), last):
-            after.append((f"blocks.{i}.attn.hook_k", _bind(save, store=self.keys, layer=i)))
+            after.append((f"blocks.{i}.attn.hook_k", self._keys_hook(i, slice(b, 2 * b))))
             after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
         after += [(n, save_clean) for n in clean_names if not n.startswith(f"blocks.{last}.")]
         patch = []
@@ -181,7 +204,7 @@ class _LastQuery:
         self.block_inputs[last] = corrupted_in
         out = [_Deferred(), _Deferred(), _Deferred() if n0 else None]
         self._defer(_Entry(x=y[:b], deferred=out[0], clean=True))
-        self._defer(_Entry(x=corrupted_in, deferred=out[1]))
+        self._defer(_Entry(x=corrupted_in, deferred=out[1], corrupted=True))
         if n0:
             self._defer(_Entry(x=y[2 * b :], deferred=out[2]))
         self._clean_in = y[:b]
@@ -213,20 +236,71 @@ class _LastQuery:
         return deferred
 
     def defer_last(
-        self, name: str, n_copies: int, mask: Callable, src: Tensor | None, pos_dim: int, p0: int
+        self,
+        name: str,
+        n_copies: int,
+        mask: Callable,
+        src: Tensor | None,
+        pos_dim: int,
+        p0: int,
+        derive: str = "",
     ) -> _Deferred:
         """Sites in the last block (their earliest position ``p0``): ``n_copies`` of the corrupted
-        batch, patched inside the flush's calls from ``src`` (None: the clean rows of the call)."""
+        batch, patched inside the flush's calls from ``src`` (None: the clean rows of the call).
+
+        ``derive`` (see :class:`_Entry`): how the flush may get these rows' keys/values from the clean
+        and corrupted rows instead of computing them; sites at the last position only change the query.
+        """
         corrupted_in = self.block_inputs[self._last()]
-        deferred = _Deferred()
-        entry = _Entry(x=corrupted_in, deferred=deferred, n=n_copies, mask=mask, src=src, pos_dim=pos_dim, name=name)
         if p0 >= self.tokens.shape[1] - 1:  # only the query is patched: the corrupted keys/values
-            entry.x = self._rep(corrupted_in[:, -1:], n_copies)
-            entry.keys, entry.values = self._last_keys_values(entry.x, n_copies, p0)
-        else:
-            entry.x = self._rep(corrupted_in, n_copies)
-        self._defer(entry)
+            derive = "corrupted"
+        if derive not in ("", "corrupted") and src is not None:
+            derive = ""  # from the clean rows of the call only (fused mode)
+        x = corrupted_in[:, -1:] if derive else corrupted_in
+        deferred = _Deferred()
+        self._defer(
+            _Entry(
+                x=self._rep(x, n_copies),
+                deferred=deferred,
+                n=n_copies,
+                mask=mask,
+                src=src,
+                pos_dim=pos_dim,
+                name=name,
+                derive=derive,
+            )
+        )
         return deferred
+
+    def _derived_keys_values(
+        self, e: _Entry, clean_kv: tuple[Tensor, Tensor] | None, corrupted_kv: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Keys/values ``[rows, T-1, kv_heads, d_head]`` of a derived entry's rows (see :class:`_Entry`):
+        the corrupted run's, with the patched positions (or heads) taken from the clean run's. Exact
+        because ``ln1``, the projections and whatever acts after ``hook_k`` / ``hook_v`` before the
+        cache (e.g. a q/k norm) work on each position on its own."""
+        k_x, v_x = corrupted_kv
+        if e.derive == "corrupted":
+            return self._rep(k_x, e.n), self._rep(v_x, e.n)
+        k_c, v_c = clean_kv
+        b, t = k_x.shape[0], k_x.shape[1] + 1
+        if e.derive == "resid":  # mask [n, 1, T or 1, 1] over the block input -> every key/value element
+            m = e.full_mask((b, t, int(self.model.cfg.d_model)))
+            m = m[..., None]  # [n, 1, T or 1, 1, 1]
+            patch_k = patch_v = True
+        else:  # mask over the key (value) activation [b, T, kv_heads, d_head]
+            m = e.full_mask((b, t, *k_x.shape[2:]))
+            patch_k, patch_v = e.derive == "k", e.derive == "v"
+        if m.shape[2] == t:
+            m = m[:, :, : t - 1]
+
+        def mix(clean: Tensor, corrupted: Tensor, patched: bool) -> Tensor:
+            if not patched:
+                return self._rep(corrupted, e.n)
+            out = torch.where(m, clean[None], corrupted[None])  # [n, b, T-1, kv_heads, d_head]
+            return out.reshape(e.n * b, *corrupted.shape[1:])
+
+        return mix(k_c, k_x, patch_k), mix(v_c, v_x, patch_v)
 
     def _corrupted_keys_values(self) -> None:
         """The corrupted run's keys/values of the last block (the run's hooks only: a pass's patch
@@ -281,16 +355,22 @@ class _LastQuery:
 
     def flush(self) -> None:
         """Run the last block for every pending entry: one key/value call for the entries given in
-        full, one single-query call for all, with the patches of last-block sites applied to their rows."""
+        full, one single-query call for all, with the patches of last-block sites applied to their
+        rows. Derived entries (see :class:`_Entry`) take their keys/values from the clean and corrupted
+        rows of the key/value call (or the corrupted run's, once known)."""
         if not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         b, n_pos = self.tokens.shape[0], self.tokens.shape[1]
-        full = [e for e in pending if e.keys is None]
+        last = self._last()
+        full = [e for e in pending if e.keys is None and not e.derive]
+        derived = [e for e in pending if e.derive]
         ready = [e for e in pending if e.keys is not None]
         if any(e.mask is not None and e.src is None for e in pending) and not any(e.clean for e in full):
             full.insert(0, _Entry(x=self._clean_in, deferred=None, clean=True))  # the patch source
-        rows = full + ready
+        if derived and last not in self.keys and not any(e.corrupted for e in full):
+            full.append(_Entry(x=self.block_inputs[last], deferred=None, corrupted=True))
+        rows = full + derived + ready
         offsets, at = [], 0
         for e in rows:
             offsets.append(at)
@@ -306,16 +386,27 @@ class _LastQuery:
                     out.append((name, lambda act, hook, s=segs: _patch_rows(act, s, clean_at, b, n_pos, window)))
             return out
 
-        keys = [e.keys for e in ready]
-        values = [e.values for e in ready]
-        xs = [e.x[:, -1:] for e in full] + [e.x for e in ready]
+        keys, values = [], []
         if full:
             x_full = torch.cat([e.x for e in full])
             with self._hooked(hooks((0, n_pos - 1), x_full.shape[0])):
                 k, v = self._qkv(x_full[:, :-1])
-            keys.insert(0, k)
-            values.insert(0, v)
-        x = torch.cat(xs)
+            keys.append(k)
+            values.append(v)
+            corrupted_at = next((o for o, e in zip(offsets, full, strict=False) if e.corrupted), None)
+            if corrupted_at is not None and last not in self.keys:  # the corrupted run's, for later use
+                self.keys[last] = k[corrupted_at : corrupted_at + b]
+                self.values[last] = v[corrupted_at : corrupted_at + b]
+        if derived:
+            clean_kv = None if clean_at is None else (k[clean_at : clean_at + b], v[clean_at : clean_at + b])
+            for e in derived:
+                corrupted_kv = (self.keys[last][:, : n_pos - 1], self.values[last][:, : n_pos - 1])
+                e_k, e_v = self._derived_keys_values(e, clean_kv, corrupted_kv)
+                keys.append(e_k)
+                values.append(e_v)
+        keys += [e.keys for e in ready]
+        values += [e.values for e in ready]
+        x = torch.cat([e.x[:, -1:] for e in full] + [e.x for e in derived + ready])
         with self._hooked(hooks((n_pos - 1, 1), x.shape[0])):
             out = self._last_position(x, torch.cat(keys), torch.cat(values), x.shape[0] // b)
         for o, e in zip(offsets, rows, strict=True):

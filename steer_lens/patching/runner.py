@@ -56,9 +56,11 @@ class _Runner(_LastQuery):
             and getattr(model.cfg, "positional_embedding_type", "") != "shortformer"
         )
         self.last_only = last_only and self.prefix
-        self.suffix = self.last_only and getattr(model.cfg, "positional_embedding_type", "") in (
-            "standard",
-            "rotary",
+        self.suffix = (
+            self.last_only
+            and getattr(model.cfg, "positional_embedding_type", "") in ("standard", "rotary")
+            # a q/k norm acts after hook_k: the key caches apply it (TransformerLens's own method)
+            and (not getattr(model.cfg, "use_qk_norm", False) or hasattr(model.blocks[0].attn, "_apply_qk_norm"))
         )
         self.block_inputs: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
@@ -118,7 +120,7 @@ class _Runner(_LastQuery):
             ]
             if self.suffix:
                 for i in range(min(layers), int(self.model.cfg.n_layers)):
-                    after.append((f"blocks.{i}.attn.hook_k", _bind(save, store=self.keys, layer=i)))
+                    after.append((f"blocks.{i}.attn.hook_k", self._keys_hook(i, slice(b, None))))
                     after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
             self.attention_mask = self._padding_mask()
 

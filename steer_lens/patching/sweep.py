@@ -26,6 +26,9 @@ from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan
 _LOCAL_HOOKS = frozenset(
     {"resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "result", "pattern", "attn_scores"}
 )
+# hooks before the last block's keys/values whose patch acts position by position (key/value head by
+# head): the patched rows' keys/values are the clean ones there, the corrupted ones elsewhere
+_KV_DERIVE = {"resid_pre": "resid", "k": "k", "v": "v"}
 
 
 def _bytes_per_sequence(model, pos: int) -> int:
@@ -143,7 +146,8 @@ def _sweep(
     site_pos = torch.tensor(plan.site_positions())
     suffix = runner.suffix and "pos" in plan.by and not positional
     # the last block computes the last position's query only (keys/values for the others)
-    runner.last_query = suffix and runner.kv_ok()
+    # (also for sites over all positions, whose passes all start at position 0)
+    runner.last_query = runner.suffix and not positional and runner.kv_ok()
     runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
     # fused: the clean run in the same passes as the patched copies (the patch reads its rows)
     fused = (
@@ -169,6 +173,8 @@ def _sweep(
     # in the last block, a site local to a position before the last one cannot reach the last
     # position's logits: its run is the corrupted run (no pass needed)
     skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
+    # last block: the patched rows' keys/values come from the clean/corrupted rows (see _Entry.derive)
+    derive = "corrupted" if plan.hook in _LOCAL_HOOKS else _KV_DERIVE.get(plan.hook, "")
 
     def site_mask(sites: Tensor):
         return lambda shape: plan.mask(sites, shape, corrupted_tokens.device)
@@ -236,7 +242,7 @@ def _sweep(
                         rows.append(first_d)
                     elif runner.last_query and layer == last_block:  # patched inside the flush's calls
                         src = None if fused else clean_acts[name]
-                        rows.append(runner.defer_last(name, n, site_mask(sites), src, pos_dim, p0))
+                        rows.append(runner.defer_last(name, n, site_mask(sites), src, pos_dim, p0, derive))
                     else:
                         p1 = int(site_pos[sites[-1]]) if local else None
                         out_n = _pass(runner, plan, layer, sites, clean_acts[name], p0, p1, pos_dim)
