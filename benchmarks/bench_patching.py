@@ -47,6 +47,8 @@ REAL = "raincandy-u/TinyStories-656K"
 SWEEPS = {
     "resid_pre": ("resid_pre", ("layer", "pos"), "get_act_patch_resid_pre"),
     "head_out_by_pos": ("z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"),
+    # not in the default set (the goals are for the two above): --sweeps head_out_all_pos
+    "head_out_all_pos": ("z", ("layer", "head"), "get_act_patch_attn_head_out_all_pos"),
 }
 
 
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--models", default="real,pythia")
-    ap.add_argument("--sweeps", default="resid_pre,head_out_by_pos")
+    ap.add_argument("--sweeps", default="resid_pre,head_out_by_pos", help=f"comma-separated, of {sorted(SWEEPS)}")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats (the best is reported)")
     ap.add_argument(
         "--real-repeats",

@@ -22,11 +22,13 @@ per site and reads the metric back to the host after each. Here:
   change their block's output at their own position only: their block runs on the pass's site
   positions alone, and the next block takes the corrupted run's input for the later positions; in the
   last block, such sites before the last position cannot reach a last-position metric and need no pass.
-* **The last block computes one query.** In by-position sweeps the last block runs the last
+* **The last block computes one query.** The last block runs the last
   position alone (query, attention output, MLP), attending through a key/value cache to keys and
   values computed for the other positions by the block's own ``hook_resid_pre``, ``ln1`` and
   ``attn.calculate_qkv_matrices``; the passes of earlier blocks and the sites of the last block share
-  one such call (:mod:`steer_lens.patching.last_query`). When clean and corrupted runs share hooks and
+  one such call (:mod:`steer_lens.patching.last_query`); the keys/values of the last block's own sites
+  are mixed from the clean and corrupted rows' (``resid_pre``, ``k``, ``v``: by position and head) or
+  are the corrupted ones (later hooks). When clean and corrupted runs share hooks and
   shape, the clean rows ride along: last-block sites are patched from them inside that call, and the
   first pass of block 0 runs inside the clean/corrupted pass itself.
 * **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
