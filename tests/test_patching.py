@@ -315,23 +315,36 @@ def test_last_block_keys_values_come_from_clean_and_corrupted_rows(monkeypatch, 
     torch.testing.assert_close(res.values[0], ref[1], atol=ATOL, rtol=0)
 
 
-def test_qk_norm_model_equals_transformer_lens(monkeypatch):
-    """A model with a q/k norm after ``hook_k`` (as Qwen3, Gemma 3, OLMo 2): the key caches of the
-    suffix passes hold the normalised keys, so passes that start after position 0 stay exact."""
+ARCH_VARIANTS = {
+    # q/k norm after hook_k (Qwen3, Gemma 3, OLMo 2): the key caches must hold the normalised keys
+    "qk_norm_gqa": dict(use_qk_norm=True, n_key_value_heads=2),
+    "local_attention": dict(use_local_attn=True, window_size=3, attn_types=["local", "global", "local"]),
+    "softcaps": dict(attn_scores_soft_cap=5.0, output_logits_soft_cap=10.0),
+    "norm_before_and_after": dict(use_normalization_before_and_after=True),
+    "partial_adjacent_rotary": dict(rotary_dim=4, rotary_adjacent_pairs=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
+def test_architecture_variants_equal_transformer_lens(monkeypatch, variant):
+    """Llama-family variants whose attention differs where the suffix passes and the last-query mode
+    reuse keys/values through TransformerLens's cache (a q/k norm after ``hook_k``, sliding-window
+    attention, soft caps, Gemma-2-style norms, partial/adjacent rotary), with position groups so that
+    passes start after position 0: values equal TransformerLens's."""
     import steer_lens as sl
     from steer_lens.patching import activation
 
     model = sl.random_model(
-        "llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3, n_key_value_heads=2,
-        use_qk_norm=True,
+        "llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3, **ARCH_VARIANTS[variant]
     )
     clean, corrupted = _pair(53, pos=10, seed=1)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=3))
-    for i in (0, 4, 6):  # resid_pre; z, k by position
+    _, cache = model.run_with_cache(clean)
+    for i in (0, 4, 6, 10):  # resid_pre; z, k by position; k over all positions
         hook, by, fn = TL_CASES[i]
         res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
-        ref = _tl_reference(model, fn, clean, corrupted, metric)
+        ref = _tl_reference(model, fn, clean, corrupted, metric, cache)
         torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=hook)
 
 
