@@ -47,9 +47,9 @@ class _Tiled:
 class _Entry:
     """Rows waiting for the last block.
 
-    ``x``: the last block's input, ``[rows, T, d_model]`` when ``keys`` is None (the flush computes
-    keys/values for positions ``0..T-2``), else ``[rows, 1, d_model]`` with ``keys``/``values``
-    ``[rows, T-1, ...]`` given. With ``mask`` the rows are ``n`` stacked copies of the batch, patched
+    ``x``: the last block's input, ``[rows, T, d_model]`` when ``keys`` is None and ``derive`` empty
+    (the flush computes keys/values for positions ``0..T-2``), else ``[rows, 1, d_model]`` with
+    ``keys``/``values`` ``[rows, T-1, ...]`` given or derived by the flush. With ``mask`` the rows are ``n`` stacked copies of the batch, patched
     at the last block's hook: ``mask(shape)`` is the bool site mask ``[n, 1, *shape[1:]]`` for an
     activation of (full-position) ``shape``; the source is ``src`` (a clean activation over all
     positions) or, if None, the clean rows of the same call.
@@ -121,18 +121,30 @@ class _LastQuery:
     def _rep(self, t: Tensor, n: int) -> Tensor:
         return t.repeat(n, *[1] * (t.ndim - 1))
 
-    def _keys_hook(self, layer: int, rows: slice) -> Callable:
-        """A hook at block ``layer``'s ``attn.hook_k`` that records ``rows`` of the keys as attention
-        caches them: after the q/k norm where the model has one (Qwen3, Gemma 3, OLMo 2 apply it after
-        ``hook_k``)."""
-        attn = self.model.blocks[layer].attn
-        norm = getattr(attn, "k_norm", None) if getattr(self.model.cfg, "use_qk_norm", False) else None
+    def _run_captures(self, layers, rows: slice, stop: int, keys_values: bool) -> tuple[list, list]:
+        """Hooks that record the corrupted run (``rows`` of the pass) for blocks below ``stop``: the
+        input of each block in ``layers`` and of the next ones (to go *first*: the raw input), and with
+        ``keys_values`` the keys/values of blocks ``min(layers)..stop-1`` (to go *last*: what attention
+        used; keys as attention caches them, after the q/k norm where the model has one: Qwen3, Gemma 3
+        and OLMo 2 apply it after ``hook_k``). Returns (first hooks, last hooks)."""
 
-        def save(act, hook):
+        def save(act, hook, store, layer):
+            store[layer] = act[rows].detach()
+
+        def save_keys(act, hook, layer, attn, norm):
             k = act[rows].detach()
             self.keys[layer] = k if norm is None else attn._apply_qk_norm(k, norm)
 
-        return save
+        wanted = sorted(i for i in set(layers) | {i + 1 for i in layers} if i < stop)
+        first = [(f"blocks.{i}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=i)) for i in wanted]
+        last = []
+        qk_norm = getattr(self.model.cfg, "use_qk_norm", False)
+        for i in range(min(layers), stop) if keys_values else ():
+            attn = self.model.blocks[i].attn
+            norm = getattr(attn, "k_norm", None) if qk_norm else None
+            last.append((f"blocks.{i}.attn.hook_k", _bind(save_keys, layer=i, attn=attn, norm=norm)))
+            last.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
+        return first, last
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The last block's keys and values of block inputs ``x`` (as ``TransformerBlock.forward`` up to
@@ -173,22 +185,10 @@ class _LastQuery:
         n0 = 0 if first is None else first[1]
         clean_acts: dict[str, Tensor] = {}
 
-        def save(act, hook, store, layer):
-            store[layer] = act[b : 2 * b].detach()
-
         def save_clean(act, hook):
             clean_acts[hook.name] = act[:b].detach()
 
-        wanted = set(layers) | {i + 1 for i in layers}
-        capture = [
-            (f"blocks.{i}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=i))
-            for i in sorted(wanted)
-            if i < last
-        ]
-        after = []
-        for i in range(min(layers), last):
-            after.append((f"blocks.{i}.attn.hook_k", self._keys_hook(i, slice(b, 2 * b))))
-            after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
+        capture, after = self._run_captures(layers, slice(b, 2 * b), last, keys_values=True)
         after += [(n, save_clean) for n in clean_names if not n.startswith(f"blocks.{last}.")]
         patch = []
         if first is not None:
@@ -395,8 +395,8 @@ class _LastQuery:
             values.append(v)
             corrupted_at = next((o for o, e in zip(offsets, full, strict=False) if e.corrupted), None)
             if corrupted_at is not None and last not in self.keys:  # the corrupted run's, for later use
-                self.keys[last] = k[corrupted_at : corrupted_at + b]
-                self.values[last] = v[corrupted_at : corrupted_at + b]
+                self.keys[last] = k[corrupted_at : corrupted_at + b].clone()  # not a view of the whole call
+                self.values[last] = v[corrupted_at : corrupted_at + b].clone()
         if derived:
             clean_kv = None if clean_at is None else (k[clean_at : clean_at + b], v[clean_at : clean_at + b])
             for e in derived:

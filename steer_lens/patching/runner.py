@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
-from steer_lens.patching.last_query import _bind, _Deferred, _Entry, _LastQuery
+from steer_lens.patching.last_query import _Deferred, _Entry, _LastQuery
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,19 +109,8 @@ class _Runner(_LastQuery):
         b = 0 if clean is None else clean.shape[0]  # the corrupted rows start at b
         clean_acts: dict[str, Tensor] = {}
         if self.prefix:
-
-            def save(act, hook, store, layer):
-                store[layer] = act[b:].detach()
-
-            wanted = set(layers) | {i + 1 for i in layers if i + 1 < int(self.model.cfg.n_layers)}
-            capture = [
-                (f"blocks.{layer}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=layer))
-                for layer in sorted(wanted)
-            ]
-            if self.suffix:
-                for i in range(min(layers), int(self.model.cfg.n_layers)):
-                    after.append((f"blocks.{i}.attn.hook_k", self._keys_hook(i, slice(b, None))))
-                    after.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
+            n_layers = int(self.model.cfg.n_layers)
+            capture, after = self._run_captures(layers, slice(b, None), n_layers, keys_values=self.suffix)
             self.attention_mask = self._padding_mask()
 
         def save_clean(act, hook):
