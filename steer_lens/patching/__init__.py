@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
+from steer_lens.metrics import Metric, MetricFn, kl_to, logit_diff, logprob, prob_change
 from steer_lens.patching.activation import HOOKS, activation_patch, steering_patch
 from steer_lens.patching.attribution import attribution_patch, vector_attribution
-from steer_lens.patching.metrics import Metric, MetricFn, kl_to, logit_diff, logprob, prob_change
 from steer_lens.patching.path import path_patch
 from steer_lens.patching.results import PatchResult, PathPatchResult, VectorAttribution
 

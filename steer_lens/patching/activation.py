@@ -57,7 +57,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, ShapeMismatchError
-from steer_lens.patching.metrics import Metric, MetricFn
+from steer_lens.metrics import Metric, MetricFn
 from steer_lens.patching.results import PatchResult
 
 # the sweep engine; `_Runner` and `_chunk` are also reached from here by tests and benchmarks

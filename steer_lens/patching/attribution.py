@@ -27,7 +27,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError, ShapeMismatchError
-from steer_lens.patching.metrics import Metric, MetricFn, call_metric
+from steer_lens.metrics import Metric, MetricFn, call_metric
 from steer_lens.patching.results import PatchResult, VectorAttribution
 from steer_lens.patching.sites import (
     _AXIS_DIM,

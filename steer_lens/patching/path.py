@@ -43,7 +43,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
-from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
+from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching.results import PathPatchResult
 from steer_lens.patching.sites import _check_metric, _check_tokens
 

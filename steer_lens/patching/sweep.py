@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
+from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.models import matmul_layout
 from steer_lens.patching.last_query import _resolve, _Tiled
-from steer_lens.patching.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching.results import PatchResult
 from steer_lens.patching.runner import _final_logits, _Runner
 from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan

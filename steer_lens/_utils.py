@@ -1,0 +1,76 @@
+"""Small helpers every layer shares, each written once: the model's device and dtype, unwrapping a
+steered model, token ids to strings, and batching a list of inputs.
+
+Private to the package (import the functions, not the module, from steer_lens code only). The
+helpers duck-type a :class:`~steer_lens.SteeredTransformer` (an object with ``.model`` and
+``.fwd_hooks()``) so that this module imports nothing of steer_lens and sits at the bottom layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["batched", "device_of", "dtype_of", "is_steered", "steering_hooks", "token_strings", "unwrap"]
+
+T = TypeVar("T")
+
+
+def device_of(model: Any) -> torch.device:
+    """Device of a model (its first parameter; ``cfg.device`` for a model without parameters).
+
+    A :class:`~steer_lens.SteeredTransformer` gives its wrapped model's device.
+    """
+    model = unwrap(model)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device(model.cfg.device)
+
+
+def dtype_of(model: Any) -> torch.dtype:
+    """Activation dtype of a model (``cfg.dtype``, fp32 when the config has none)."""
+    return getattr(unwrap(model).cfg, "dtype", torch.float32)
+
+
+def is_steered(obj: Any) -> bool:
+    """Whether ``obj`` is a steering wrapper (has ``.model``, ``.vectors`` and ``.fwd_hooks()``)."""
+    return hasattr(obj, "vectors") and callable(getattr(obj, "fwd_hooks", None)) and hasattr(obj, "model")
+
+
+def unwrap(model_or_steered: Any) -> Any:
+    """The base model of a :class:`~steer_lens.SteeredTransformer`, or the model itself."""
+    return model_or_steered.model if is_steered(model_or_steered) else model_or_steered
+
+
+def steering_hooks(model_or_steered: Any) -> list[tuple[str, Any]]:
+    """The steering ``(hook_name, fn)`` pairs of a wrapper (``[]`` for a plain model or a disabled wrapper)."""
+    return model_or_steered.fwd_hooks() if is_steered(model_or_steered) else []
+
+
+def token_strings(model: Any, tokens: Tensor | Sequence[int]) -> list[str] | list[list[str]]:
+    """Token ids ``[pos]`` or ``[batch, pos]`` as one string per token (``tokenizer.decode([id])``).
+
+    Without a tokenizer each token is its id as a string, so labels always exist.
+    """
+    ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+    tokenizer = getattr(unwrap(model), "tokenizer", None)
+
+    def one(row: list[int]) -> list[str]:
+        if tokenizer is None:
+            return [str(t) for t in row]
+        return [tokenizer.decode([t]) for t in row]
+
+    if ids and isinstance(ids[0], list):
+        return [one(r) for r in ids]
+    return one(ids)
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of ``items`` of at most ``size`` elements (the last may be shorter)."""
+    size = max(1, int(size))
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
