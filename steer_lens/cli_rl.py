@@ -67,9 +67,9 @@ def run_rl_command(args: argparse.Namespace) -> int:
         SteerLensError: any library error (the CLI prints it and exits with 2).
     """
     import steer_lens as sl
-    from steer_lens.parameterisations import GatedVectors, LowRankVectors
     from steer_lens.train.rewards import from_spec
     from steer_lens.train.rl import RLConfig, rl
+    from steer_lens.vectors import GatedVectors, LowRankVectors
 
     reward = from_spec(args.reward)
     prompts = list(args.prompt or [])

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steer_lens.errors import EmptyInputError
-from steer_lens.vectors import atomic_write_bytes, atomic_write_json
+from steer_lens.vectors.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["DemoResult", "load_texts", "run_demo", "split_sentences", "word_rate"]
 

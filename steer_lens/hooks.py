@@ -1,8 +1,9 @@
 """Hook plumbing of the steered model: which positions a forward pass covers, and probing hook shapes.
 
-:func:`hook_shapes` runs a two-token probe to read the activation shape at each hook (used to check that
-a hook carries ``d_model``). ``_CallContext`` tells the steering hooks the absolute positions of the
-current forward pass (offset while decoding, where the prompt ends) and builds the position mask.
+:func:`hook_shapes` runs a two-token probe to read the activation shape at each hook (used to size
+each vector by the hook's trailing shape). :class:`PositionContext` tells the steering hooks the
+absolute positions of the current forward pass (offset while decoding, where the prompt ends) and
+builds the position mask.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens._utils import device_of
 from steer_lens.models import check_hook_names
 
-__all__ = ["PositionSpec", "hook_shapes"]
+__all__ = ["PositionContext", "PositionSpec", "hook_shapes"]
 
 PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
 
@@ -23,7 +26,8 @@ PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (chec
 def hook_shapes(model, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of the activations at ``hook_names`` for a 2-token input (batch 1, pos 2).
 
-    Used to check that a hook carries ``d_model`` in its last dimension before steering it.
+    Used to size a steering vector by its hook's trailing shape (``[d_model]``, ``[n_heads, d_head]``)
+    before steering it.
 
     Raises:
         HookNameError: a name is not a hook point of the model.
@@ -31,34 +35,40 @@ def hook_shapes(model, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     check_hook_names(model, list(hook_names))
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def record(act, hook):
-        shapes[hook.name] = tuple(act.shape)
+    def recorder(name: str):
+        def record(act, hook):
+            shapes[name] = tuple(act.shape)  # keyed by the name asked for (a bridge's alias too)
 
-    device = _model_device(model)
+        return record
+
+    device = device_of(model)
     tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(h, record) for h in hook_names], return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=[(h, recorder(h)) for h in hook_names], return_type=None)
     return shapes
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device(model.cfg.device)
-
-
-def _model_dtype(model) -> torch.dtype:
-    return getattr(model.cfg, "dtype", torch.float32)
-
-
 @dataclass
-class _CallContext:
-    offset: int = 0  # absolute position of the first input token of this forward pass
-    prompt_end: Tensor | None = None  # [batch] absolute index where the prompt ends
+class PositionContext:
+    """The absolute positions a forward pass covers, for the steering hooks' position masks.
+
+    Attributes:
+        offset: absolute position of the pass's first input token (``> 0`` while decoding with a
+            key/value cache).
+        prompt_end: ``[batch]`` absolute index where each sequence's prompt ends (``None``: all prompt).
+    """
+
+    offset: int = 0
+    prompt_end: Tensor | None = None
     _mask_cache: dict = field(default_factory=dict)
 
-    def mask(self, positions: PositionSpec, batch: int, pos: int, device) -> Tensor | None:
+    def mask(self, positions: PositionSpec, batch: int, pos: int, device) -> Float[Tensor, "batch pos"] | None:
+        """The 0/1 mask ``[batch, pos]`` of the steered positions of this pass (``None``: all of them).
+
+        An explicit mask given for ``b`` sequences is repeated when the pass's batch holds several
+        copies of those sequences (``batch = k * b``, copy ``k`` in rows ``k*b .. k*b+b-1``), as
+        ``Tensor.repeat`` would; it broadcasts like any tensor otherwise.
+        """
         if isinstance(positions, str) and positions == "all":
             return None
         key = (batch, pos, self.offset)
@@ -74,7 +84,6 @@ class _CallContext:
             full[:, :n] = m[:, :n]
             out = full[:, self.offset :]
             if out.shape[0] not in (1, batch) and batch % out.shape[0] == 0:
-                # stacked copies of the batch (batched patching: copy k holds rows k*b .. k*b+b-1)
                 out = out.repeat(batch // out.shape[0], 1)
             out = out.expand(batch, pos)
         else:
@@ -84,6 +93,6 @@ class _CallContext:
             end = end.to(device)
             in_prompt = abs_pos[None, :] < end[:, None]
             out = in_prompt if positions == "prompt" else ~in_prompt
-        out = out.to(torch.float32)[..., None]
+        out = out.to(torch.float32)
         self._mask_cache[key] = out
         return out

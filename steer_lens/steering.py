@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from steer_lens._utils import device_of, dtype_of
 from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
@@ -45,16 +46,11 @@ from steer_lens.errors import (
     ShapeMismatchError,
 )
 from steer_lens.generation import Generation, sample_tokens
-from steer_lens.hooks import PositionSpec, _CallContext, _model_device, _model_dtype, hook_shapes
+from steer_lens.hook_sites import HookSite
+from steer_lens.hooks import PositionContext, PositionSpec, hook_shapes
 from steer_lens.models import ModelInfo, model_info
-from steer_lens.vectors import (
-    SteeringVectors,
-    atomic_save_safetensors,
-    atomic_write_json,
-    load_safetensors,
-    read_json,
-    vector_kinds,
-)
+from steer_lens.vectors import SteeringVectors, vector_kinds
+from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 __all__ = ["Generation", "PositionSpec", "SteeredTransformer", "difference_of_means", "hook_shapes"]
 
@@ -66,24 +62,6 @@ CONFIG_FILE = "config.json"
 TENSOR_FILE = "vectors.safetensors"
 
 
-# ---------------------------------------------------------------------------------------------------
-# hook validation
-# ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# call context: which absolute positions the current forward pass covers
-# ---------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------
-# generation result
-# ---------------------------------------------------------------------------------------------------
-
 class SteeredTransformer(nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
 
@@ -94,19 +72,22 @@ class SteeredTransformer(nn.Module):
 
     Args:
         model: a ``HookedTransformer`` (or anything with the same hook API).
-        hooks: hook names, e.g. ``["blocks.1.hook_resid_pre"]``; each must carry ``d_model`` in its
-            last dimension (resid_pre/mid/post, attn_out, mlp_out).
+        hooks: hook names, e.g. ``["blocks.1.hook_resid_pre"]``. Each vector takes its hook's shape
+            after ``[batch, pos]``: ``[d_model]`` on the residual stream (resid_pre/mid/post,
+            attn_out, mlp_out), ``[n_heads, d_head]`` at ``attn.hook_z`` (a per-head vector),
+            ``[d_mlp]`` at ``mlp.hook_post`` (see :class:`~steer_lens.hook_sites.HookSite`).
         scale: multiplier on every vector (finite float).
         positions: ``"all"``, ``"prompt"``, ``"generated"``, or a boolean mask ``[pos]`` /
             ``[batch, pos]`` (see the module docstring).
-        init: ``"zeros"``, ``"random"`` (with ``init_norm``), a tensor ``[d_model]`` or a dict
+        init: ``"zeros"``, ``"random"`` (with ``init_norm``), a tensor of the hook's shape or a dict
             hook -> tensor; for the CAA vector pass ``difference_of_means(...)``.
         init_norm: norm of a random init (residual-stream units).
         vectors: a ready :class:`SteeringVectors` (or subclass) instead of ``init``.
         seed: seed of a random init.
 
     Raises:
-        HookNameError: a hook is not in the model (closest names suggested) or is not ``d_model`` wide.
+        HookNameError: a hook is not in the model (closest names suggested), never fires for this
+            model, or is an attention-pattern hook.
         ConfigError: bad ``scale``, ``positions`` or ``init``.
         ShapeMismatchError, NonFiniteError: a bad init tensor.
 
@@ -136,30 +117,27 @@ class SteeredTransformer(nn.Module):
         if not hooks:
             raise ConfigError("hooks: expected at least one hook name, got an empty list.")
         d_model = int(model.cfg.d_model)
-        shapes = hook_shapes(model, hooks)
-        for h, shp in shapes.items():
-            if len(shp) != 3 or shp[-1] != d_model:
-                raise HookNameError(
-                    f"hook {h!r} has activations of shape {list(shp)} (for batch 1, pos 2); a steering "
-                    f"vector needs [batch, pos, d_model={d_model}]. Use a residual-stream hook "
-                    "(hook_resid_pre/mid/post) or hook_attn_out / hook_mlp_out."
-                )
+        shapes = _vector_shapes(model, hooks)
         self._check_scale(scale)
         positions = self._check_positions(positions)
         if vectors is None:
-            vectors = SteeringVectors(hooks, d_model, init=init, init_norm=init_norm, seed=seed)
-        else:
-            if list(vectors.hook_names) != hooks or vectors.d_model != d_model:
-                raise ShapeMismatchError(
-                    f"vectors: given vectors are at {list(vectors.hook_names)} with d_model "
-                    f"{vectors.d_model}; expected hooks {hooks} and d_model {d_model}."
-                )
+            vectors = SteeringVectors(
+                hooks, d_model, init=init, init_norm=init_norm, seed=seed,
+                shapes={h: s for h, s in shapes.items() if s != (d_model,)},
+            )
+        elif list(vectors.hook_names) != hooks or vectors.d_model != d_model or dict(vectors.shapes) != shapes:
+            raise ShapeMismatchError(
+                f"vectors: given vectors are at {list(vectors.hook_names)} with d_model "
+                f"{vectors.d_model} and shapes {dict(vectors.shapes)}; expected hooks {hooks}, d_model "
+                f"{d_model} and shapes {shapes}."
+            )
         object.__setattr__(self, "model", model)  # not a submodule: parameters() = vectors only
-        self.vectors = vectors.to(_model_device(model))
+        self.vectors = vectors.to(device_of(model))
         self._scale = float(scale)
         self._positions = positions
         self._enabled = True
-        self._ctx = _CallContext()
+        self._active: frozenset[str] | None = None  # see only_hooks
+        self._ctx = PositionContext()
         self.training_config: dict[str, Any] | None = None
         for p in model.parameters():
             p.requires_grad_(False)
@@ -223,7 +201,7 @@ class SteeredTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the wrapped model."""
-        return _model_device(self.model)
+        return device_of(self.model)
 
     @property
     def enabled(self) -> bool:
@@ -238,7 +216,7 @@ class SteeredTransformer(nn.Module):
                 delta = delta * self._scale
             mask = self._ctx.mask(self._positions, act.shape[0], act.shape[1], act.device)
             if mask is not None:
-                delta = delta * mask
+                delta = delta * mask.view(*mask.shape, *([1] * (act.ndim - 2)))
             return act + delta.to(act.dtype)
 
         return hook
@@ -251,17 +229,60 @@ class SteeredTransformer(nn.Module):
         """
         if not self._enabled:
             return []
-        return [(h, self._hook_fn(h)) for h in self.hook_names]
+        return [(h, self._hook_fn(h)) for h in self.hook_names if self._active is None or h in self._active]
 
     @contextlib.contextmanager
-    def _steering(self, *, offset: int = 0, prompt_end: Tensor | None = None) -> Iterator[None]:
+    def steering(self, *, offset: int = 0, prompt_end: Tensor | None = None) -> Iterator[SteeredTransformer]:
+        """Context manager: the vectors are on for direct calls of ``steered.model`` inside it.
+
+        For code that drives the model itself (a decoding loop, a patching sweep): the hooks are
+        installed through the model's own ``hooks()`` context, which removes them on exit, also on
+        an exception. Inside it, :meth:`set_offset` tells the hooks where the next pass starts.
+
+        Args:
+            offset: absolute position of the first input token of the next pass.
+            prompt_end: ``[batch]`` absolute index where each prompt ends (for
+                ``positions="prompt"/"generated"``); ``None``: every token is prompt.
+        """
         prev = self._ctx
-        self._ctx = _CallContext(offset=offset, prompt_end=prompt_end)
+        self._ctx = PositionContext(offset=offset, prompt_end=prompt_end)
         try:
             with self.model.hooks(fwd_hooks=self.fwd_hooks()):
-                yield
+                yield self
         finally:
             self._ctx = prev
+
+    def set_offset(self, offset: int, prompt_end: Tensor | None = None) -> None:
+        """Inside :meth:`steering`: the next pass's first input token is at absolute position ``offset``.
+
+        A decoding loop with a key/value cache calls it before each one-token step, so that masks
+        over absolute positions (``positions="generated"``, an explicit mask) stay aligned.
+        ``prompt_end`` keeps the current value when ``None``.
+        """
+        if prompt_end is None:
+            prompt_end = self._ctx.prompt_end
+        self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end)
+
+    @contextlib.contextmanager
+    def only_hooks(self, hooks: Sequence[str]) -> Iterator[SteeredTransformer]:
+        """Context manager: only the vectors at ``hooks`` are added inside it (the others add nothing).
+
+        Used by the analyses that switch subsets of vectors on (persistence, pairwise interaction).
+
+        Raises:
+            HookNameError: a name in ``hooks`` carries no vector (the vector hooks are listed).
+        """
+        unknown = [h for h in hooks if h not in self.hook_names]
+        if unknown:
+            raise HookNameError(
+                f"only_hooks: {unknown} carry no vector; the vectors are at {list(self.hook_names)}."
+            )
+        prev = self._active
+        self._active = frozenset(hooks)
+        try:
+            yield self
+        finally:
+            self._active = prev
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[SteeredTransformer]:
@@ -312,7 +333,7 @@ class SteeredTransformer(nn.Module):
         Returns:
             What the model returns: logits ``[batch, pos, d_vocab]`` by default.
         """
-        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model(tokens, *args, **kwargs)
 
     def run_with_cache(
@@ -325,14 +346,14 @@ class SteeredTransformer(nn.Module):
         Returns:
             ``(output, ActivationCache)`` as TransformerLens returns them.
         """
-        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model.run_with_cache(*args, **kwargs)
 
     def run_with_hooks(
         self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, **kwargs: Any
     ) -> Any:
         """``model.run_with_hooks`` with the vectors on (user hooks at a steered hook see it steered)."""
-        with self._steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model.run_with_hooks(*args, **kwargs)
 
     # -- tokenization -----------------------------------------------------------------------------
@@ -435,11 +456,6 @@ class SteeredTransformer(nn.Module):
             do_sample=do_sample, seed=seed, stop_at_eos=stop_at_eos, use_kv_cache=use_kv_cache,
         )
 
-    def _set_position(self, offset: int, prompt_end: Tensor | None) -> None:
-        """Tell the hooks the absolute position of the next forward pass's first token (decoding)."""
-        self._ctx = _CallContext(offset=offset, prompt_end=prompt_end)
-
-
     def generate(
         self,
         prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
@@ -477,7 +493,7 @@ class SteeredTransformer(nn.Module):
             "kind_config": self.vectors.kind_config(),
             "hook_names": list(self.hook_names),
             "d_model": int(self.cfg.d_model),
-            "model": {**info.to_dict(), "dtype": str(_model_dtype(self.model)).replace("torch.", "")},
+            "model": {**info.to_dict(), "dtype": str(dtype_of(self.model)).replace("torch.", "")},
             "weight_processing": info.processing(),
             "positions": pos if isinstance(pos, str) else "mask",
             "scale": self._scale,
@@ -568,3 +584,41 @@ class SteeredTransformer(nn.Module):
             f"model={self.info.name!r}, hooks={list(self.hook_names)}, scale={self._scale}, "
             f"positions={self._positions if isinstance(self._positions, str) else 'mask'}"
         )
+
+
+def _vector_shapes(model, hooks: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each hook's vector shape: the activation's trailing shape after ``[batch, pos]``.
+
+    Known hook kinds (:class:`~steer_lens.hook_sites.HookSite`) are checked against the probe's shape;
+    a name outside the grammar must carry ``[batch, pos, d_model]``.
+
+    Raises:
+        HookNameError: not a hook of the model, an attention-pattern hook (no per-position vector),
+            or a shape the hook's kind does not explain.
+    """
+    probed = hook_shapes(model, hooks)
+    silent = [h for h in hooks if h not in probed]
+    if silent:
+        raise HookNameError(
+            f"hooks {silent} exist but never fire for this model (e.g. hook_attn_in / hook_q_input need "
+            "cfg.use_attn_in / use_split_qkv_input, hook_mlp_in needs cfg.use_hook_mlp_in): a vector there "
+            "would do nothing. Fix: enable them with model.set_use_attn_in(True) / "
+            "set_use_split_qkv_input(True) / set_use_hook_mlp_in(True), or use hook_resid_pre / hook_resid_mid."
+        )
+    d_model = int(model.cfg.d_model)
+    out: dict[str, tuple[int, ...]] = {}
+    for h, shp in probed.items():
+        try:
+            site = HookSite.parse(h)
+            expected = site.trailing_shape(model.cfg) if site.kind not in ("pattern", "attn_scores") else None
+        except HookNameError:
+            expected = (d_model,)
+        if expected is None or len(shp) < 3 or tuple(shp[:2]) != (1, 2) or tuple(shp[2:]) != expected:
+            raise HookNameError(
+                f"hook {h!r} has activations of shape {list(shp)} (for batch 1, pos 2); a steering vector "
+                "needs [batch, pos, *shape] with the hook's own shape: [d_model] on the residual stream "
+                "(hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out), [n_heads, d_head] at "
+                "attn.hook_z / hook_q, [d_mlp] at mlp.hook_post. Attention patterns cannot be steered."
+            )
+        out[h] = tuple(shp[2:])
+    return out

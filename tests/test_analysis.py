@@ -10,7 +10,7 @@ import torch
 import steer_lens as sl
 from steer_lens import analysis as A
 from steer_lens.errors import ConfigError, HookNameError, IncompatibleVectorError, MetricError
-from steer_lens.parameterisations import GatedVectors
+from steer_lens.vectors import GatedVectors
 
 H0, H1 = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
 D = 32

@@ -66,7 +66,7 @@ def test_cli_train_rl_writes_vector_and_metrics(real_model, tmp_path):
 def test_gated_vector_gates_and_persistence_on_real_text(real_model, stories):
     import steer_lens as sl
     from steer_lens.analysis import persistence
-    from steer_lens.parameterisations import GatedVectors, gate_values
+    from steer_lens.vectors import GatedVectors, gate_values
 
     hook = "blocks.0.hook_resid_pre"
     vec = GatedVectors([hook], 128, init="random", init_norm=2.0)

@@ -211,8 +211,9 @@ def test_bad_input_errors_before_any_change(tiny_model):
 
     with pytest.raises(HookNameError, match=r"blocks\.1\.hook_resid_pre"):
         sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pree"])
+    # per-head vectors at attn.hook_z are now allowed (issue 14); attention patterns never are
     with pytest.raises(HookNameError, match="d_model"):
-        sl.SteeredTransformer(tiny_model, ["blocks.0.attn.hook_z"])
+        sl.SteeredTransformer(tiny_model, ["blocks.0.attn.hook_pattern"])
     with pytest.raises(NonFiniteError):
         sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], scale=float("nan"))
     with pytest.raises(ShapeMismatchError, match="expected shape"):
@@ -360,3 +361,103 @@ def test_greedy_sampling_equals_argmax_of_steered_forward(tiny_model):
         for _ in range(8):
             ref = torch.cat([ref, s(ref)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
+
+
+# -- vectors of other hook shapes (issue 14: the width comes from the hook grammar) -------------------
+@pytest.mark.parametrize("hook, dims", [
+    ("blocks.0.attn.hook_z", ("n_heads", "d_head")),
+    ("blocks.1.attn.hook_q", ("n_heads", "d_head")),
+    ("blocks.0.mlp.hook_post", ("d_mlp",)),
+])
+def test_per_head_and_neuron_vectors_equal_adding_by_hand(tiny_model, hook, dims):
+    import steer_lens as sl
+
+    shape = tuple(int(getattr(tiny_model.cfg, d)) for d in dims)
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    toks = _tokens(tiny_model)
+    by_hand = tiny_model.run_with_hooks(toks, fwd_hooks=[(hook, lambda act, hook: act + v)])
+    s = sl.SteeredTransformer(tiny_model, [hook], init=v)
+    assert [tuple(p.shape) for p in s.parameters()] == [shape]
+    assert s.vectors.shapes[hook] == shape
+    torch.testing.assert_close(s(toks), by_hand, rtol=0, atol=1e-5)
+    # an explicit position mask broadcasts over the trailing axes: only position 3 is steered
+    mask = torch.zeros(toks.shape[1], dtype=torch.bool)
+    mask[3] = True
+
+    def at_3(act, hook):
+        out = act.clone()
+        out[:, 3] += v
+        return out
+
+    by_hand_3 = tiny_model.run_with_hooks(toks, fwd_hooks=[(hook, at_3)])
+    s.positions = mask
+    torch.testing.assert_close(s(toks), by_hand_3, rtol=0, atol=1e-5)
+    assert _n_hooks(tiny_model) == 0
+
+
+def test_per_head_vector_trains_saves_and_loads(tiny_model, tmp_path):
+    import steer_lens as sl
+    from steer_lens.errors import ShapeMismatchError
+
+    hook = "blocks.0.attn.hook_z"
+    s = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=2.0)
+    toks = _tokens(tiny_model)
+    s(toks).logsumexp(-1).sum().backward()
+    assert s.vectors[hook].grad.shape == (tiny_model.cfg.n_heads, tiny_model.cfg.d_head)
+    again = sl.SteeredTransformer.load(s.save(tmp_path / "z"), tiny_model)
+    assert torch.equal(again.vectors[hook], s.vectors[hook])
+    assert torch.equal(again(toks), s(toks))
+    with pytest.raises(ShapeMismatchError, match="expected shape"):
+        sl.SteeredTransformer(tiny_model, [hook], init=torch.zeros(tiny_model.cfg.d_model))
+    # residual-stream analyses name the hook that does not fit
+    with pytest.raises(ShapeMismatchError, match=r"attn\.hook_z"):
+        s.vectors.require_residual_width("vector_logit_lens")
+
+
+def test_hook_site_grammar_matches_transformer_lens(tiny_model):
+    from transformer_lens.utils import get_act_name
+
+    from steer_lens.hook_sites import KINDS, HookSite
+
+    for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+                 "pattern", "attn_scores", "result", "mlp_pre", "mlp_post"):
+        tl_kind = {"mlp_pre": "pre", "mlp_post": "post", "attn_out": "attn_out"}.get(kind, kind)
+        name = get_act_name(tl_kind, 1)
+        assert HookSite.name_of(kind, 1) == name, kind
+        site = HookSite.parse(name)
+        assert (site.layer, site.kind) == (1, kind)
+    # trailing shapes equal the model's activations at every hook that exists in this family
+    _, cache = tiny_model.run_with_cache(_tokens(tiny_model, batch=1, pos=3))
+    for kind, (_, dims, _) in KINDS.items():
+        name = HookSite.name_of(kind, 0) if "{}" in KINDS[kind][0] else HookSite.name_of(kind)
+        if name in cache.cache_dict and dims:
+            assert tuple(cache[name].shape[2:]) == HookSite.parse(name).trailing_shape(tiny_model.cfg), name
+
+
+def test_only_hooks_switches_subsets(tiny_model):
+    import steer_lens as sl
+    from steer_lens.errors import HookNameError
+
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    s = sl.SteeredTransformer(tiny_model, hooks, init="random", init_norm=3.0)
+    toks = _tokens(tiny_model)
+    v1 = s.vectors[hooks[1]].detach()
+    by_hand = tiny_model.run_with_hooks(toks, fwd_hooks=[(hooks[1], lambda act, hook: act + v1)])
+    with s.only_hooks([hooks[1]]):
+        torch.testing.assert_close(s(toks), by_hand, rtol=0, atol=1e-5)
+    with s.only_hooks([]):
+        assert torch.equal(s(toks), tiny_model(toks))
+    with pytest.raises(HookNameError, match="carry no vector"):
+        with s.only_hooks(["blocks.0.hook_mlp_out"]):
+            pass
+    assert not torch.equal(s(toks), by_hand)  # both on again
+
+
+def test_hook_that_never_fires_is_refused(tiny_model):
+    import steer_lens as sl
+    from steer_lens.errors import HookNameError
+
+    if tiny_model.cfg.use_hook_mlp_in:
+        pytest.skip("this family fires hook_mlp_in")
+    with pytest.raises(HookNameError, match="never fire"):
+        sl.SteeredTransformer(tiny_model, ["blocks.0.hook_mlp_in"])

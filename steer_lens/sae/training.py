@@ -44,7 +44,7 @@ from steer_lens.sae._core import (
 )
 from steer_lens.sae.corpus import sample_corpus
 from steer_lens.sae.evaluation import SAEQuality, evaluate
-from steer_lens.vectors import atomic_write_json
+from steer_lens.vectors.io import atomic_write_json
 
 __all__ = ["SAEQuality", "SAETrainConfig", "TrainedSAE", "evaluate", "load", "sample_corpus", "train"]
 

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
-from steer_lens.vectors import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 __all__ = ["OptimConfig", "TrainResult", "run_loop", "typical_resid_rms"]
 
@@ -263,7 +263,7 @@ def _load_checkpoint(folder: Path, steered, opt) -> tuple[int, dict, dict] | Non
             f"checkpoint in {str(folder)!r} is for hooks {state['hook_names']}; this run steers "
             f"{list(steered.hook_names)}. Fix: use another checkpoint_dir or resume=False."
         )
-    from steer_lens.vectors import load_safetensors as _lt
+    from steer_lens.vectors.io import load_safetensors as _lt
 
     steered.vectors.load_tensors(_lt(sub / "vectors" / "vectors.safetensors"))
     tensors = {k: v for k, v in load_safetensors(sub / "optimizer.safetensors").items() if k != "_empty"}

@@ -1,82 +1,56 @@
-"""Steering vectors as parameters: one fp32 vector per hook point, and their files.
+"""Steering vectors as parameters: one fp32 tensor per hook point.
 
-A :class:`SteeringVectors` module holds one trainable ``nn.Parameter`` of shape ``[d_model]`` per hook
-point. Its :meth:`~SteeringVectors.delta` says what is added to the activation at a hook; subclasses
-(registered with :func:`register_kind`) change the parameterisation, e.g. a low-rank set shared
-across layers or a token-wise gate, while the wrapper, training loops and analyses stay the same.
-
-Files are safetensors plus a JSON config (never pickle), written atomically: each file goes to a
-temporary name in the same folder and is moved into place with ``os.replace``.
+A :class:`SteeringVectors` module holds one trainable ``nn.Parameter`` per hook point, shaped like the
+hook's activation after ``[batch, pos]``: ``[d_model]`` on the residual stream, ``[n_heads, d_head]``
+at ``attn.hook_z`` (a per-head vector), ``[d_mlp]`` at ``mlp.hook_post`` (see
+:meth:`steer_lens.hook_sites.HookSite.trailing_shape`). Its :meth:`~SteeringVectors.delta` says what
+is added to the activation at a hook; subclasses (registered with
+:func:`~steer_lens.vectors.registry.register_kind`) change the parameterisation, e.g. a low-rank set
+shared across layers or a token-wise gate, while the wrapper, training loops and analyses stay the
+same. Files: :mod:`steer_lens.vectors.io`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from steer_lens.errors import ConfigError, IncompatibleVectorError, NonFiniteError, ShapeMismatchError
+from steer_lens.vectors.registry import register_kind
 
-__all__ = [
-    "SteeringVectors",
-    "register_kind",
-    "vector_kinds",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_save_safetensors",
-    "read_json",
-]
-
-_KINDS: dict[str, type[SteeringVectors]] = {}
+__all__ = ["SteeringVectors", "param_key"]
 
 
-def register_kind(cls: type[SteeringVectors]) -> type[SteeringVectors]:
-    """Class decorator: make a :class:`SteeringVectors` subclass loadable by its ``kind`` name."""
-    _KINDS[cls.kind] = cls
-    return cls
-
-
-def vector_kinds() -> dict[str, type[SteeringVectors]]:
-    """The registered parameterisations, by ``kind`` name (built-in extra kinds are imported first)."""
-    import importlib
-
-    try:
-        importlib.import_module("steer_lens.parameterisations")
-    except ModuleNotFoundError as e:  # pragma: no cover - only while the module does not exist
-        if e.name != "steer_lens.parameterisations":
-            raise
-    return dict(_KINDS)
-
-
-def _key(hook_name: str) -> str:
-    # nn.ParameterDict keys may not contain "."
+def param_key(hook_name: str) -> str:
+    """The ``nn.ParameterDict`` key of a hook's parameter (keys may not contain ``"."``)."""
     return hook_name.replace(".", "__")
 
 
 @register_kind
 class SteeringVectors(nn.Module):
-    """One fp32 steering vector per hook point: ``act[..., :] += scale * v[hook]``.
+    """One fp32 steering vector per hook point: ``act[b, t] += scale * v[hook]``.
 
     Args:
         hook_names: the hook points, e.g. ``["blocks.1.hook_resid_pre"]``.
-        d_model: width of the residual stream.
+        d_model: width of the residual stream (the shape of every vector unless ``shapes`` says
+            otherwise).
         init: ``"zeros"`` (default), ``"random"`` (Gaussian direction with norm ``init_norm``), a
-            tensor ``[d_model]`` used for every hook, or a mapping hook name -> tensor ``[d_model]``.
-        init_norm: norm of a random init (required with ``init="random"``), in residual units.
+            tensor used for every hook, or a mapping hook name -> tensor; each of the hook's shape.
+        init_norm: norm of a random init (required with ``init="random"``), in activation units.
         seed: seed of a random init.
+        shapes: per hook, the vector's shape when it is not ``[d_model]``: the hook's trailing shape
+            (``HookSite.trailing_shape``), e.g. ``{"blocks.0.attn.hook_z": (n_heads, d_head)}`` for a
+            per-head vector. Hooks not in it are ``[d_model]``.
 
     Raises:
-        ConfigError: empty or duplicated ``hook_names``, unknown ``init``, bad ``init_norm``.
-        ShapeMismatchError: an init tensor is not ``[d_model]``.
+        ConfigError: empty or duplicated ``hook_names``, unknown ``init``, bad ``init_norm``,
+            ``shapes`` naming a hook not in ``hook_names``.
+        ShapeMismatchError: an init tensor does not have the hook's shape.
         NonFiniteError: an init tensor holds NaN/inf.
     """
 
@@ -84,12 +58,13 @@ class SteeringVectors(nn.Module):
 
     def __init__(
         self,
-        hook_names: list[str] | tuple[str, ...],
+        hook_names: Sequence[str],
         d_model: int,
         *,
         init: str | Tensor | Mapping[str, Tensor] = "zeros",
         init_norm: float | None = None,
         seed: int | None = None,
+        shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         hook_names = tuple(hook_names)
@@ -97,17 +72,22 @@ class SteeringVectors(nn.Module):
             raise ConfigError("hook_names: expected at least one hook point, got none.")
         if len(set(hook_names)) != len(hook_names):
             raise ConfigError(f"hook_names: each hook may appear once, got {list(hook_names)}.")
+        extra = sorted(set(shapes or {}) - set(hook_names))
+        if extra:
+            raise ConfigError(f"shapes: names hooks {extra} that are not in hook_names {list(hook_names)}.")
         self.hook_names = hook_names
         self.d_model = int(d_model)
+        self.shapes: dict[str, tuple[int, ...]] = {
+            h: tuple(int(n) for n in (shapes or {}).get(h, (self.d_model,))) for h in hook_names
+        }
         values = self._initial_values(init, init_norm, seed)
-        self.params = nn.ParameterDict({_key(h): nn.Parameter(values[h]) for h in hook_names})
+        self.params = nn.ParameterDict({param_key(h): nn.Parameter(values[h]) for h in hook_names})
 
     # -- construction -------------------------------------------------------------------------
     def _initial_values(self, init, init_norm, seed) -> dict[str, Tensor]:
-        d = self.d_model
         if isinstance(init, str):
             if init == "zeros":
-                return {h: torch.zeros(d) for h in self.hook_names}
+                return {h: torch.zeros(self.shapes[h]) for h in self.hook_names}
             if init == "random":
                 if init_norm is None or not math.isfinite(init_norm) or init_norm <= 0:
                     raise ConfigError(
@@ -117,7 +97,7 @@ class SteeringVectors(nn.Module):
                 gen = torch.Generator().manual_seed(0 if seed is None else seed)
                 out = {}
                 for h in self.hook_names:
-                    v = torch.randn(d, generator=gen)
+                    v = torch.randn(self.shapes[h], generator=gen)
                     out[h] = v / v.norm() * init_norm
                 return out
             raise ConfigError(
@@ -137,18 +117,39 @@ class SteeringVectors(nn.Module):
 
     def _checked(self, hook: str, value: Tensor) -> Tensor:
         value = torch.as_tensor(value).detach()
-        if value.shape != (self.d_model,):
+        shape = self.shapes[hook]
+        if tuple(value.shape) != shape:
+            what = f"[d_model]=[{self.d_model}]" if shape == (self.d_model,) else f"{list(shape)}"
             raise ShapeMismatchError(
-                f"vector for {hook!r}: expected shape [d_model]=[{self.d_model}], got {list(value.shape)}."
+                f"vector for {hook!r}: expected shape {what}, got {list(value.shape)}."
             )
         if not torch.isfinite(value).all():
             raise NonFiniteError(f"vector for {hook!r} holds NaN or inf; give finite values.")
         return value.to(torch.float32).clone()
 
+    @property
+    def is_residual_width(self) -> bool:
+        """Whether every vector is ``[d_model]`` (what the residual-stream analyses need)."""
+        return all(s == (self.d_model,) for s in self.shapes.values())
+
+    def require_residual_width(self, what: str) -> None:
+        """Raise unless every vector is ``[d_model]``.
+
+        Raises:
+            ShapeMismatchError: some vector has another shape (e.g. a per-head vector); ``what``
+                names the analysis that needs ``[d_model]``.
+        """
+        other = {h: list(s) for h, s in self.shapes.items() if s != (self.d_model,)}
+        if other:
+            raise ShapeMismatchError(
+                f"{what} needs vectors of shape [d_model]={self.d_model}; these hooks hold other shapes: "
+                f"{other}. Fix: use residual-stream hooks (hook_resid_pre/mid/post, attn_out, mlp_out)."
+            )
+
     # -- access -------------------------------------------------------------------------------
     def __getitem__(self, hook_name: str) -> nn.Parameter:
         try:
-            return self.params[_key(hook_name)]
+            return self.params[param_key(hook_name)]
         except KeyError:
             raise KeyError(f"no vector at {hook_name!r}; vectors are at {list(self.hook_names)}") from None
 
@@ -166,12 +167,12 @@ class SteeringVectors(nn.Module):
         for h in self.hook_names:
             yield h, self.direction(h)
 
-    def direction(self, hook_name: str) -> Float[Tensor, " d_model"]:
+    def direction(self, hook_name: str) -> Float[Tensor, "*vector_shape"]:
         """The vector written at ``hook_name`` (for gated kinds: before the per-token gate)."""
         return self[hook_name]
 
     def as_dict(self) -> dict[str, Tensor]:
-        """Detached CPU copies of every hook's vector, ``{hook_name: [d_model]}``."""
+        """Detached CPU copies of every hook's vector, ``{hook_name: [*shape]}`` (``[d_model]`` on the stream)."""
         return {h: self.direction(h).detach().cpu().clone() for h in self.hook_names}
 
     def norms(self) -> dict[str, float]:
@@ -179,12 +180,12 @@ class SteeringVectors(nn.Module):
         return {h: float(self.direction(h).detach().norm()) for h in self.hook_names}
 
     def delta(
-        self, hook_name: str, act: Float[Tensor, "batch pos d_model"]
-    ) -> Float[Tensor, "*batch_pos d_model"]:
+        self, hook_name: str, act: Float[Tensor, "batch pos *vector_shape"]
+    ) -> Float[Tensor, "..."]:
         """What is added at ``hook_name`` for activation ``act``, in fp32, broadcastable to ``act``.
 
-        The plain kind ignores ``act`` and returns the vector ``[d_model]``; gated kinds return
-        ``[batch, pos, d_model]``.
+        The plain kind ignores ``act`` and returns the vector (``[d_model]``, or the hook's trailing
+        shape, e.g. ``[n_heads, d_head]``); gated kinds return ``[batch, pos, d_model]``.
         """
         return self[hook_name]
 
@@ -213,8 +214,13 @@ class SteeringVectors(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------
     def kind_config(self) -> dict[str, Any]:
-        """Constructor arguments beyond hook names and d_model (saved in the JSON config)."""
-        return {}
+        """Constructor arguments beyond hook names and d_model (saved in the JSON config).
+
+        The plain kind records ``shapes`` only when some vector is not ``[d_model]``.
+        """
+        if self.is_residual_width:
+            return {}
+        return {"shapes": {h: list(s) for h, s in self.shapes.items() if s != (self.d_model,)}}
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors to save, by stable names (hook names for the plain kind)."""
@@ -244,66 +250,5 @@ class SteeringVectors(nn.Module):
 
     @classmethod
     def from_config(cls, hook_names: list[str], d_model: int, kind_config: Mapping[str, Any]):
-        """Build an (uninitialised-values) instance from saved config fields."""
+        """Build an (uninitialised-values) instance from saved config fields (``kind_config()``)."""
         return cls(hook_names, d_model, **dict(kind_config))
-
-
-# -- atomic file writes ---------------------------------------------------------------------------
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """Save tensors as safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load a safetensors file onto the CPU."""
-    return load_file(str(path), device="cpu")
