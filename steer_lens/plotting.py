@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["bar", "heatmap", "metric_panels", "token_view", "top_tokens_table"]
+__all__ = ["bar", "heatmap", "metric_panels", "result_html", "token_view", "top_tokens_table"]
 
 
 def metric_panels(metrics: Mapping[str, Tensor], *, title: str = "", x_title: str = "step"):
@@ -80,3 +80,14 @@ def token_view(tokens: Sequence[str], values: Tensor):
     from circuitsvis.tokens import colored_tokens
 
     return colored_tokens(tokens=list(tokens), values=values.detach().float().cpu().tolist())
+
+
+def result_html(summary: str, table) -> str:
+    """HTML of a result for Jupyter: a summary line above a table (a ``pandas.DataFrame``).
+
+    Args:
+        summary: HTML of the summary line (already escaped by the caller).
+        table: the rows to show; floats are printed with 4 significant digits.
+    """
+    body = table.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    return f"<div><p>{summary}</p>{body}</div>"
