@@ -4,8 +4,11 @@ Train steering vectors (supervised or by reinforcement learning) as parameters a
 points, then read them: logit lens, activation/attribution/path patching, SAE features, and
 comparison with LoRA fine-tunes.
 
-Importing the package does nothing but import: submodules that need optional dependencies
-(``sae``, ``lora``) and the heavier analyses load on first attribute access.
+The top level is short on purpose: the wrapper, the vector kinds, the hook grammar and model loading
+are here; each capability is a subpackage reached as ``sl.train``, ``sl.lens``, ``sl.patching``,
+``sl.sae``, ``sl.lora``, ``sl.analysis``, ``sl.metrics``. Importing the package does nothing but
+import: submodules that need optional dependencies (``sae``, ``lora``) and the heavier analyses load
+on first attribute access.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 from steer_lens.errors import SteerLensError
+from steer_lens.hook_sites import HookSite
 from steer_lens.models import load_model, model_info, random_model
 from steer_lens.steering import SteeredTransformer
-from steer_lens.vectors import SteeringVectors
+from steer_lens.vectors import GatedVectors, LowRankVectors, SteeringVectors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GatedVectors",
+    "HookSite",
+    "LowRankVectors",
     "SteerLensError",
     "SteeredTransformer",
     "SteeringVectors",
@@ -30,17 +37,19 @@ __all__ = [
     "lens",
     "load_model",
     "lora",
+    "metrics",
     "model_info",
     "patching",
     "random_model",
     "sae",
     "train",
+    "vectors",
 ]
 
-_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "plotting", "cli"}
+_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "cli"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from steer_lens import analysis, errors, lens, lora, patching, sae, train
+    from steer_lens import analysis, errors, lens, lora, metrics, patching, sae, train
 
 
 def __getattr__(name: str):

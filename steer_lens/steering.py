@@ -50,7 +50,14 @@ from steer_lens.hook_sites import HookSite
 from steer_lens.hooks import PositionContext, PositionSpec, hook_shapes
 from steer_lens.models import ModelInfo, model_info
 from steer_lens.vectors import SteeringVectors, vector_kinds
-from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from steer_lens.vectors.io import (
+    atomic_folder,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    readable_folder,
+)
 
 __all__ = ["Generation", "PositionSpec", "SteeredTransformer", "difference_of_means", "hook_shapes"]
 
@@ -503,8 +510,9 @@ class SteeredTransformer(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Save the vectors to a folder: ``vectors.safetensors`` and ``config.json``.
 
-        Each file is written atomically (temporary file, then rename); the tensors are written before
-        the config, so a folder with a config always has matching tensors. The config records the
+        The folder is written as a whole (:func:`~steer_lens.vectors.io.atomic_folder`): into a
+        sibling folder swapped in when complete, so an interrupted save leaves the old folder (or
+        none), never new tensors beside an old config. The config records the
         model name, architecture, d_model, dtype, weight processing, hook names, positions, scale,
         training config and library version.
 
@@ -515,8 +523,10 @@ class SteeredTransformer(nn.Module):
         tensors = self.vectors.tensors()
         if isinstance(self._positions, Tensor):
             tensors = {**tensors, "__positions_mask__": self._positions.to(torch.uint8)}
-        atomic_save_safetensors(path / TENSOR_FILE, tensors, metadata={"format": FORMAT})
-        atomic_write_json(path / CONFIG_FILE, self.config_dict())
+        config = self.config_dict()
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors(tmp / TENSOR_FILE, tensors, metadata={"format": FORMAT})
+            atomic_write_json(tmp / CONFIG_FILE, config)
         return path
 
     @classmethod
@@ -536,7 +546,7 @@ class SteeredTransformer(nn.Module):
                 names both sides), or the folder is not a steer_lens vector folder.
             FileNotFoundError: the folder or one of its files does not exist.
         """
-        path = Path(path)
+        path = readable_folder(path)
         cfg_path = path / CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"no {CONFIG_FILE} in {str(path)!r}; is it a folder written by save()?")

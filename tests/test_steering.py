@@ -461,3 +461,33 @@ def test_hook_that_never_fires_is_refused(tiny_model):
         pytest.skip("this family fires hook_mlp_in")
     with pytest.raises(HookNameError, match="never fire"):
         sl.SteeredTransformer(tiny_model, ["blocks.0.hook_mlp_in"])
+
+
+def test_folder_save_is_all_or_nothing(tiny_model, tmp_path, monkeypatch):
+    """A save that fails after the tensors are written leaves the old folder exactly as it was."""
+    import steer_lens as sl
+    import steer_lens.steering as steering_module
+
+    hook = "blocks.0.hook_resid_pre"
+    old = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=1.0, seed=1, scale=0.5)
+    folder = old.save(tmp_path / "v")
+    (folder / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    new = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=1.0, seed=2, scale=2.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the config")
+
+    monkeypatch.setattr(steering_module, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # no temporary folder left
+    again = sl.SteeredTransformer.load(folder, tiny_model)
+    assert again.scale == 0.5 and torch.equal(again.vectors[hook], old.vectors[hook])
+    # a complete save replaces the folder and keeps the user's other files
+    new.save(folder)
+    again = sl.SteeredTransformer.load(folder, tiny_model)
+    assert again.scale == 2.0 and torch.equal(again.vectors[hook], new.vectors[hook])
+    assert (folder / "notes.txt").read_text() == "mine"
