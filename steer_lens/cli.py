@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_sft(args) -> int:
     import steer_lens as sl
+    from steer_lens.hook_sites import HookSite
     from steer_lens.train import SFTConfig, sft
 
     model = sl.load_model(args.model, device=args.device)
-    steered = sl.SteeredTransformer(model, [f"blocks.{args.layer}.hook_{args.hook}"])
+    steered = sl.SteeredTransformer(model, [HookSite.name_of(args.hook, args.layer)])
     out = Path(args.out)
     cfg = SFTConfig(steps=args.steps, lr=args.lr, lr_units=args.lr_units, batch_size=args.batch_size,
                     objective=args.sft_objective, max_norm=args.max_norm, seed=args.seed,

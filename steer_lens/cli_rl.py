@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``steer-lens train rl`` to ``parser``."""
-    from steer_lens.train.rl import DEFAULT_RL_LR
+    from steer_lens.train.rl import DEFAULT_RL_LR, advantage_names, get_advantage
 
     p = parser
     p.add_argument("--model", default="raincandy-u/TinyStories-656K", help="Hugging Face model name")
@@ -37,7 +37,10 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several; default: 'Once upon a time')")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
-    p.add_argument("--algorithm", choices=["rloo", "grpo", "reinforce"], default="rloo")
+    names = advantage_names()
+    p.add_argument("--algorithm", choices=names, default="rloo",
+                   help="advantage estimator (registered in steer_lens.train.rl.advantages): "
+                   + "; ".join(f"{n}: {get_advantage(n).description}" for n in names))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=DEFAULT_RL_LR, help="learning rate (relative units by default)")
     p.add_argument("--lr-units", choices=["relative", "absolute"], default="relative")
@@ -67,6 +70,7 @@ def run_rl_command(args: argparse.Namespace) -> int:
         SteerLensError: any library error (the CLI prints it and exits with 2).
     """
     import steer_lens as sl
+    from steer_lens.hook_sites import HookSite
     from steer_lens.train.rewards import from_spec
     from steer_lens.train.rl import RLConfig, rl
     from steer_lens.vectors import GatedVectors, LowRankVectors
@@ -94,7 +98,7 @@ def run_rl_command(args: argparse.Namespace) -> int:
         log_path=str(out / "metrics.jsonl"), progress=not args.no_progress,
     )
     model = sl.load_model(args.model, device=args.device)
-    hooks = [f"blocks.{layer}.hook_{args.hook}" for layer in args.layer]
+    hooks = [HookSite.name_of(args.hook, layer) for layer in args.layer]
     d_model = int(model.cfg.d_model)
     vectors = None
     if args.vectors == "gated":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from steer_lens.train import rewards
 from steer_lens.train.loop import OptimConfig, TrainResult, typical_resid_rms
-from steer_lens.train.rl import RLConfig, rl  # binds the function over the submodule's name
+from steer_lens.train.rl import RLConfig, register_advantage, rl  # binds rl over the package name
 from steer_lens.train.supervised import SFTConfig, heldout_loss, sft
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "SFTConfig",
     "TrainResult",
     "heldout_loss",
+    "register_advantage",
     "rewards",
     "rl",
     "sft",

@@ -35,16 +35,29 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
 from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
-__all__ = ["OptimConfig", "TrainResult", "run_loop", "typical_resid_rms"]
+__all__ = ["OptimConfig", "TrainResult", "is_int", "require", "run_loop", "typical_resid_rms"]
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[int], tuple[Tensor, dict[str, Tensor]]]
 
 
-def _check(cond: bool, field_name: str, value: Any, expected: str) -> None:
+def require(cond: bool, field_name: str, value: Any, expected: str) -> None:
+    """Raise :class:`~steer_lens.errors.ConfigError` "``field: expected X, got Y.``" unless ``cond``.
+
+    The one config check of the training configs (``OptimConfig``, ``SFTConfig``, ``RLConfig``,
+    ``LoraTrainConfig``).
+
+    Raises:
+        ConfigError: ``cond`` is false.
+    """
     if not cond:
         raise ConfigError(f"{field_name}: expected {expected}, got {value!r}.")
+
+
+def is_int(x: object) -> bool:
+    """Whether ``x`` is an ``int`` (and not a ``bool``)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,18 +98,18 @@ class OptimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an int >= 1")
-        _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive finite float")
-        _check(self.lr_units in ("relative", "absolute"), "lr_units", self.lr_units,
+        require(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an int >= 1")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive finite float")
+        require(self.lr_units in ("relative", "absolute"), "lr_units", self.lr_units,
                "'relative' or 'absolute'")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
                "two floats in [0, 1)")
-        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "None or > 0")
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
-        _check(self.max_norm is None or self.max_norm > 0, "max_norm", self.max_norm, "None or > 0")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an int >= 0")
-        _check(not self.resume or self.checkpoint_dir is not None, "resume", self.resume,
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "None or > 0")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
+        require(self.max_norm is None or self.max_norm > 0, "max_norm", self.max_norm, "None or > 0")
+        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an int >= 0")
+        require(not self.resume or self.checkpoint_dir is not None, "resume", self.resume,
                "False unless checkpoint_dir is set (resume reads checkpoint_dir)")
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""Rollouts for RL of steering vectors: which prompts a step sees, sampling, rewards and advantages.
+
+Each batch of rollouts samples ``group_size`` completions for each of ``prompts_per_step`` prompts with
+the vectors on (:meth:`~steer_lens.SteeredTransformer.sample`: batched, left-padded, KV cache, EOS
+stops a sequence), scores them with a reward on the decoded text, turns the rewards into advantages
+with the run's estimator (:mod:`steer_lens.train.rl.advantages`) and records the base model's
+log-probabilities of the sampled tokens (vectors off) for the KL term.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steer_lens.errors import ConfigError, EmptyInputError
+from steer_lens.steering import Generation, SteeredTransformer
+from steer_lens.train.rewards import score
+from steer_lens.train.rl.advantages import AdvantageEstimator
+from steer_lens.train.rl.config import RLConfig
+from steer_lens.train.rl.loss import completion_logprobs
+
+__all__ = ["Rollout", "collect_rollout", "completion_texts", "prompt_items", "prompt_order", "sample"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One batch of sampled completions and what the update needs from it.
+
+    Attributes:
+        generation: the sampled :class:`~steer_lens.generation.Generation` (``prompts_per_step *
+            group_size`` rows, grouped: rows ``g*k .. g*k+k-1`` share a prompt).
+        rewards: ``[batch]`` rewards.
+        advantages: ``[batch]`` advantages.
+        ref_logp: ``[batch, new]`` base-model log-probs (nats) of the sampled tokens.
+        sample_seconds: wall-clock seconds spent sampling.
+        prompts: the ``batch`` prompt texts (as the reward saw them).
+        completions: the ``batch`` completion texts.
+    """
+
+    generation: Generation
+    rewards: Float[Tensor, " batch"]
+    advantages: Float[Tensor, " batch"]
+    ref_logp: Tensor | None
+    sample_seconds: float
+    prompts: tuple[str, ...] = ()
+    completions: tuple[str, ...] = ()
+
+
+def prompt_items(prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"]) -> tuple[list[Any], list[str]]:
+    """Prompts as items :meth:`~steer_lens.SteeredTransformer.sample` accepts and as text for rewards.
+
+    A token tensor ``[n_prompts, pos]`` gives its rows as items and their ids, space-separated, as text.
+
+    Raises:
+        EmptyInputError: no prompts (or an empty token tensor).
+        ConfigError: a prompt that is not a text.
+    """
+    if isinstance(prompts, Tensor):
+        if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+            raise EmptyInputError(
+                f"prompts: a token tensor must be [n_prompts, pos] and non-empty, got {list(prompts.shape)}."
+            )
+        items = list(prompts)
+        return items, [" ".join(str(t) for t in p.tolist()) for p in items]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise EmptyInputError("prompts: got none; give at least one prompt.")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"prompts: expected texts, got {type(bad[0]).__name__}.")
+    return prompts, prompts
+
+
+def prompt_order(n_prompts: int, config: RLConfig) -> list[int]:
+    """Prompt indices for every batch of rollouts: seeded permutations of the prompts, concatenated."""
+    n_rollouts = -(-config.steps // config.ppo_epochs)
+    needed = n_rollouts * config.prompts_per_step
+    gen = torch.Generator().manual_seed(config.seed)
+    perms = [torch.randperm(n_prompts, generator=gen) for _ in range(-(-needed // n_prompts))]
+    return torch.cat(perms).tolist()
+
+
+def sample(steered: SteeredTransformer, items: list[Any], config: RLConfig, seed: int) -> Generation:
+    """Sample ``config.max_new_tokens`` tokens after each item with the config's sampling settings."""
+    batch = torch.stack(items) if isinstance(items[0], Tensor) else items
+    return steered.sample(
+        batch, config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k, seed=seed, stop_at_eos=True,
+    )
+
+
+def completion_texts(gen: Generation) -> list[str]:
+    """The decoded completions (without EOS); without a tokenizer, the kept token ids space-separated."""
+    if gen.completions is not None:
+        return list(gen.completions)
+    rows = gen.completion_tokens.tolist()
+    keep = gen.completion_mask.tolist()
+    return [" ".join(str(t) for t, k in zip(r, m, strict=True) if k) for r, m in zip(rows, keep, strict=True)]
+
+
+def collect_rollout(
+    steered: SteeredTransformer,
+    items: list[Any],
+    texts: list[str],
+    index: Sequence[int],
+    *,
+    reward: Callable[..., Any],
+    estimator: AdvantageEstimator,
+    config: RLConfig,
+    rollout: int,
+) -> Rollout:
+    """Sample, score and weigh batch number ``rollout`` of prompts ``index`` (each ``group_size`` times).
+
+    Raises:
+        RewardError: the reward raised or returned a wrong shape / NaN.
+    """
+    k = config.group_size
+    batch_items = [items[i] for i in index for _ in range(k)]
+    batch_texts = [texts[i] for i in index for _ in range(k)]
+    t0 = time.perf_counter()
+    g = sample(steered, batch_items, config, seed=config.seed * 1_000_003 + rollout + 1)
+    dt = time.perf_counter() - t0
+    completions = completion_texts(g)
+    rewards = score(reward, batch_texts, completions).to(steered.device)
+    adv = estimator(rewards.view(-1, k)).reshape(-1)
+    with torch.no_grad(), steered.disabled():
+        ref, _ = completion_logprobs(steered, g.tokens, g.attention_mask, g.prompt_len, with_entropy=False)
+    return Rollout(
+        generation=g, rewards=rewards, advantages=adv, ref_logp=ref, sample_seconds=dt,
+        prompts=tuple(batch_texts), completions=tuple(completions),
+    )

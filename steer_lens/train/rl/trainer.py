@@ -1,0 +1,192 @@
+"""The RL trainer: :func:`rl` runs rollouts and policy-gradient steps on the shared loop.
+
+Each step samples (or, with ``ppo_epochs > 1``, reuses) a batch of rollouts
+(:mod:`steer_lens.train.rl.rollout`), computes the log-probabilities of the sampled tokens by a training
+forward pass (the same numerics as the loss, not the sampling logits) and returns the clipped
+policy-gradient loss (:mod:`steer_lens.train.rl.loss`) to :func:`~steer_lens.train.loop.run_loop`,
+which owns AdamW, clipping, checkpoints, resume and the NaN guard. What a run carries from step to
+step is an :class:`RLState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steer_lens.errors import ConfigError
+from steer_lens.steering import SteeredTransformer
+from steer_lens.train.loop import TrainResult, run_loop, typical_resid_rms
+from steer_lens.train.rewards import reward_name
+from steer_lens.train.rl.advantages import AdvantageEstimator, get_advantage
+from steer_lens.train.rl.config import RLConfig
+from steer_lens.train.rl.loss import completion_logprobs, policy_loss
+from steer_lens.train.rl.rollout import Rollout, collect_rollout, prompt_items, prompt_order, sample
+from steer_lens.train.supervised import heldout_loss
+
+__all__ = ["RLResult", "RLState", "rl"]
+
+
+@dataclass
+class RLState:
+    """What an :func:`rl` run carries from one step to the next.
+
+    Attributes:
+        steered: the :class:`~steer_lens.SteeredTransformer` being trained.
+        items, texts: the prompts as sampling items and as text (see
+            :func:`~steer_lens.train.rl.rollout.prompt_items`).
+        order: prompt indices, ``prompts_per_step`` per batch of rollouts.
+        reward: the reward callable.
+        estimator: this run's advantage estimator (its own state, e.g. REINFORCE's baseline, inside).
+        config: the :class:`~steer_lens.train.rl.RLConfig`.
+        rollout: the current batch of rollouts (``None`` before the first step).
+        rollout_index: which batch ``rollout`` is (``-1`` before the first).
+        old_logp: ``[batch, new]`` log-probs under the policy that sampled ``rollout`` (PPO epochs only).
+    """
+
+    steered: SteeredTransformer
+    items: list[Any]
+    texts: list[str]
+    order: list[int]
+    reward: Callable[..., Any]
+    estimator: AdvantageEstimator
+    config: RLConfig
+    rollout: Rollout | None = None
+    rollout_index: int = -1
+    old_logp: Tensor | None = None
+
+    def rollout_for(self, step: int) -> Rollout:
+        """The batch of rollouts optimisation step ``step`` uses (sampled when the batch changes)."""
+        r = step // self.config.ppo_epochs
+        if self.rollout is None or self.rollout_index != r:
+            per = self.config.prompts_per_step
+            self.rollout = collect_rollout(
+                self.steered, self.items, self.texts, self.order[r * per : (r + 1) * per],
+                reward=self.reward, estimator=self.estimator, config=self.config, rollout=r,
+            )
+            self.rollout_index = r
+            self.old_logp = None
+        return self.rollout
+
+    def step(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and metrics of optimisation step ``step`` (the ``step_fn`` of ``run_loop``)."""
+        config = self.config
+        ro = self.rollout_for(step)
+        g = ro.generation
+        logp, ent = completion_logprobs(self.steered, g.tokens, g.attention_mask, g.prompt_len)
+        if config.ppo_epochs > 1 and self.old_logp is None:
+            self.old_logp = logp.detach()
+        loss, metrics = policy_loss(
+            logp, ro.advantages, g.completion_mask, old_logp=self.old_logp, ref_logp=ro.ref_logp,
+            entropy=ent, kl_coef=config.kl_coef, entropy_coef=config.entropy_coef, clip_eps=config.clip_eps,
+        )
+        n_tok = g.completion_mask.sum()
+        metrics.update(
+            reward=ro.rewards.mean(),
+            reward_std=ro.rewards.std() if ro.rewards.numel() > 1 else torch.zeros(()),
+            completion_tokens=n_tok.float() / g.completion_mask.shape[0],
+            tokens_per_s=n_tok.float() / max(ro.sample_seconds, 1e-9),
+            sample_s=torch.tensor(ro.sample_seconds),
+        )
+        if config.heldout_texts and (step % config.heldout_every == 0 or step == config.steps - 1):
+            with torch.no_grad():
+                metrics["heldout_loss"] = torch.tensor(heldout_loss(self.steered, config.heldout_texts))
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class RLResult(TrainResult):
+    """What :func:`rl` returns: a :class:`~steer_lens.train.loop.TrainResult` plus RL samples.
+
+    Metrics per step (``metrics[name]``, CPU float tensors ``[steps]``): ``loss``, ``reward`` (mean),
+    ``reward_std``, ``kl`` (k3 to the base, nats/token; computed always, penalised only with
+    ``kl_coef``), ``entropy`` (nats/token), ``pg_loss``, ``clip_frac``, ``completion_tokens`` (mean
+    generated tokens per completion), ``tokens_per_s`` (sampling throughput), ``sample_s``
+    (seconds sampling), ``heldout_loss`` (nats/token; NaN between evaluations), ``grad_norm``,
+    ``lr`` and ``norm/<hook>``.
+
+    Attributes:
+        last_prompts, last_completions: the last step's rollouts (text), for a look.
+    """
+
+    last_prompts: tuple[str, ...] = ()
+    last_completions: tuple[str, ...] = ()
+
+    @property
+    def rewards(self) -> Float[Tensor, " steps"]:
+        """Mean reward per step."""
+        return self.metrics["reward"]
+
+    def plot(self, metrics: Sequence[str] | None = None):
+        """Plotly figure: reward, KL, entropy, held-out loss and vector norms per step."""
+        if metrics is None:
+            wanted = ["reward", "kl", "entropy", "heldout_loss", "tokens_per_s"]
+            metrics = [k for k in wanted if k in self.metrics]
+            metrics += [k for k in self.metrics if k.startswith("norm/")]
+        return super().plot(metrics)
+
+
+def rl(
+    steered: SteeredTransformer,
+    prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"],
+    reward: Callable[..., Any],
+    config: RLConfig | None = None,
+) -> RLResult:
+    """Train the steering vectors of ``steered`` by online reinforcement learning on ``reward``.
+
+    Only the vectors learn (AdamW; the model is frozen). Each of ``config.steps`` steps samples
+    ``group_size`` completions for ``prompts_per_step`` prompts (a seeded permutation of
+    ``prompts``, cycled), scores them, turns the rewards into advantages with the estimator
+    registered as ``config.algorithm`` (:mod:`steer_lens.train.rl.advantages`) and updates the
+    vectors with the clipped policy-gradient loss (:mod:`steer_lens.train.rl.loss`). Progress bar,
+    JSONL log, checkpoints, resume and the NaN guard come from
+    :func:`~steer_lens.train.loop.run_loop`; the same seed gives the same run on the CPU. This is
+    the recipe of "Small Vectors, Big Effects" (Sinii et al. 2025).
+
+    Args:
+        steered: a :class:`~steer_lens.SteeredTransformer` (any vector kind, e.g. gated or low rank).
+        prompts: prompt texts (or token ids ``[n_prompts, pos]`` for models without a tokenizer:
+            the reward then sees token ids as space-separated text).
+        reward: ``f(prompts, completions) -> Float[Tensor, "batch"]`` (see
+            :mod:`steer_lens.train.rewards`), on decoded text without EOS.
+        config: :class:`~steer_lens.train.rl.RLConfig` (default ``RLConfig()``).
+
+    Returns:
+        An :class:`RLResult` (per-step reward, KL, entropy, held-out loss, tokens/s, vector norms;
+        ``.plot()``). The vectors keep their trained values; ``steered.training_config`` records
+        the run.
+
+    Raises:
+        EmptyInputError: no prompts.
+        ConfigError: a bad config or prompt.
+        SequenceTooLongError: a prompt plus ``max_new_tokens`` longer than ``n_ctx``.
+        RewardError: the reward raised or returned a wrong shape / NaN (names the completion).
+        TrainingDivergedError: non-finite loss or gradient (vectors restored to the last good state).
+    """
+    config = config or RLConfig()
+    if not callable(reward):
+        raise ConfigError(
+            f"reward: expected a callable f(prompts, completions), got {type(reward).__name__}."
+        )
+    items, texts = prompt_items(prompts)
+    # relative learning rates: residual scale from one unsteered rollout of (some of) the prompts
+    with steered.disabled():
+        probe = sample(steered, items[: min(len(items), config.prompts_per_step)], config, seed=config.seed)
+    resid_rms = typical_resid_rms(steered, probe.tokens, probe.attention_mask)
+    state = RLState(
+        steered=steered, items=items, texts=texts, order=prompt_order(len(items), config), reward=reward,
+        estimator=get_advantage(config.algorithm).make(config), config=config,
+    )
+    result = run_loop(
+        steered, state.step, config, resid_rms=resid_rms, objective="rl",
+        extra_config={"rl": {"reward": reward_name(reward), "n_prompts": len(items)}},
+    )
+    last = state.rollout
+    return RLResult(
+        metrics=result.metrics, config=result.config, resid_rms=result.resid_rms, seconds=result.seconds,
+        objective="rl", last_prompts=last.prompts if last else (), last_completions=last.completions if last else (),
+    )
