@@ -1,7 +1,8 @@
-"""The optimisation loop shared by every objective (SFT, RL): AdamW over the vectors only.
+"""The optimisation loop shared by every objective (SFT, RL, LoRA training): AdamW over the trained weights only.
 
-An objective supplies ``step_fn(step) -> (loss, metrics)``; :func:`run_loop` does the rest: per-hook
-learning rates, warm-up, gradient clipping, an optional max-norm projection, a tqdm progress bar,
+An objective supplies ``step_fn(step) -> (loss, metrics)`` and what it trains (a
+:class:`~steer_lens.train.trainable.Trainable`: a SteeredTransformer's vectors, or a LoRA's A and B);
+:func:`run_loop` does the rest: per-hook learning rates, warm-up, gradient clipping, an optional max-norm projection, a tqdm progress bar,
 JSONL metrics, checkpoints (atomic, resumable), and a NaN/inf guard that restores the last finite
 state and stops with :class:`~steer_lens.errors.TrainingDivergedError`.
 
@@ -32,10 +33,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
+from steer_lens.errors import ConfigError, TrainingDivergedError
+from steer_lens.train.trainable import Trainable, as_trainable
 from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
-__all__ = ["OptimConfig", "TrainResult", "is_int", "require", "run_loop", "typical_resid_rms"]
+__all__ = [
+    "OptimConfig",
+    "TrainResult",
+    "is_int",
+    "load_checkpoint",
+    "require",
+    "run_loop",
+    "save_checkpoint",
+    "typical_resid_rms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -246,17 +257,24 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_checkpoint(folder: Path, step: int, steered, opt, history, resid_rms, config) -> None:
+def save_checkpoint(
+    folder: Path, step: int, target: Trainable, opt: torch.optim.Optimizer, history: dict[str, list[float]],
+    resid_rms: dict[str, float], config: dict[str, Any],
+) -> None:
+    """Write ``folder/step-NNNNNN/`` (weights, ``optimizer.safetensors``, ``state.json``), then ``latest.json``.
+
+    Every file is written atomically and the pointer last, so an interrupted save leaves the previous
+    checkpoint intact; the newest two checkpoints are kept.
+    """
     sub = folder / f"step-{step:06d}"
-    steered.save(sub / "vectors")
+    target.save(sub)
     opt_tensors, opt_meta = _optimizer_to_files(opt)
     atomic_save_safetensors(sub / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(0)})
     atomic_write_json(sub / "state.json", {
         "step": step, "optimizer": opt_meta, "history": history, "resid_rms": resid_rms,
-        "config": config, "hook_names": list(steered.hook_names),
+        "config": config, **target.identity(),
     })
     atomic_write_json(folder / "latest.json", {"step": step, "folder": sub.name})
-    # keep the newest two checkpoints
     olds = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != sub.name)
     for old in olds[:-1]:
         for f in sorted(old.rglob("*"), reverse=True):
@@ -264,23 +282,22 @@ def _save_checkpoint(folder: Path, step: int, steered, opt, history, resid_rms, 
         old.rmdir()
 
 
-def _load_checkpoint(folder: Path, steered, opt) -> tuple[int, dict, dict] | None:
+def load_checkpoint(folder: Path, target: Trainable, opt: torch.optim.Optimizer) -> tuple[int, dict, dict] | None:
+    """Load the latest checkpoint in ``folder`` into ``target`` and ``opt``: ``(step, history, resid_rms)``.
+
+    Returns ``None`` when ``folder`` holds no checkpoint.
+
+    Raises:
+        IncompatibleVectorError: the checkpoint was made for other hooks / parameters.
+    """
     latest = folder / "latest.json"
     if not latest.exists():
         return None
-    ptr = read_json(latest)
-    sub = folder / ptr["folder"]
+    sub = folder / read_json(latest)["folder"]
     state = read_json(sub / "state.json")
-    if state["hook_names"] != list(steered.hook_names):
-        raise IncompatibleVectorError(
-            f"checkpoint in {str(folder)!r} is for hooks {state['hook_names']}; this run steers "
-            f"{list(steered.hook_names)}. Fix: use another checkpoint_dir or resume=False."
-        )
-    from steer_lens.vectors.io import load_safetensors as _lt
-
-    steered.vectors.load_tensors(_lt(sub / "vectors" / "vectors.safetensors"))
+    target.load(sub, state, folder)
     tensors = {k: v for k, v in load_safetensors(sub / "optimizer.safetensors").items() if k != "_empty"}
-    _optimizer_from_files(opt, {k: v.to(steered.device) if not k.endswith(".step") else v
+    _optimizer_from_files(opt, {k: v.to(target.device) if not k.endswith(".step") else v
                                 for k, v in tensors.items()}, state["optimizer"])
     return int(state["step"]), state["history"], state["resid_rms"]
 
@@ -288,6 +305,90 @@ def _load_checkpoint(folder: Path, steered, opt) -> tuple[int, dict, dict] | Non
 # ---------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------
+class _Run:
+    """One run of :func:`run_loop`: the optimiser, history, log file and checkpoints of a target."""
+
+    def __init__(self, target: Trainable, config: OptimConfig, resid_rms: dict[str, float],
+                 objective: str, all_config: dict[str, Any]) -> None:
+        self.target, self.config, self.resid_rms = target, config, resid_rms
+        self.objective, self.all_config = objective, all_config
+        relative = config.lr_units == "relative"
+        self.groups = target.param_groups(config.lr, resid_rms if relative else None)
+        self.opt = torch.optim.AdamW(self.groups, lr=config.lr, betas=config.betas,
+                                     weight_decay=config.weight_decay)
+        self.params = [p for g in self.groups for p in g["params"]]
+        self.history: dict[str, list[float]] = {}
+        self.ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        self.log_file = None
+
+    def resume(self) -> int:
+        """Load the latest checkpoint when ``resume`` is set; open the JSONL log. Returns the first step."""
+        start = 0
+        if self.ckpt_dir is not None and self.config.resume:
+            loaded = load_checkpoint(self.ckpt_dir, self.target, self.opt)
+            if loaded is not None:
+                start, self.history, self.resid_rms = loaded
+                logger.info("resumed from %s at step %d", self.ckpt_dir, start)
+        if self.config.log_path:
+            Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.config.log_path, "a" if start else "w")
+        return start
+
+    def checkpoint(self, step: int) -> None:
+        """Save a checkpoint at ``step`` when the run has a ``checkpoint_dir``."""
+        if self.ckpt_dir is not None:
+            save_checkpoint(self.ckpt_dir, step, self.target, self.opt, self.history, self.resid_rms,
+                            self.all_config)
+
+    def gradient(self, step: int, step_fn: StepFn) -> tuple[list[str], Tensor]:
+        """Warm-up lr, the step's loss and backward pass: ``(names, values)`` with ``values[-1]`` = finite."""
+        config = self.config
+        warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * warm
+        self.opt.zero_grad(set_to_none=True)
+        loss, metrics = step_fn(step)
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+            if grads else torch.zeros((), device=loss.device)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+        names = ["loss", "grad_norm", *metrics]
+        values = torch.stack([loss.detach().float(), gnorm.float(),
+                              *[torch.as_tensor(m, device=loss.device).detach().float().reshape(())
+                                for m in metrics.values()], finite.float()]).cpu()  # one sync per step
+        return names, values
+
+    def update(self) -> None:
+        """Clip, take the AdamW step, and project onto ``max_norm``."""
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.opt.step()
+        if self.config.max_norm is not None:
+            self.target.clamp_norm_(self.config.max_norm)
+
+    def record(self, step: int, names: list[str], values: Tensor) -> dict[str, float]:
+        """Append the step's metrics to the history and the JSONL log; returns the row."""
+        row = dict(zip(names, values[:-1].tolist(), strict=True))
+        row["lr"] = self.opt.param_groups[0]["lr"]
+        for h, n in self.target.norms().items():
+            row[f"norm/{h}"] = n
+        _append_row(self.history, row)
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"step": step, **row}) + "\n")
+            self.log_file.flush()
+        return row
+
+    def diverged(self, step: int, values: Tensor) -> TrainingDivergedError:
+        """The error of a non-finite step (after a checkpoint of the restored state)."""
+        self.checkpoint(step)
+        return TrainingDivergedError(
+            f"{self.objective}: loss or gradient became non-finite at step {step} "
+            f"(loss={float(values[0])}, grad_norm={float(values[1])}). The {self.target.kind} were "
+            "restored to the last finite state. Fix: lower lr, set grad_clip / max_norm, or check the data."
+        )
+
+
 def run_loop(
     steered,
     step_fn: StepFn,
@@ -297,14 +398,15 @@ def run_loop(
     objective: str = "sft",
     extra_config: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Optimise ``steered.vectors`` with AdamW, calling ``step_fn(step)`` for each step's loss.
+    """Optimise ``steered.vectors`` (or any :class:`~steer_lens.train.trainable.Trainable`) with AdamW.
 
     ``step_fn(step)`` must build its batch deterministically from ``step`` (and the config's seed)
     so that a resumed run sees the same data as an uninterrupted one. It returns the scalar loss
-    (with gradients into the vectors) and a dict of scalar metric tensors (kept on the device).
+    (with gradients into the trained weights) and a dict of scalar metric tensors (kept on the device).
 
     Args:
-        steered: the :class:`~steer_lens.SteeredTransformer` whose vectors are trained.
+        steered: the :class:`~steer_lens.SteeredTransformer` whose vectors are trained, or a
+            :class:`~steer_lens.train.trainable.Trainable` (e.g. a LoRA's parameters).
         step_fn: the objective for one step.
         config: optimisation settings.
         resid_rms: per-hook residual RMS (from :func:`typical_resid_rms`) for relative lrs.
@@ -312,102 +414,52 @@ def run_loop(
         extra_config: the objective's own settings, saved with checkpoints and the vectors.
 
     Returns:
-        A :class:`TrainResult`; the vectors are left at their final values, and
+        A :class:`TrainResult`; the weights are left at their final values, and
         ``steered.training_config`` records the run.
 
     Raises:
-        TrainingDivergedError: the loss or a gradient became non-finite; the vectors are restored
+        TrainingDivergedError: the loss or a gradient became non-finite; the weights are restored
             to the last finite state (and checkpointed when ``checkpoint_dir`` is set).
         IncompatibleVectorError: ``resume=True`` with a checkpoint made for other hooks.
     """
     from tqdm.auto import tqdm
 
-    vectors = steered.vectors
-    groups = []
-    for params, rms_scale in vectors.lr_groups(resid_rms if config.lr_units == "relative" else None):
-        lr = config.lr * (rms_scale if config.lr_units == "relative" else 1.0)
-        groups.append({"params": params, "lr": lr, "initial_lr": lr})
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    target = as_trainable(steered)
     all_config = {"optim": config.to_dict(), **(extra_config or {}), "objective": objective}
-    history: dict[str, list[float]] = {}
-    start = 0
-    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    if ckpt_dir is not None and config.resume:
-        loaded = _load_checkpoint(ckpt_dir, steered, opt)
-        if loaded is not None:
-            start, history, resid_rms = loaded
-            logger.info("resumed from %s at step %d", ckpt_dir, start)
-    log_file = None
-    if config.log_path:
-        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(config.log_path, "a" if start else "w")
-    params = [p for g in groups for p in g["params"]]
-    good = {k: v.detach().clone() for k, v in vectors.state_dict().items()}
+    run = _Run(target, config, resid_rms, objective, all_config)
+    start = run.resume()
+    good = target.snapshot()
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc=objective, disable=not config.progress, leave=False)
-    step = start
     try:
         for step in range(start, config.steps):
-            warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * warm
-            opt.zero_grad(set_to_none=True)
-            loss, metrics = step_fn(step)
-            loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-                if grads else torch.zeros((), device=loss.device)
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
-            names = ["loss", "grad_norm", *metrics]
-            values = torch.stack([loss.detach().float(), gnorm.float(),
-                                  *[torch.as_tensor(m, device=loss.device).detach().float().reshape(())
-                                    for m in metrics.values()], finite.float()]).cpu()  # one sync per step
+            names, values = run.gradient(step, step_fn)
             if values[-1] < 0.5:
-                vectors.load_state_dict(good)
-                if ckpt_dir is not None:
-                    _save_checkpoint(ckpt_dir, step, steered, opt, history, resid_rms, all_config)
-                raise TrainingDivergedError(
-                    f"{objective}: loss or gradient became non-finite at step {step} "
-                    f"(loss={float(values[0])}, grad_norm={float(values[1])}). The vectors were restored "
-                    "to the last finite state. Fix: lower lr, set grad_clip / max_norm, or check the data."
-                )
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            if config.max_norm is not None:
-                vectors.clamp_norm_(config.max_norm)
-            good = {k: v.detach().clone() for k, v in vectors.state_dict().items()}
-            row = dict(zip(names, values[:-1].tolist(), strict=True))
-            row["lr"] = opt.param_groups[0]["lr"]
-            for h, n in vectors.norms().items():
-                row[f"norm/{h}"] = n
-            _append_row(history, row)
-            if log_file is not None:
-                log_file.write(json.dumps({"step": step, **row}) + "\n")
-                log_file.flush()
+                target.restore(good)
+                raise run.diverged(step, values)
+            run.update()
+            good = target.snapshot()
+            row = run.record(step, names, values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if not k.startswith("norm/")}, refresh=False)
             bar.update(1)
-            if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(ckpt_dir, step + 1, steered, opt, history, resid_rms, all_config)
-        step = config.steps
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                run.checkpoint(step + 1)
     except KeyboardInterrupt:
-        if ckpt_dir is not None:
-            vectors.load_state_dict(good)
-            _save_checkpoint(ckpt_dir, len(history.get("loss", [])) or start,
-                             steered, opt, history, resid_rms, all_config)
-            logger.warning("interrupted: checkpoint saved in %s", ckpt_dir)
+        if run.ckpt_dir is not None:
+            target.restore(good)
+            run.checkpoint(len(run.history.get("loss", [])) or start)
+            logger.warning("interrupted: checkpoint saved in %s", run.ckpt_dir)
         raise
     finally:
         bar.close()
-        if log_file is not None:
-            log_file.close()
-    if ckpt_dir is not None:
-        _save_checkpoint(ckpt_dir, config.steps, steered, opt, history, resid_rms, all_config)
-    steered.training_config = {**all_config, "resid_rms": resid_rms}
+        if run.log_file is not None:
+            run.log_file.close()
+    run.checkpoint(config.steps)
+    target.record({**all_config, "resid_rms": run.resid_rms})
     return TrainResult(
-        metrics={k: torch.tensor(v, dtype=torch.float32) for k, v in history.items()},
+        metrics={k: torch.tensor(v, dtype=torch.float32) for k, v in run.history.items()},
         config=all_config,
-        resid_rms=dict(resid_rms),
+        resid_rms=dict(run.resid_rms),
         seconds=time.perf_counter() - t0,
         objective=objective,
     )
