@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import CHAT_GGUF, CHAT_MODEL
 
 CHATS = [
@@ -101,5 +100,5 @@ def test_missing_gguf_file_is_named(monkeypatch):
     from steer_lens.errors import ModelNotAvailableError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotAvailableError, match="nope.gguf"):
+    with pytest.raises(ModelNotAvailableError, match=r"nope\.gguf"):
         sl.load_model(CHAT_MODEL, gguf_file="nope.gguf", device="cpu")
