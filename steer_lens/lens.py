@@ -1,4 +1,4 @@
-"""Logit lens of steering vectors and of steered runs.
+"""Logit lens of steering vectors, of residual directions, and of steered runs.
 
 * :func:`vector_logit_lens` reads what a vector writes, through the unembedding: the raw logits
   ``W_U·v`` (as in direct logit attribution), the logits of the vector passed through the final
@@ -9,50 +9,53 @@
 * :func:`layer_logit_lens` is the per-layer logit lens of the residual stream for the steered and the
   base run of one prompt: ``W_U·ln_final(resid_pre[l]) + b_U`` at every layer, exactly TransformerLens's
   ``ActivationCache.accumulated_resid(apply_ln=True)`` projected by ``W_U``.
-* :func:`generation_shift` measures, per *generated* position, how the next-token distribution of the
-  steered run differs from the base run on the same tokens (total variation, tokens that gain most).
-  "Small Vectors, Big Effects" (Sinii et al. 2025) reports a last-layer vector acting mostly on the
-  first generated token; this tells whether that holds for a given vector.
+
+How the next-token distribution shifts per *generated* position (:func:`generation_shift`) is an
+analysis of a steered run, not a lens: it lives with the other shifts in :mod:`steer_lens.analysis`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens._utils import token_strings, unwrap
 from steer_lens.errors import ConfigError, EmptyInputError, ShapeMismatchError
+from steer_lens.results import Result
 
 __all__ = [
-    "GenerationShift",
-    "LayerLens",
+    "DirectionLogitLens",
+    "LayerLogitLens",
     "TokenScores",
-    "VectorLens",
+    "VectorLogitLens",
     "direction_lens",
-    "generation_shift",
     "layer_logit_lens",
     "vector_logit_lens",
 ]
 
 LensMode = Literal["raw", "norm", "effect"]
 
+_TABLE_K = 10
+"""Lens tokens per layer and position whose strings a :class:`LayerLogitLens` keeps (``to_pandas(k<=10)``)."""
 
-def _tok_str(model, ids: Sequence[int]) -> list[str]:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
+
+def _labels(model, ids: Sequence[int]) -> list[str]:
+    """Vocabulary labels: the token strings, or ``<id>`` for a model without a tokenizer."""
+    if getattr(unwrap(model), "tokenizer", None) is None:
         return [f"<{i}>" for i in ids]
-    return [tok.decode([i]) for i in ids]
+    return token_strings(model, list(ids))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TokenScores:
+class TokenScores(Result):
     """Top and bottom tokens of one score vector over the vocabulary.
 
     Attributes:
@@ -65,19 +68,19 @@ class TokenScores:
 
     name: str
     scores: Float[Tensor, " d_vocab"]
-    top_ids: Tensor
-    bottom_ids: Tensor
+    top_ids: Int[Tensor, " k"]
+    bottom_ids: Int[Tensor, " k"]
     top_tokens: list[str]
     bottom_tokens: list[str]
     unit: str
 
     @property
-    def top_values(self) -> Tensor:
+    def top_values(self) -> Float[Tensor, " k"]:
         """Scores of :attr:`top_ids`."""
         return self.scores[self.top_ids]
 
     @property
-    def bottom_values(self) -> Tensor:
+    def bottom_values(self) -> Float[Tensor, " k"]:
         """Scores of :attr:`bottom_ids`."""
         return self.scores[self.bottom_ids]
 
@@ -85,80 +88,140 @@ class TokenScores:
         """1-based rank of a token among all scores (1 = highest)."""
         return int((self.scores > self.scores[token_id]).sum()) + 1
 
+    def to_pandas(self):
+        """Long table: ``name, side`` (top / bottom), ``rank, token, token_id, value, unit``."""
+        import pandas as pd
+
+        rows = []
+        for side, ids, toks in (("top", self.top_ids, self.top_tokens), ("bottom", self.bottom_ids, self.bottom_tokens)):
+            for r, (i, t) in enumerate(zip(ids.tolist(), toks, strict=True), start=1):
+                rows.append({"name": self.name, "side": side, "rank": r, "token": t, "token_id": i,
+                             "value": float(self.scores[i]), "unit": self.unit})
+        return pd.DataFrame(rows)
+
+    def top(self, k: int = 10):
+        """The ``k`` most promoted and ``k`` most suppressed tokens (rows of :meth:`to_pandas` with ``rank <= k``)."""
+        return _ranked(self.to_pandas(), k)
+
+    def plot(self):
+        """Two bar panels: the promoted (top) and suppressed (bottom) tokens."""
+        return _top_bottom_figure({self.name: self}, title=f"Logit lens of {self.name} ({self.unit})")
+
+    def _summary(self) -> str:
+        return f"<b>TokenScores</b> of <code>{self.name}</code> ({self.unit})"
+
+
+def _ranked(df, k: int):
+    return df[df["rank"] <= k].reset_index(drop=True)
+
+
+def _top_bottom_figure(per_name: dict[str, TokenScores], *, title: str):
+    from steer_lens import plotting
+
+    panels = [[plotting.bar(ts.top_values, [repr(t) for t in ts.top_tokens], color="seagreen"),
+               plotting.bar(ts.bottom_values, [repr(t) for t in ts.bottom_tokens], color="indianred")]
+              for ts in per_name.values()]
+    titles = [f"{n} {s}" for n in per_name for s in ("top", "bottom")]
+    return plotting.grid(panels, titles=titles, title=title, showlegend=False)
+
 
 def _token_scores(model, name: str, scores: Tensor, k: int, unit: str) -> TokenScores:
     scores = scores.detach().float().cpu()
     k = min(k, scores.shape[0])
     top = scores.topk(k).indices
     bottom = (-scores).topk(k).indices
-    return TokenScores(name, scores, top, bottom, _tok_str(model, top.tolist()),
-                       _tok_str(model, bottom.tolist()), unit)
+    return TokenScores(name, scores, top, bottom, _labels(model, top.tolist()), _labels(model, bottom.tolist()), unit)
 
 
 @dataclass(frozen=True)
-class VectorLens:
-    """Result of :func:`vector_logit_lens`: per hook, the tokens a vector promotes and suppresses.
+class DirectionLogitLens(Result):
+    """Result of :func:`direction_lens`: per direction, the tokens it promotes and suppresses.
+
+    Indexing by name gives one :class:`TokenScores` (``lens["f12"]``); iterating yields them in order.
 
     Attributes:
         mode: ``"raw"``, ``"norm"`` or ``"effect"``.
-        per_hook: ``{hook_name: TokenScores}``.
+        per_name: ``{name: TokenScores}`` (for a vector lens the names are hook names).
     """
 
     mode: str
-    per_hook: dict[str, TokenScores]
+    per_name: dict[str, TokenScores]
 
-    def __getitem__(self, hook: str) -> TokenScores:
-        return self.per_hook[hook]
+    def __getitem__(self, name: str) -> TokenScores:
+        return self.per_name[name]
+
+    def __iter__(self) -> Iterator[TokenScores]:
+        return iter(self.per_name.values())
+
+    def __len__(self) -> int:
+        return len(self.per_name)
+
+    @property
+    def scores(self) -> Float[Tensor, "n d_vocab"]:
+        """The full scores of every direction, stacked in order."""
+        return torch.stack([ts.scores for ts in self])
 
     def to_pandas(self):
-        """Long table: hook, direction (top/bottom), rank, token, token id, value."""
+        """Long table: ``name, side, rank, token, token_id, value, unit`` for every direction."""
         import pandas as pd
 
-        rows = []
-        for h, ts in self.per_hook.items():
-            for side, ids, toks in (("top", ts.top_ids, ts.top_tokens), ("bottom", ts.bottom_ids, ts.bottom_tokens)):
-                for r, (i, t) in enumerate(zip(ids.tolist(), toks, strict=True), start=1):
-                    rows.append({"hook": h, "side": side, "rank": r, "token": t, "token_id": i,
-                                 "value": float(ts.scores[i]), "unit": ts.unit})
-        return pd.DataFrame(rows)
+        return pd.concat([ts.to_pandas() for ts in self], ignore_index=True)
+
+    def top(self, k: int = 10):
+        """Per direction, the ``k`` most promoted and suppressed tokens (rows with ``rank <= k``)."""
+        return _ranked(self.to_pandas(), k)
 
     def plot(self):
-        """Plotly bar charts: top and bottom tokens per hook."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        """Plotly bar charts: top and bottom tokens per direction."""
+        unit = next(iter(self)).unit
+        return _top_bottom_figure(self.per_name, title=f"{self._title} ({self.mode}, {unit})")
 
-        hooks = list(self.per_hook)
-        fig = make_subplots(rows=len(hooks), cols=2, subplot_titles=[f"{h} {s}" for h in hooks
-                                                                     for s in ("top", "bottom")])
-        for r, h in enumerate(hooks, start=1):
-            ts = self.per_hook[h]
-            fig.add_trace(go.Bar(x=[repr(t) for t in ts.top_tokens], y=ts.top_values.tolist(),
-                                 marker_color="seagreen", showlegend=False), row=r, col=1)
-            fig.add_trace(go.Bar(x=[repr(t) for t in ts.bottom_tokens], y=ts.bottom_values.tolist(),
-                                 marker_color="indianred", showlegend=False), row=r, col=2)
-        unit = next(iter(self.per_hook.values())).unit
-        fig.update_layout(title=f"Vector logit lens ({self.mode}, {unit})", height=320 * len(hooks))
-        return fig
+    _title = "Logit lens of directions"
 
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(max_rows=80)
+    def _summary(self) -> str:
+        return f"<b>{type(self).__name__}</b> ({self.mode}) of {list(self.per_name)}"
 
 
 @dataclass(frozen=True)
-class LayerLens:
+class VectorLogitLens(DirectionLogitLens):
+    """Result of :func:`vector_logit_lens`: per hook, the tokens a vector promotes and suppresses.
+
+    ``lens[hook]`` is the :class:`TokenScores` of the vector at ``hook`` (``lens["all"]`` for
+    ``mode="effect"``).
+
+    Attributes:
+        mode: ``"raw"``, ``"norm"`` or ``"effect"``.
+        per_name: ``{hook_name: TokenScores}``.
+    """
+
+    _title = "Vector logit lens"
+
+
+@dataclass(frozen=True)
+class LayerLogitLens(Result):
     """Result of :func:`layer_logit_lens`: the logit lens at every layer, steered and base.
 
     Attributes:
         labels: layer labels (``"0_pre"``, ``"1_pre"``, ..., ``"final_post"``) as in TransformerLens.
-        str_tokens: the prompt's tokens.
+        str_tokens: the prompt's tokens (as ``HookedTransformer.to_str_tokens``).
         steered_logits, base_logits: ``[layer, pos, d_vocab]`` lens logits of each run.
+        decoded: the strings of the vocabulary entries the tables and figures name: the top-10 lens
+            tokens of both runs at every layer and position (``{token_id: string}``).
     """
 
     labels: list[str]
     str_tokens: list[str]
     steered_logits: Float[Tensor, "layer pos d_vocab"]
     base_logits: Float[Tensor, "layer pos d_vocab"]
-    token_strings: list[str]
+    decoded: dict[int, str] = field(repr=False)
+
+    def _str(self, token_id: int) -> str:
+        return self.decoded.get(token_id, f"<{token_id}>")
+
+    def _logits(self, run: Literal["steered", "base"]) -> Tensor:
+        if run not in ("steered", "base"):
+            raise ConfigError(f"run: expected 'steered' or 'base', got {run!r}.")
+        return self.steered_logits if run == "steered" else self.base_logits
 
     @property
     def diff(self) -> Float[Tensor, "layer pos d_vocab"]:
@@ -173,22 +236,30 @@ class LayerLens:
         return (p.exp() * (p - q)).sum(-1)
 
     def top_tokens(self, run: Literal["steered", "base"] = "steered", position: int = -1) -> list[str]:
-        """Top-1 lens token at ``position`` for each layer."""
-        logits = self.steered_logits if run == "steered" else self.base_logits
-        return [self.token_strings[i] for i in logits[:, position].argmax(-1).tolist()]
+        """Top-1 lens token at ``position`` for each layer.
+
+        Raises:
+            ConfigError: ``run`` is not ``"steered"`` or ``"base"``.
+        """
+        return [self._str(i) for i in self._logits(run)[:, position].argmax(-1).tolist()]
 
     def to_pandas(self, position: int = -1, k: int = 5):
-        """Per layer: top-k lens tokens of both runs at ``position`` and the KL between them."""
+        """Per layer: top-k lens tokens (probabilities) of both runs at ``position`` and the KL between them.
+
+        Raises:
+            ConfigError: ``k`` is not in ``[1, 10]``.
+        """
         import pandas as pd
 
+        if not 1 <= int(k) <= _TABLE_K:
+            raise ConfigError(f"k: expected 1..{_TABLE_K} (the lens tokens kept per layer and position), got {k}.")
         rows = []
         kl = self.kl[:, position]
         for li, lab in enumerate(self.labels):
             row = {"layer": lab, "kl_steered_base": float(kl[li])}
             for run, lg in (("steered", self.steered_logits), ("base", self.base_logits)):
-                pr = lg[li, position].softmax(-1)
-                v, i = pr.topk(k)
-                row[f"{run}_top"] = ", ".join(f"{self.token_strings[j]!r}:{p:.2f}"
+                v, i = lg[li, position].softmax(-1).topk(k)
+                row[f"{run}_top"] = ", ".join(f"{self._str(j)!r}:{p:.2f}"
                                              for j, p in zip(i.tolist(), v.tolist(), strict=True))
             rows.append(row)
         return pd.DataFrame(rows)
@@ -196,68 +267,27 @@ class LayerLens:
     def plot(self):
         """Heatmaps over layer × position: top-1 token probability of each run (with the token as
         text) and KL(steered ‖ base)."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        from steer_lens import plotting
 
-        x = [f"{i}: {t!r}" for i, t in enumerate(self.str_tokens)]
-        fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                            subplot_titles=["steered: top-1 lens token (prob)", "base: top-1 lens token (prob)",
-                                            "KL(steered ‖ base), nats"])
-        for r, lg in ((1, self.steered_logits), (2, self.base_logits)):
-            pr = lg.softmax(-1)
-            p, i = pr.max(-1)
-            text = [[repr(self.token_strings[j]) for j in row] for row in i.tolist()]
-            fig.add_trace(go.Heatmap(z=p.tolist(), x=x, y=self.labels, text=text, texttemplate="%{text}",
-                                     colorscale="Blues", zmin=0, zmax=1, showscale=r == 1), row=r, col=1)
-        fig.add_trace(go.Heatmap(z=self.kl.float().tolist(), x=x, y=self.labels, colorscale="Reds",
-                                 showscale=False), row=3, col=1)
-        fig.update_layout(title="Per-layer logit lens, steered vs base", height=300 * 3)
-        return fig
+        x = [repr(t) for t in self.str_tokens]
+        panels = []
+        for r, lg in enumerate((self.steered_logits, self.base_logits)):
+            p, i = lg.softmax(-1).max(-1)
+            text = [[repr(self._str(j)) for j in row] for row in i.tolist()]
+            panels.append([plotting.heatmap(p, x_labels=x, y_labels=self.labels, text=text, colorscale="Blues",
+                                            zmid=None, zmin=0.0, zmax=1.0)])
+            panels[-1][0].data[0].showscale = r == 0
+        panels.append([plotting.heatmap(self.kl.float(), x_labels=x, y_labels=self.labels, colorscale="Reds",
+                                        zmid=None)])
+        panels[-1][0].data[0].showscale = False
+        return plotting.grid(panels, titles=["steered: top-1 lens token (prob)", "base: top-1 lens token (prob)",
+                                             "KL(steered ‖ base), nats"],
+                             title="Per-layer logit lens, steered vs base", height=900, shared_xaxes=True)
 
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html()
+    def _summary(self) -> str:
+        return f"<b>LayerLogitLens</b> of {len(self.str_tokens)} tokens, {len(self.labels)} layers (last position)"
 
-
-@dataclass(frozen=True)
-class GenerationShift:
-    """Result of :func:`generation_shift`: per generated position, how steering changes the
-    next-token distribution (teacher-forced on steered samples).
-
-    Attributes:
-        tv: ``[samples, new]`` total variation distance between steered and base next-token
-            distributions at each generated position (NaN after a sequence ended).
-        mean_tv: ``[new]`` mean over samples.
-        first_position_share: position 0's share of the summed mean TV over positions.
-        top_gains: per position, the tokens whose mean probability gained most, with the gain.
-    """
-
-    tv: Float[Tensor, "samples new"]
-    mean_tv: Float[Tensor, " new"]
-    first_position_share: float
-    top_gains: list[list[tuple[str, float]]]
-
-    def to_pandas(self):
-        """Per position: mean TV and the top gaining tokens."""
-        import pandas as pd
-
-        return pd.DataFrame({
-            "position": list(range(self.mean_tv.shape[0])),
-            "mean_tv": self.mean_tv.tolist(),
-            "top_gains": [", ".join(f"{t!r}:{g:+.3f}" for t, g in row) for row in self.top_gains],
-        })
-
-    def plot(self):
-        """Bar chart of mean total variation per generated position."""
-        from steer_lens.plotting import bar
-
-        fig = bar(self.mean_tv, [str(i) for i in range(self.mean_tv.shape[0])],
-                  title=f"Next-token change per generated position (position 0 share "
-                        f"{self.first_position_share:.1%})", y_title="total variation")
-        fig.update_xaxes(title_text="generated position")
-        return fig
-
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(max_rows=60)
+    _html_rows = 64
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,26 +308,29 @@ def direction_lens(
     k: int = 20,
     mode: Literal["raw", "norm"] = "raw",
     names: Sequence[str] | None = None,
-) -> list[TokenScores]:
-    """Read residual-stream directions through the unembedding.
+) -> DirectionLogitLens:
+    """Read residual-stream directions through the unembedding (logit lens, nostalgebraist 2020).
 
-    ``mode="raw"``: ``W_U·d`` (logits per unit of the direction; no bias). ``mode="norm"``:
-    ``W_U·ln_final(d)``, the direction treated as a residual on its own.
+    ``mode="raw"``: ``W_U·d`` (logits per unit of the direction; no bias), the direction's direct
+    logit attribution. ``mode="norm"``: ``W_U·ln_final(d)``, the direction treated as a residual on
+    its own.
 
     Args:
-        model: the model whose ``W_U`` (and ``ln_final``) is used.
+        model: the model whose ``W_U`` (and ``ln_final``) is used (a wrapper: its base model).
         directions: ``[d_model]`` or ``[n, d_model]``.
         k: tokens to keep at each end.
         mode: ``"raw"`` or ``"norm"``.
         names: a name per direction (default ``"0"``, ``"1"``, ...).
 
     Returns:
-        One :class:`TokenScores` per direction (unit ``"logits"``).
+        A :class:`DirectionLogitLens`: ``lens[name]`` is one :class:`TokenScores` (unit ``"logits"``);
+        iterating yields them in order.
 
     Raises:
         ShapeMismatchError: the last dimension is not ``d_model``.
         ConfigError: bad ``mode`` or ``k``.
     """
+    model = unwrap(model)
     if mode not in ("raw", "norm"):
         raise ConfigError(f"mode: expected 'raw' or 'norm', got {mode!r}.")
     if k < 1:
@@ -316,7 +349,8 @@ def direction_lens(
         if mode == "norm":
             d = _apply_final_norm(model, d)
         scores = d.float() @ W_U.float()
-    return [_token_scores(model, n, s, k, "logits") for n, s in zip(names, scores, strict=True)]
+    return DirectionLogitLens(mode, {n: _token_scores(model, n, s, k, "logits")
+                                     for n, s in zip(names, scores, strict=True)})
 
 
 def vector_logit_lens(
@@ -325,15 +359,16 @@ def vector_logit_lens(
     k: int = 20,
     mode: LensMode = "raw",
     texts: Sequence[str] | None = None,
-) -> VectorLens:
+) -> VectorLogitLens:
     """Top and bottom ``k`` tokens of each steering vector, read through the unembedding.
 
     Modes:
         ``"raw"``: ``W_U·v`` in logits, the vector's direct logit attribution (no final norm).
-        ``"norm"``: ``W_U·ln_final(v)``, the vector alone treated as a final residual.
+        ``"norm"``: ``W_U·ln_final(v)``, the vector alone treated as a final residual (logit lens,
+            nostalgebraist 2020).
         ``"effect"``: the mean change of next-token log-probs (nats) over every position of
-        ``texts`` when the vectors are on (all vectors at once; the result has one entry, keyed
-        ``"all"``), the end-to-end effect that includes every layer after the vector.
+            ``texts`` when the vectors are on (all vectors at once; the result has one entry, keyed
+            ``"all"``), the end-to-end effect that includes every layer after the vector.
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
@@ -342,7 +377,7 @@ def vector_logit_lens(
         texts: required for ``mode="effect"``.
 
     Returns:
-        A :class:`VectorLens`.
+        A :class:`VectorLogitLens` (``lens[hook]`` -> :class:`TokenScores`).
 
     Raises:
         ConfigError: bad mode, or ``"effect"`` without texts.
@@ -353,8 +388,7 @@ def vector_logit_lens(
     if mode != "effect":
         hooks = list(steered.hook_names)
         vecs = torch.stack([steered.vectors.direction(h).detach() * steered.scale for h in hooks])
-        res = direction_lens(steered.model, vecs, k=k, mode=mode, names=hooks)
-        return VectorLens(mode, {r.name: r for r in res})
+        return VectorLogitLens(mode, direction_lens(steered.model, vecs, k=k, mode=mode, names=hooks).per_name)
     if texts is None:
         raise ConfigError("mode='effect' needs texts: pass texts=[...] to average the effect over.")
     texts = list(texts)
@@ -372,11 +406,11 @@ def vector_logit_lens(
             total = s if total is None else total + s
             count += toks.shape[1]
     scores = total / count
-    return VectorLens(mode, {"all": _token_scores(steered.model, "all", scores, k, "nats")})
+    return VectorLogitLens(mode, {"all": _token_scores(steered.model, "all", scores, k, "nats")})
 
 
-def layer_logit_lens(steered, prompt: str | Tensor) -> LayerLens:
-    """The per-layer logit lens of one prompt for the steered and the base run.
+def layer_logit_lens(steered, prompt: str | Int[Tensor, " pos"] | Int[Tensor, "1 pos"]) -> LayerLogitLens:
+    """The per-layer logit lens of one prompt for the steered and the base run (nostalgebraist 2020).
 
     At each layer ``l`` (the residual stream before block ``l``, and after the last block) the lens
     logits are ``ln_final(resid) @ W_U + b_U`` with the final norm recomputed on that residual:
@@ -388,13 +422,15 @@ def layer_logit_lens(steered, prompt: str | Tensor) -> LayerLens:
         prompt: text (BOS is prepended) or token ids ``[pos]`` / ``[1, pos]``.
 
     Returns:
-        A :class:`LayerLens` with logits ``[n_layers + 1, pos, d_vocab]`` for both runs.
+        A :class:`LayerLogitLens` with logits ``[n_layers + 1, pos, d_vocab]`` for both runs.
     """
     model = steered.model
     toks = steered.to_tokens(prompt)[None] if isinstance(prompt, str) else prompt.reshape(1, -1)
     toks = toks.to(steered.device)
-    names = lambda n: "resid_pre" in n or n == f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" \
-        or n.startswith("ln_final")
+    last_post = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def names(n: str) -> bool:
+        return "resid_pre" in n or n == last_post or n.startswith("ln_final")
 
     def lens(cache) -> tuple[Tensor, list[str]]:
         stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
@@ -409,64 +445,8 @@ def layer_logit_lens(steered, prompt: str | Tensor) -> LayerLens:
         with steered.disabled():
             _, cache_b = steered.run_with_cache(toks, names_filter=names)
         base_logits, _ = lens(cache_b)
-    str_tokens = _tok_str(model, toks[0].tolist())
-    vocab = _tok_str(model, list(range(int(model.cfg.d_vocab_out))))
-    return LayerLens(list(labels), str_tokens, steered_logits, base_logits, vocab)
-
-
-def generation_shift(
-    steered,
-    prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
-    *,
-    max_new_tokens: int = 40,
-    n_samples: int = 8,
-    seed: int = 0,
-    k: int = 5,
-    temperature: float = 1.0,
-) -> GenerationShift:
-    """Per generated position, the change of the next-token distribution caused by the vectors.
-
-    Samples ``n_samples`` continuations per prompt with the vectors on, then runs the same tokens
-    with and without the vectors and compares the next-token distributions at each generated
-    position ``j`` (the prediction of generated token ``j``): total variation
-    ``½ Σ|p_steered − p_base|`` and the tokens whose mean probability gains most.
-
-    Args:
-        steered: a :class:`~steer_lens.SteeredTransformer`.
-        prompts: one prompt, several, or token ids ``[batch, pos]``.
-        max_new_tokens: generated positions to measure.
-        n_samples: samples per prompt.
-        seed: sampling seed.
-        k: tokens listed per position.
-        temperature: sampling temperature.
-
-    Returns:
-        A :class:`GenerationShift`.
-
-    Raises:
-        EmptyInputError: no prompts.
-    """
-    from steer_lens.generation import repeat_prompts
-
-    prompts = repeat_prompts(prompts, n_samples)
-    gen = steered.sample(prompts, max_new_tokens, seed=seed, temperature=temperature)
-    P = gen.prompt_len
-    plens = [P] * gen.tokens.shape[0]  # so positions="prompt"/"generated" act as during sampling
-    with torch.no_grad():
-        on = steered(gen.tokens, attention_mask=gen.attention_mask, prompt_lengths=plens).float().softmax(-1)
-        with steered.disabled():
-            off = steered(gen.tokens, attention_mask=gen.attention_mask).float().softmax(-1)
-    # logits at position P-1+j predict generated token j
-    on = on[:, P - 1 : P - 1 + max_new_tokens]
-    off = off[:, P - 1 : P - 1 + max_new_tokens]
-    mask = gen.completion_mask.float()
-    tv = 0.5 * (on - off).abs().sum(-1)
-    tv = torch.where(gen.completion_mask, tv, torch.full_like(tv, float("nan"))).cpu()
-    denom = mask.sum(0).clamp(min=1)
-    mean_tv = ((torch.nan_to_num(tv.to(mask.device)) * mask).sum(0) / denom).cpu()
-    gains = (((on - off) * mask[..., None]).sum(0) / denom[:, None]).cpu()
-    vocab_ids = gains.topk(k, dim=-1)
-    top = [[(_tok_str(steered.model, [i])[0], float(g)) for i, g in zip(ids.tolist(), vals.tolist(), strict=True)]
-           for ids, vals in zip(vocab_ids.indices, vocab_ids.values, strict=True)]
-    share = float(mean_tv[0] / mean_tv.sum()) if mean_tv.sum() > 0 else float("nan")
-    return GenerationShift(tv, mean_tv, share, top)
+    k = min(_TABLE_K, steered_logits.shape[-1])
+    shown = torch.unique(torch.cat([steered_logits.topk(k, -1).indices.reshape(-1),
+                                    base_logits.topk(k, -1).indices.reshape(-1)])).tolist()
+    decoded = dict(zip(shown, _labels(model, shown), strict=True))
+    return LayerLogitLens(list(labels), _labels(model, toks[0].tolist()), steered_logits, base_logits, decoded)

@@ -49,11 +49,11 @@ def test_only_hooks_matches_a_single_vector_model(tiny):
     s = _steered(tiny)
     single = sl.SteeredTransformer(tiny, [H1], init=s.vectors[H1].detach())
     toks = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(1))
-    with A.only_hooks(s, [H1]):
+    with s.only_hooks([H1]):
         torch.testing.assert_close(s(toks), single(toks))
     assert not torch.allclose(s(toks), single(toks))  # restored: both vectors act again
     with pytest.raises(HookNameError):
-        with A.only_hooks(s, ["blocks.2.hook_resid_pre"]):
+        with s.only_hooks(["blocks.2.hook_resid_pre"]):
             pass
 
 
@@ -73,7 +73,7 @@ def test_persistence_closed_form_at_source_and_nan_before(tiny, monkeypatch):
     toks = torch.tensor([[1, 5, 6, 7, 8, 9]])
     with torch.no_grad(), s.disabled():
         _, base = s.run_with_cache(toks)
-    with torch.no_grad(), A.only_hooks(s, [H0]):
+    with torch.no_grad(), s.only_hooks([H0]):
         _, st = s.run_with_cache(toks)
     dh = (st["blocks.1.hook_resid_post"] - base["blocks.1.hook_resid_post"])[0, 1:]
     ref = torch.nn.functional.cosine_similarity(dh, s.vectors[H0].detach()[None], dim=-1)
@@ -90,13 +90,12 @@ def test_pair_gain_closed_form():
 def test_combination_gain_with_known_accuracies(tiny):
     hooks = [H0, H1, "blocks.2.hook_resid_pre"]
     s = _steered(tiny, hooks)
-    x = torch.randn(1, 1, D)
     weights = {H0: 0.1, H1: 0.2, "blocks.2.hook_resid_pre": 0.4}
 
-    def evaluate(st):  # which vectors are on, seen through delta (0 when switched off)
+    def evaluate(st):  # which vectors are on, seen through the hooks the wrapper installs
         if not st.enabled:
             return 0.0
-        on = [h for h in hooks if st.vectors.delta(h, x).abs().sum() > 0]
+        on = [h for h, _ in st.fwd_hooks()]
         return sum(weights[h] for h in on) + (0.05 if len(on) == 3 else 0.0)
 
     g = A.combination_gain(s, evaluate)

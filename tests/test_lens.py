@@ -76,10 +76,10 @@ def test_generation_shift_zero_for_zero_vector_and_bounded(real_model):
     import steer_lens as sl
 
     s = sl.SteeredTransformer(real_model, ["blocks.1.hook_resid_post"])
-    res = sl.lens.generation_shift(s, "Once upon a time", max_new_tokens=8, n_samples=2)
+    res = sl.analysis.generation_shift(s, "Once upon a time", max_new_tokens=8, n_samples=2)
     assert float(res.mean_tv.abs().max()) == 0.0
     s.vectors.set_("blocks.1.hook_resid_post", torch.randn(128, generator=torch.Generator().manual_seed(0)) * 200)
-    res = sl.lens.generation_shift(s, "Once upon a time", max_new_tokens=8, n_samples=4)
+    res = sl.analysis.generation_shift(s, "Once upon a time", max_new_tokens=8, n_samples=4)
     assert ((res.mean_tv > 0) & (res.mean_tv <= 1)).all()
     assert 0 < res.first_position_share < 1
     assert len(res.top_gains) == 8 and len(res.top_gains[0]) == 5
@@ -100,6 +100,6 @@ def test_generation_shift_honours_positions(tiny_model):
 
     s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init="random", init_norm=20.0,
                               positions="generated")
-    res = sl.lens.generation_shift(s, torch.randint(3, 50, (1, 5)), max_new_tokens=6, n_samples=3)
+    res = sl.analysis.generation_shift(s, torch.randint(3, 50, (1, 5)), max_new_tokens=6, n_samples=3)
     assert float(res.mean_tv[0]) == 0.0
     assert (res.mean_tv[1:] > 0).all()

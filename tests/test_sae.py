@@ -167,7 +167,7 @@ def test_attribution_is_exact_for_a_metric_linear_in_the_activations():
     assert float(attr.attribution.double().sum()) == pytest.approx(removed, rel=1e-4, abs=1e-4)
     # top-1 ablation is exact too for a linear metric
     top1 = next(r for r in attr.ablation if r["kind"] == "top" and r["n"] == 1)
-    f = int(attr.top(1)[0])
+    f = int(attr.top(1)["feature"][0])
     assert float(attr.attribution[f]) == pytest.approx(attr.metric_steered - top1["metric"], rel=1e-3, abs=1e-4)
     assert {r["kind"] for r in attr.ablation} == {"top", "random", "all"}
     assert attr.plot().data and "<table" in attr._repr_html_()
@@ -244,7 +244,7 @@ def test_activation_shift_matches_reference_and_perfect_sae_explains_all():
     sae = _topk_sae(model)
     steered = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_pre"], init="random", init_norm=2.0)
     toks = _tokens(n=5)
-    shift = sl.sae.activation_shift(steered, sae, toks, batch_size=2, per_token_texts=3)
+    shift = sl.analysis.activation_shift(steered, sae, toks, batch_size=2, per_token_texts=3)
     with torch.no_grad():
         _, cb = model.run_with_cache(toks, names_filter=[HOOK])
         _, cs = steered.run_with_cache(toks, names_filter=[HOOK])
@@ -253,10 +253,10 @@ def test_activation_shift_matches_reference_and_perfect_sae_explains_all():
     torch.testing.assert_close(shift.mean_base, fb.mean(dim=(0, 1)), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(shift.token_shift[1], (fs - fb)[1], rtol=1e-4, atol=1e-6)
     assert shift.n_tokens == toks.numel() and len(shift.token_shift) == 3
-    assert shift.plot().data and shift.show_tokens() is not None
+    assert shift.plot().data and shift.token_view() is not None
 
     perfect = _perfect_sae(model)
-    s2 = sl.sae.activation_shift(steered, perfect, toks)
+    s2 = sl.analysis.activation_shift(steered, perfect, toks)
     assert s2.explained == pytest.approx(1.0, abs=1e-5)
     assert s2.explained_mean == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_activation_shift_of_a_vector_at_the_hook_is_the_vector():
     sae = _perfect_sae(model)
     v = torch.randn(D, generator=torch.Generator().manual_seed(1))
     steered = sl.SteeredTransformer(model, hooks=[HOOK], init=v)
-    shift = sl.sae.activation_shift(steered, sae, _tokens(n=3))
+    shift = sl.analysis.activation_shift(steered, sae, _tokens(n=3))
     torch.testing.assert_close(shift.mean_residual_change, v, rtol=1e-4, atol=1e-5)
     assert shift.residual_change_sq == pytest.approx(float(v.pow(2).sum()), rel=1e-4)
 
@@ -280,7 +280,7 @@ def test_vector_downstream_of_the_sae_warns_and_shifts_nothing():
     sae = _topk_sae(model, hook="blocks.0.hook_resid_pre")
     steered = sl.SteeredTransformer(model, hooks=[HOOK], init="random", init_norm=1.0)
     with pytest.warns(sl.sae.HookMismatchWarning, match="downstream"):
-        shift = sl.sae.activation_shift(steered, sae, _tokens(n=2))
+        shift = sl.analysis.activation_shift(steered, sae, _tokens(n=2))
     assert float(shift.mean_abs_shift.abs().max()) == 0.0
 
 
@@ -295,18 +295,18 @@ def test_bad_input():
         sl.sae.vector_features(steered, _topk_sae(model, hook="blocks.9.hook_resid_pre"))
     wide = sl.random_model("llama", d_model=48, n_heads=4, d_vocab=50, n_ctx=32)
     with pytest.raises(ShapeMismatchError, match="d_in=48"):
-        sl.sae.activation_shift(steered, _topk_sae(wide), toks)
+        sl.analysis.activation_shift(steered, _topk_sae(wide), toks)
     other = _topk_sae(model)
     other.cfg.metadata.model_name = "gpt2-small"
     with pytest.warns(sl.sae.SAEModelMismatchWarning, match=r"gpt2-small.*random-llama"):
         sl.sae.vector_features(steered, other)
     sae = _topk_sae(model)
     with pytest.raises(EmptyInputError):
-        sl.sae.activation_shift(steered, sae, [])
+        sl.analysis.activation_shift(steered, sae, [])
     with pytest.raises(EmptyInputError):
         sl.sae.attribute(steered, sae, torch.zeros(0, 5, dtype=torch.long), _last_logit_diff)
     with pytest.raises(ConfigError, match="tokenizer"):
-        sl.sae.activation_shift(steered, sae, ["a text"])
+        sl.analysis.activation_shift(steered, sae, ["a text"])
     with pytest.raises(ConfigError, match="sae"):
         sl.sae.vector_features(steered, object())
     with pytest.raises(ConfigError, match="k"):
@@ -314,11 +314,11 @@ def test_bad_input():
     normed = _topk_sae(model)
     normed.cfg.normalize_activations = "layer_norm"
     with pytest.raises(ConfigError, match="layer_norm"):
-        sl.sae.activation_shift(steered, normed, toks)
+        sl.analysis.activation_shift(steered, normed, toks)
     nohook = _topk_sae(model)
     nohook.cfg.metadata.hook_name = None
     with pytest.raises(ConfigError, match="hook"):
-        sl.sae.activation_shift(steered, nohook, toks)
+        sl.analysis.activation_shift(steered, nohook, toks)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def test_real_model_train_and_attribute():
     attr = sl.sae.attribute(steered, res, texts[24:28], lambda lg: lg[:, -1, a] - lg[:, -1, b],
                             ablation_sizes=(1,), n_random=1)
     assert attr.n_texts == 4 and abs(attr.effect) > 0
-    assert int(attr.top(1)[0]) == 0 or abs(float(attr.attribution[0])) > 0
+    assert int(attr.top(1)["feature"][0]) == 0 or abs(float(attr.attribution[0])) > 0
 
 
 def test_dataset_rows_iterators_and_ragged_token_lists_give_the_same_shift():
@@ -480,19 +480,19 @@ def test_dataset_rows_iterators_and_ragged_token_lists_give_the_same_shift():
     sae = _topk_sae(model)
     steered = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_pre"], init="random", init_norm=2.0)
     toks = _tokens(n=4)
-    ref = sl.sae.activation_shift(steered, sae, toks)
-    rows = sl.sae.activation_shift(steered, sae, [{"text": t} for t in toks], batch_size=3)
-    it = sl.sae.activation_shift(steered, sae, iter(list(toks)))
+    ref = sl.analysis.activation_shift(steered, sae, toks)
+    rows = sl.analysis.activation_shift(steered, sae, [{"text": t} for t in toks], batch_size=3)
+    it = sl.analysis.activation_shift(steered, sae, iter(list(toks)))
     for other in (rows, it):
         torch.testing.assert_close(other.mean_shift, ref.mean_shift, rtol=1e-4, atol=1e-6)
     # ragged 1-D token lists are left-padded; padding is excluded from the statistics
     ragged = [toks[0], toks[1, :7]]
-    r = sl.sae.activation_shift(steered, sae, ragged, batch_size=2)
+    r = sl.analysis.activation_shift(steered, sae, ragged, batch_size=2)
     assert r.n_tokens == 12 + 7
-    one = sl.sae.activation_shift(steered, sae, toks[1:2, :7])
+    one = sl.analysis.activation_shift(steered, sae, toks[1:2, :7])
     torch.testing.assert_close(r.token_shift[1], one.token_shift[0], rtol=1e-3, atol=1e-4)
     with pytest.raises(ConfigError, match="text"):
-        sl.sae.activation_shift(steered, sae, [{"body": "x"}])
+        sl.analysis.activation_shift(steered, sae, [{"body": "x"}])
 
 
 def test_interrupted_training_leaves_the_model_and_rng_untouched():

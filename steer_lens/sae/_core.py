@@ -1,20 +1,21 @@
 """Shared plumbing of :mod:`steer_lens.sae`: the lazy sae-lens import, input checks, batching of
-texts, activation capture at a hook, and the SAE splice used by the analyses.
+texts and activation capture at a hook, used by the SAE analyses (here and in
+:mod:`steer_lens.analysis.shift`).
 
 Nothing here is public API; the public names live in :mod:`steer_lens.sae`.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from steer_lens._utils import device_of
 from steer_lens.errors import (
     ConfigError,
     EmptyInputError,
@@ -22,6 +23,7 @@ from steer_lens.errors import (
     MissingDependencyError,
     ShapeMismatchError,
 )
+from steer_lens.hook_sites import HookSite
 from steer_lens.models import check_hook_names, model_info
 
 __all__: list[str] = []
@@ -56,7 +58,7 @@ def sae_lens():
     return _sae_lens
 
 
-def unwrap(sae: Any):
+def as_sae(sae: Any):
     """Accept a sae-lens ``SAE`` or a :class:`~steer_lens.sae.TrainedSAE` (its ``.sae``)."""
     inner = getattr(sae, "sae", None)
     if inner is not None and hasattr(inner, "W_dec"):
@@ -67,15 +69,6 @@ def unwrap(sae: Any):
             f"{type(sae).__name__}. Fix: load one with sl.sae.load(...) or train one with sl.sae.train(...)."
         )
     return sae
-
-
-def unwrap_model(model_or_steered: Any):
-    """The HookedTransformer behind a SteeredTransformer (or the model itself)."""
-    from steer_lens.steering import SteeredTransformer
-
-    if isinstance(model_or_steered, SteeredTransformer):
-        return model_or_steered.model
-    return model_or_steered
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,12 +90,6 @@ def sae_hook(sae, hook: str | None = None) -> str:
             "sl.sae.load(path, hook='blocks.L.hook_resid_post') or pass hook=... here."
         )
     return str(meta_hook)
-
-
-def hook_layer(hook: str) -> int | None:
-    """The block index in ``blocks.{l}.…``, else ``None``."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    return int(m.group(1)) if m else None
 
 
 def hook_width(model, hook: str) -> tuple[int, ...]:
@@ -150,7 +137,7 @@ def check_sae(model, sae, hook: str | None = None) -> str:
             f"activations of shape {list(shape)} (batch 1, pos 2); expected [batch, pos, {d_in}]. "
             "Fix: use an SAE trained on this model and hook (sl.sae.train(model, hook, texts))."
         )
-    mdev, sdev = _device(model), sae.W_dec.device
+    mdev, sdev = device_of(model), sae.W_dec.device
     if mdev.type != sdev.type or (mdev.index or 0) != (sdev.index or 0):
         raise ConfigError(
             f"the SAE is on {sdev} but the model is on {mdev}. Fix: sae.to('{mdev}') (or load it with "
@@ -175,17 +162,37 @@ def hook_order(model, hooks: Sequence[str]) -> dict[str, int]:
     def record(act, hook):
         order.append(hook.name)
 
-    tokens = torch.zeros(1, 2, dtype=torch.long, device=_device(model))
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=device_of(model))
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(h, record) for h in set(hooks)], return_type=None)
     return {h: order.index(h) for h in hooks}
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device(model.cfg.device)
+def warn_if_vectors_after(steered, sae_hook_name: str) -> None:
+    """Warn (:class:`HookMismatchWarning`) when every vector sits downstream of the SAE's hook."""
+    order = hook_order(steered.model, [sae_hook_name, *steered.hook_names])
+    if all(order[h] > order[sae_hook_name] for h in steered.hook_names):
+        warnings.warn(
+            f"every steering vector ({list(steered.hook_names)}) is downstream of the SAE's hook "
+            f"{sae_hook_name!r}: the SAE's features cannot change. Use an SAE at or after the vector's hook.",
+            HookMismatchWarning,
+            stacklevel=3,
+        )
+
+
+def capture(run: Callable[..., Any], tokens: Tensor, hook: str, kw: dict[str, Any]) -> tuple[Tensor, Any]:
+    """``run(tokens, fwd_hooks=[(hook, grab)], **kw)`` and the activation at ``hook`` (detached).
+
+    Returns:
+        ``(activation [batch, pos, d], the run's output)``.
+    """
+    store: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        store["x"] = act.detach()
+
+    out = run(tokens, fwd_hooks=[(hook, grab)], **kw)
+    return store["x"], out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,7 +236,7 @@ def iter_batches(
     """
     n_ctx = int(model.cfg.n_ctx)
     max_len = n_ctx if max_len is None else min(int(max_len), n_ctx)
-    device = _device(model)
+    device = device_of(model)
     tok = getattr(model, "tokenizer", None)
     pad_id = 0
     if tok is not None:
@@ -243,9 +250,7 @@ def iter_batches(
             raise EmptyInputError(
                 f"texts: expected a non-empty token tensor [batch, pos], got shape {list(texts.shape)}."
             )
-        toks = texts[:, :max_len].to(device)
-        for i in range(0, toks.shape[0], batch_size):
-            chunk = toks[i : i + batch_size]
+        for chunk in texts[:, :max_len].to(device).split(batch_size):
             ones = torch.ones_like(chunk)
             yield Batch(chunk, ones, ones.bool(), None)
         return
@@ -325,7 +330,10 @@ def check_nonempty(texts: Any) -> None:
 def run_kwargs(model, hook: str, batch: Batch, *, stop: bool) -> dict[str, Any]:
     """Keyword arguments for a forward pass over ``batch`` (attention mask; early stop at the hook)."""
     kw: dict[str, Any] = {"attention_mask": batch.attention_mask}
-    layer = hook_layer(hook)
+    try:
+        layer = HookSite.parse(hook).layer
+    except HookNameError:  # a hook outside steer_lens's grammar (e.g. ln1.hook_normalized): run it all
+        layer = None
     if stop and layer is not None and layer + 1 < int(model.cfg.n_layers):
         kw["stop_at_layer"] = layer + 1
     return kw

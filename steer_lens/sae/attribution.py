@@ -1,9 +1,6 @@
-"""What a steering vector does to SAE features, and which features carry its effect on a metric.
+"""Which SAE features carry a steering vector's effect on a metric (what the vector does to the
+features' activations is :func:`steer_lens.analysis.activation_shift`).
 
-* :func:`activation_shift`: the mean change of every feature's activation at the SAE's hook between
-  the steered and the base run (the vector may sit upstream of the SAE), per-token values for
-  circuitsvis, and how much of the residual-stream change the SAE's features explain (the rest is the
-  change in the SAE's error term).
 * :func:`attribute`: attribution patching (Nanda 2023; Syed et al. 2023) of a metric to SAE features
   with the SAE spliced in *with its error term* (as in Marks et al. 2024, "Sparse feature
   circuits"), so the forward pass is exactly the model's: ``attr_i = sum_{b,t} dm/df_i * (f_i^steered -
@@ -18,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,24 +23,25 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
+from steer_lens.metrics import Metric, MetricFn, evaluate_metric
+from steer_lens.results import Result
 from steer_lens.sae._core import (
     Batch,
     SAELike,
+    as_sae,
+    capture,
     check_nonempty,
     check_sae,
     iter_batches,
     reiterable,
     run_kwargs,
-    unwrap,
+    warn_if_vectors_after,
 )
-from steer_lens.sae.shift import ActivationShift, _capture, _vector_after_sae, activation_shift
 from steer_lens.steering import SteeredTransformer
 
-__all__ = ["ActivationShift", "Attribution", "Metric", "activation_shift", "attribute", "splice_hooks"]
+__all__ = ["Attribution", "attribute", "splice_hooks"]
 
 logger = logging.getLogger(__name__)
-
-Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, " batch"] | Float[Tensor, ""]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,7 +66,7 @@ def splice_hooks(sae: SAELike, *, error_term: bool = True, hook: str | None = No
     """
     from steer_lens.sae._core import sae_hook
 
-    sae = unwrap(sae)
+    sae = as_sae(sae)
     h = sae_hook(sae, hook)
 
     def fn(act, hook):
@@ -81,37 +78,17 @@ def splice_hooks(sae: SAELike, *, error_term: bool = True, hook: str | None = No
     return [(h, fn)]
 
 
-def _check_metric_out(m: Any, batch: int) -> Tensor:
-    if not isinstance(m, Tensor):
-        raise MetricError(f"metric: expected a tensor [batch] or a scalar, got {type(m).__name__}.")
-    if m.ndim == 0:
-        return m * batch  # a scalar is the batch's mean
-    if m.shape != (batch,):
-        raise MetricError(
-            f"metric: expected a tensor of shape [batch={batch}] or a scalar, got shape {list(m.shape)}. "
-            "Fix: reduce over positions inside the metric (e.g. logits[:, -1, a] - logits[:, -1, b])."
-        )
-    return m.sum()
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# activation shift
-# ---------------------------------------------------------------------------------------------------
-
-
-
-
+def _batch_sum(metric: MetricFn | Metric, logits: Tensor) -> Tensor:
+    """The metric summed over the batch (a scalar metric is the batch's mean), with the shared checks of
+    :func:`steer_lens.metrics.evaluate_metric` (raises MetricError for other shapes)."""
+    return evaluate_metric(metric, logits, 1)[0] * logits.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # attribution
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class Attribution:
+class Attribution(Result):
     """Which SAE features carry a steering vector's effect on a metric (see :func:`attribute`).
 
     All metric values are means over texts, in the metric's units (e.g. logits for a logit
@@ -124,7 +101,7 @@ class Attribution:
         effect: ``metric_steered - metric_base``.
         attribution: ``[d_sae]`` per feature ``sum_{b,t} dm/df_i (f_i^steered - f_i^base)`` (mean per text).
         error_attribution: the same for the SAE's error term.
-        mean_shift: ``[d_sae]`` mean activation shift per token (as :func:`activation_shift`).
+        mean_shift: ``[d_sae]`` mean activation shift per token (as :func:`steer_lens.analysis.activation_shift`).
         ablation: rows ``{"n", "kind", "metric", "fraction_removed", "fraction_removed_std"}``: the
             metric with the top-n (``kind="top"``), n random shifted (``"random"``, mean over draws), or
             all (``"all"``) features' shift removed, and the fraction of ``effect`` removed.
@@ -146,16 +123,22 @@ class Attribution:
         """Sum of the feature attributions plus the error term's (the linear estimate of ``effect``)."""
         return float(self.attribution.double().sum()) + self.error_attribution
 
-    def top(self, k: int = 20) -> Tensor:
-        """Features carrying most of the effect: largest attribution in the direction of ``effect``."""
+    _html_rows = 10
+
+    def _top_ids(self, k: int) -> Tensor:
         sign = 1.0 if self.effect >= 0 else -1.0
         return torch.topk(sign * self.attribution, min(k, len(self.attribution))).indices
+
+    def top(self, k: int = 20):
+        """Features carrying most of the effect (largest attribution in the direction of ``effect``), as
+        :meth:`to_pandas` ``(k)``: ``feature``, ``attribution``, ``fraction_of_effect``, ``mean_shift``."""
+        return self.to_pandas(k)
 
     def to_pandas(self, k: int = 20):
         """Top ``k`` features: ``feature``, ``attribution``, ``fraction_of_effect``, ``mean_shift``."""
         import pandas as pd
 
-        idx = self.top(k)
+        idx = self._top_ids(k)
         a = self.attribution[idx]
         return pd.DataFrame({
             "feature": idx.tolist(), "attribution": a.tolist(),
@@ -172,45 +155,43 @@ class Attribution:
     def plot(self, k: int = 20):
         """Top attributions (bars) and the ablation check (fraction of the effect removed by the top-n
         vs n random features) as a plotly Figure."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        from steer_lens import plotting
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("attribution per feature",
-                                                            "ablation: fraction of effect removed"))
         df = self.to_pandas(k)
-        fig.add_trace(go.Bar(x=[f"f{f}" for f in df.feature], y=df.attribution, name="attribution"),
-                      row=1, col=1)
-        fig.add_trace(go.Bar(x=["error"], y=[self.error_attribution], name="error term"), row=1, col=1)
-        for kind in ("top", "random"):
-            rows = [r for r in self.ablation if r["kind"] == kind]
-            if rows:
-                fig.add_trace(go.Scatter(
-                    x=[r["n"] for r in rows], y=[r["fraction_removed"] for r in rows],
-                    error_y={"array": [r["fraction_removed_std"] for r in rows]} if kind == "random" else None,
-                    mode="lines+markers", name=f"{kind}-n features"), row=1, col=2)
-        fig.update_xaxes(title_text="features removed (n)", row=1, col=2)
-        fig.update_yaxes(title_text="fraction of effect removed", row=1, col=2)
-        fig.update_layout(title=f"attribution of the vector's effect ({self.effect:.3g}) to SAE features "
-                          f"at {self.sae_hook}")
-        return fig
+        attr = plotting.bars({"attribution": ([f"f{f}" for f in df.feature], df.attribution),
+                              "error term": (["error"], [self.error_attribution])})
+        runs = {f"{kind}-n features": [r for r in self.ablation if r["kind"] == kind] for kind in ("top", "random")}
+        runs = {name: rows for name, rows in runs.items() if rows}
+        ablation = plotting.lines({name: ([r["n"] for r in rows], [r["fraction_removed"] for r in rows])
+                                   for name, rows in runs.items()},
+                                  error_y={name: [r["fraction_removed_std"] for r in rows]
+                                           for name, rows in runs.items() if name.startswith("random")},
+                                  x_title="features removed (n)", y_title="fraction of effect removed")
+        return plotting.grid([[attr, ablation]], titles=["attribution per feature",
+                                                         "ablation: fraction of effect removed"],
+                             title=f"attribution of the vector's effect ({self.effect:.3g}) to SAE features "
+                                   f"at {self.sae_hook}", height=450)
+
+    def _summary(self) -> str:
+        return (f"effect {self.effect:.4g} (base {self.metric_base:.4g} → steered {self.metric_steered:.4g});"
+                f" features {float(self.attribution.sum()):.4g} + error {self.error_attribution:.4g}")
 
     def _repr_html_(self) -> str:
-        head = (f"<p>effect {self.effect:.4g} (base {self.metric_base:.4g} → steered {self.metric_steered:.4g});"
-                f" features {float(self.attribution.sum()):.4g} + error {self.error_attribution:.4g}</p>")
-        tab = self.to_pandas(10).to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        from steer_lens.plotting import result_html
+
+        html = result_html(self._summary(), self.top(self._html_rows))
         if self.ablation:
-            tab += self.ablation_table().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-        return head + tab
+            html += result_html("ablation check", self.ablation_table())
+        return html
 
 
-def _attr_batch(steered, sae, h: str, batch: Batch, metric: Metric):
+def _attr_batch(steered, sae, h: str, batch: Batch, metric: MetricFn | Metric):
     """One batch: exact base and steered metric, per-feature and error attribution, feature shift."""
     model = steered.model
     kw = {"attention_mask": batch.attention_mask}
-    b = batch.tokens.shape[0]
     with torch.no_grad():
-        x_b, logits_b = _capture(model.run_with_hooks, batch.tokens, h, kw)
-        m_b = _check_metric_out(metric(logits_b), b).detach()
+        x_b, logits_b = capture(model.run_with_hooks, batch.tokens, h, kw)
+        m_b = _batch_sum(metric, logits_b).detach()
         x_b = x_b.to(sae.dtype)
         f_b = sae.encode(x_b)
         err_b = x_b - sae.decode(f_b)
@@ -226,7 +207,12 @@ def _attr_batch(steered, sae, h: str, batch: Batch, metric: Metric):
 
     with torch.enable_grad():
         logits_s = steered.run_with_hooks(batch.tokens, fwd_hooks=[(h, splice)], **kw)
-        m_s = _check_metric_out(metric(logits_s), b)
+        m_s = _batch_sum(metric, logits_s)
+        if not m_s.requires_grad:
+            raise MetricError(
+                "metric: its value does not depend differentiably on the logits (got a constant or a Python "
+                "number); attribution needs its gradient. Fix: return a tensor computed from the logits."
+            )
         g_f, g_e = torch.autograd.grad(m_s, [leaves["f"], leaves["e"]], allow_unused=True)
     f_s = leaves["f"].detach()
     if g_f is None:
@@ -244,13 +230,14 @@ def _attr_batch(steered, sae, h: str, batch: Batch, metric: Metric):
 
 
 @torch.no_grad()
-def _ablated_metric(steered, sae, h: str, batch: Batch, metric: Metric, sets: list[Tensor]) -> list[Tensor]:
+def _ablated_metric(
+    steered, sae, h: str, batch: Batch, metric: MetricFn | Metric, sets: list[Tensor]
+) -> list[Tensor]:
     """Metric (summed over the batch) of the steered run with each feature set's shift removed."""
     model = steered.model
     kw = {"attention_mask": batch.attention_mask}
-    b = batch.tokens.shape[0]
-    x_b, _ = _capture(model.run_with_hooks, batch.tokens, h, {**run_kwargs(model, h, batch, stop=True),
-                                                              "return_type": None})
+    x_b, _ = capture(model.run_with_hooks, batch.tokens, h, {**run_kwargs(model, h, batch, stop=True),
+                                                             "return_type": None})
     f_b = sae.encode(x_b.to(sae.dtype))
     out = []
     for s in sets:
@@ -264,7 +251,7 @@ def _ablated_metric(steered, sae, h: str, batch: Batch, metric: Metric, sets: li
             return act + (sae.decode(f_new) - sae.decode(f_s)).to(act.dtype)
 
         logits = steered.run_with_hooks(batch.tokens, fwd_hooks=[(h, ablate)], **kw)
-        out.append(_check_metric_out(metric(logits), b).double())
+        out.append(_batch_sum(metric, logits).double())
     return out
 
 
@@ -272,7 +259,7 @@ def attribute(
     steered: SteeredTransformer,
     sae: SAELike,
     texts: Any,
-    metric: Metric,
+    metric: MetricFn | Metric,
     *,
     batch_size: int = 8,
     ablation_sizes: tuple[int, ...] | list[int] = (1, 5, 10, 20),
@@ -302,8 +289,9 @@ def attribute(
         sae: a sae-lens SAE or TrainedSAE.
         texts: strings, dataset rows or token ids (iterated twice when ``ablation``; a one-shot
             iterator is listed first).
-        metric: ``logits [batch, pos, d_vocab] -> [batch]`` (per text) or a scalar (taken as the batch
-            mean), differentiable, e.g. ``steer_lens.patching.logit_diff(...)``. Strings are batched
+        metric: a :class:`steer_lens.metrics.Metric` (e.g. ``steer_lens.metrics.logit_diff(...)``, read
+            per sequence) or any differentiable ``MetricFn``: ``logits [batch, pos, d_vocab] -> [batch]``
+            (per text) or a scalar (taken as the batch mean). Strings are batched
             with left padding, so the last position is always a real token; a metric that reads other
             positions also reads padding: give equal-length token ids (or ``batch_size=1``) then.
         batch_size: texts per forward pass.
@@ -320,7 +308,7 @@ def attribute(
             values. EmptyInputError: no texts. HookNameError / ShapeMismatchError: SAE and model do
             not match. ConfigError: bad ablation settings.
     """
-    sae = unwrap(sae)
+    sae = as_sae(sae)
     model = steered.model
     if not callable(metric):
         raise MetricError(f"metric: expected a callable logits -> [batch] or scalar, got {type(metric).__name__}.")
@@ -332,7 +320,7 @@ def attribute(
     check_nonempty(texts)
     texts = reiterable(texts)
     h = check_sae(model, sae)
-    _vector_after_sae(steered, h)
+    warn_if_vectors_after(steered, h)
     d_sae = int(sae.cfg.d_sae)
     dev = sae.W_dec.device
     attr = torch.zeros(d_sae, dtype=torch.float64, device=dev)

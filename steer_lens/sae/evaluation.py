@@ -14,16 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens._utils import unwrap
 from steer_lens.errors import EmptyInputError
-from steer_lens.sae._core import (
-    ModelLike,
-    SAELike,
-    check_nonempty,
-    check_sae,
-    iter_batches,
-    unwrap,
-    unwrap_model,
-)
+from steer_lens.results import Result
+from steer_lens.sae._core import ModelLike, SAELike, as_sae, check_nonempty, check_sae, iter_batches
 
 __all__ = ["SAEQuality", "evaluate"]
 
@@ -32,7 +26,7 @@ __all__ = ["SAEQuality", "evaluate"]
 # quality
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class SAEQuality:
+class SAEQuality(Result):
     """How well an SAE reconstructs a model's activations on a corpus (see :func:`evaluate`).
 
     Attributes:
@@ -75,20 +69,18 @@ class SAEQuality:
 
     def plot(self):
         """Histogram of log10 feature density (plotly Figure)."""
-        import plotly.graph_objects as go
+        from steer_lens.plotting import histogram
 
-        dens = torch.log10(self.feature_density.double() + 1e-10).numpy()
-        fig = go.Figure(go.Histogram(x=dens, nbinsx=50))
-        fig.update_layout(
+        return histogram(
+            torch.log10(self.feature_density.double() + 1e-10),
             title=f"SAE feature density at {self.hook} (FVU {self.fvu:.3f}, L0 {self.l0:.1f}, "
             f"dead {self.dead_features}/{self.d_sae})",
-            xaxis_title="log10 fraction of tokens on which the feature fires",
-            yaxis_title="features",
+            x_title="log10 fraction of tokens on which the feature fires",
+            y_title="features",
         )
-        return fig
 
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    def _summary(self) -> str:
+        return f"<b>SAEQuality</b> at <code>{self.hook}</code> on {self.n_tokens} tokens"
 
 
 def _next_token_ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,8 +113,8 @@ def evaluate(model: ModelLike, sae: SAELike, texts: Any, *, hook: str | None = N
     Raises:
         EmptyInputError: no texts. HookNameError, ShapeMismatchError, ConfigError: see ``check``.
     """
-    model = unwrap_model(model)
-    sae = unwrap(sae)
+    model = unwrap(model)
+    sae = as_sae(sae)
     check_nonempty(texts)
     hook = check_sae(model, sae, hook)
     d_sae = int(sae.cfg.d_sae)

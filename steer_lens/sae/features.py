@@ -21,17 +21,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens._utils import token_strings, unwrap
 from steer_lens.errors import ConfigError, HookNameError
+from steer_lens.results import Result
 from steer_lens.sae._core import (
     HookMismatchWarning,
     ModelLike,
     SAELike,
+    as_sae,
+    capture,
     check_nonempty,
     check_sae,
     iter_batches,
     run_kwargs,
-    unwrap,
-    unwrap_model,
 )
 from steer_lens.steering import SteeredTransformer
 
@@ -113,14 +115,14 @@ def omp(
 
 
 @dataclass(frozen=True, kw_only=True)
-class VectorFeatures:
+class VectorFeatures(Result):
     """A steering vector expressed in an SAE's features (see :func:`vector_features`).
 
     Attributes:
         hook: hook point of the vector.
         sae_hook: hook point the SAE reads.
         same_hook: whether they are the same. When not, the static decomposition compares vectors of
-            different layers; use :func:`~steer_lens.sae.activation_shift` for what the vector does at
+            different layers; use :func:`~steer_lens.analysis.activation_shift` for what the vector does at
             the SAE's hook.
         note: a human-readable remark (e.g. about a hook mismatch); empty when none.
         vector_norm: norm of the vector (scale included), residual-stream units.
@@ -178,33 +180,24 @@ class VectorFeatures:
 
     def plot(self):
         """Top features by cosine (bars) and the OMP residual norm against sparsity (plotly Figure)."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        from steer_lens import plotting
 
-        fig = make_subplots(rows=1, cols=2, subplot_titles=(
-            "cosine(vector, decoder direction)", "k-sparse reconstruction (OMP)"))
         idx = self.top_cosine
-        fig.add_trace(go.Bar(x=[f"f{i}" for i in idx.tolist()], y=self.cosine[idx].tolist(),
-                             name="cosine"), row=1, col=1)
+        cos = plotting.bar(self.cosine[idx], [f"f{i}" for i in idx.tolist()], x_title="feature")
         ks = list(range(1, len(self.sparse_residual_norms) + 1))
-        rel = (self.sparse_residual_norms / max(self.vector_norm, 1e-12)).tolist()
-        fig.add_trace(go.Scatter(x=ks, y=rel, mode="lines+markers", name="residual / ||v||"),
-                      row=1, col=2)
-        fig.update_xaxes(title_text="feature", row=1, col=1)
-        fig.update_xaxes(title_text="features used", row=1, col=2)
-        fig.update_yaxes(title_text="relative residual norm", range=[0, 1.05], row=1, col=2)
-        title = f"vector at {self.hook} in SAE features ({self.sae_hook})"
-        if not self.same_hook:
-            title += " — different hooks"
-        fig.update_layout(title=title, showlegend=False)
+        rel = self.sparse_residual_norms / max(self.vector_norm, 1e-12)
+        omp = plotting.lines({"residual / ||v||": (ks, rel)}, x_title="features used",
+                             y_title="relative residual norm")
+        fig = plotting.grid([[cos, omp]], titles=["cosine(vector, decoder direction)", "k-sparse reconstruction (OMP)"],
+                            title=f"vector at {self.hook} in SAE features ({self.sae_hook})"
+                                  + ("" if self.same_hook else " — different hooks"), height=450, showlegend=False)
+        fig.update_yaxes(range=[0, 1.05], row=1, col=2)
         return fig
 
-    def _repr_html_(self) -> str:
-        head = f"<p>vector at <code>{self.hook}</code> (norm {self.vector_norm:.3g}), SAE at <code>{self.sae_hook}</code>"
-        head += f"; {len(self.sparse_features)}-sparse relative residual {self.relative_residual:.3f}</p>"
-        if self.note:
-            head += f"<p><b>note:</b> {self.note}</p>"
-        return head + self.to_pandas("cosine").to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    def _summary(self) -> str:
+        head = f"vector at <code>{self.hook}</code> (norm {self.vector_norm:.3g}), SAE at <code>{self.sae_hook}</code>"
+        head += f"; {len(self.sparse_features)}-sparse relative residual {self.relative_residual:.3f}"
+        return head + (f"</p><p><b>note:</b> {self.note}" if self.note else "")
 
 
 @torch.no_grad()
@@ -220,7 +213,7 @@ def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, h
        its residual norm (how much of the vector the dictionary cannot express with k features).
 
     When the vector is not at the SAE's hook the comparison is across layers: a
-    :class:`HookMismatchWarning` is issued and ``note`` says so; :func:`~steer_lens.sae.activation_shift`
+    :class:`HookMismatchWarning` is issued and ``note`` says so; :func:`~steer_lens.analysis.activation_shift`
     measures what the vector does at the SAE's hook instead.
 
     Args:
@@ -236,8 +229,8 @@ def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, h
         ConfigError: ``k < 1``. HookNameError: ``hook`` has no vector, or the SAE's hook is not in the
         model. ShapeMismatchError: the SAE's ``d_in`` is not the vector's width.
     """
-    sae = unwrap(sae)
-    model = unwrap_model(steered)
+    sae = as_sae(sae)
+    model = unwrap(steered)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive integer, got {k!r}.")
     sae_h = check_sae(model, sae)
@@ -252,7 +245,7 @@ def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, h
     if hook != sae_h:
         note = (
             f"the vector is at {hook!r} but the SAE reads {sae_h!r}: cosines compare directions of "
-            "different layers. Use sl.sae.activation_shift(steered, sae, texts) for the vector's effect "
+            "different layers. Use sl.analysis.activation_shift(steered, sae, texts) for the vector's effect "
             "at the SAE's hook."
         )
         warnings.warn(note, HookMismatchWarning, stacklevel=2)
@@ -269,7 +262,7 @@ def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, h
 # feature views
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class FeatureTopTokens:
+class FeatureTopTokens(Result):
     """Top-activating tokens of features over a corpus (see :func:`top_activating_tokens`).
 
     Attributes:
@@ -296,43 +289,28 @@ class FeatureTopTokens:
         ]
         return pd.DataFrame(rows)
 
-    def show(self, feature: int | None = None):
-        """circuitsvis ``colored_tokens_multi`` of the top examples' contexts for one feature (the first
-        by default); returns the circuitsvis object (renders in Jupyter)."""
-        from circuitsvis.tokens import colored_tokens
+    def token_view(self, feature: int | None = None):
+        """circuitsvis ``colored_tokens`` of the top examples' contexts for one feature (the first by
+        default), one context per line; returns the circuitsvis object (renders in Jupyter).
+
+        Raises:
+            ConfigError: ``feature`` was not analysed.
+        """
+        from steer_lens.plotting import token_view
 
         f = self.features[0] if feature is None else feature
         if f not in self.contexts:
             raise ConfigError(f"feature: {f} was not analysed; analysed features: {self.features}.")
-        tokens: list[str] = []
-        values: list[float] = []
-        for toks, acts in self.contexts[f]:
-            tokens += [*toks, "\n"]
-            values += [*acts, 0.0]
-        return colored_tokens(tokens=tokens, values=values)
+        return token_view([toks for toks, _ in self.contexts[f]], [acts for _, acts in self.contexts[f]])
 
     def plot(self):
         """Bar chart of the top activation per example per feature (plotly Figure)."""
-        import plotly.graph_objects as go
+        from steer_lens.plotting import bars
 
-        fig = go.Figure()
-        for f in self.features:
-            ex = self.examples[f]
-            fig.add_trace(go.Bar(name=f"f{f}", x=[e[3] for e in ex], y=[e[0] for e in ex],
-                                 hovertext=[e[4] for e in ex]))
-        fig.update_layout(title="top-activating tokens", yaxis_title="feature activation",
-                          barmode="group")
-        return fig
-
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def _tok_str(model, ids: list[int]) -> list[str]:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return [str(i) for i in ids]
-    return [tok.decode([i]) for i in ids]
+        return bars({f"f{f}": ([e[3] for e in self.examples[f]], [e[0] for e in self.examples[f]])
+                     for f in self.features},
+                    hovertext={f"f{f}": [e[4] for e in self.examples[f]] for f in self.features},
+                    title="top-activating tokens", y_title="feature activation")
 
 
 @torch.no_grad()
@@ -353,13 +331,13 @@ def top_activating_tokens(
         batch_size: texts per forward pass.
 
     Returns:
-        :class:`FeatureTopTokens` (``.show(f)`` for circuitsvis).
+        :class:`FeatureTopTokens` (``.token_view(f)`` for circuitsvis).
 
     Raises:
         ConfigError: a feature id outside ``[0, d_sae)``. EmptyInputError: no texts.
     """
-    model = unwrap_model(model)
-    sae = unwrap(sae)
+    model = unwrap(model)
+    sae = as_sae(sae)
     check_nonempty(texts)
     hook = check_sae(model, sae)
     feats = [int(f) for f in (features.tolist() if isinstance(features, Tensor) else features)]
@@ -372,14 +350,9 @@ def top_activating_tokens(
     text_i = 0
     counter = 0
     for batch in iter_batches(model, texts, batch_size=batch_size):
-        store: dict[str, Tensor] = {}
-
-        def grab(act, hook, store=store):
-            store["x"] = act
-
-        model.run_with_hooks(batch.tokens, fwd_hooks=[(hook, grab)], return_type=None,
-                             **run_kwargs(model, hook, batch, stop=True))
-        acts = sae.encode(store["x"].to(sae.dtype))[..., fidx.to(sae.W_dec.device)].float().cpu()
+        x, _ = capture(model.run_with_hooks, batch.tokens, hook,
+                       {**run_kwargs(model, hook, batch, stop=True), "return_type": None})
+        acts = sae.encode(x.to(sae.dtype))[..., fidx.to(sae.W_dec.device)].float().cpu()
         acts = acts.masked_fill(~batch.count.cpu()[..., None], float("-inf"))
         b, p, nf = acts.shape
         top = torch.topk(acts.reshape(b * p, nf), min(n, b * p), dim=0)
@@ -408,7 +381,7 @@ def top_activating_tokens(
             lo, hi = max(0, pi - window), min(len(toks), pi + window + 1)
             ids = toks[lo:hi].tolist()
             vals = [0.0 if v == pad_mask_val else float(v) for v in a[lo:hi].tolist()]
-            strs = _tok_str(model, ids)
+            strs = token_strings(model, ids)
             tok_s = strs[pi - lo]
             ex.append((float(val), ti, pi, tok_s, "".join(strs)))
             ctx.append((strs, vals))
@@ -418,7 +391,7 @@ def top_activating_tokens(
 
 
 @dataclass(frozen=True, kw_only=True)
-class FeatureLogitLens:
+class FeatureLogitLens(Result):
     """Tokens each feature's decoder direction promotes and suppresses through the unembedding.
 
     Attributes:
@@ -443,17 +416,12 @@ class FeatureLogitLens:
                              "suppresses": [" | ".join(t) for t in self.bottom_tokens]})
 
     def plot(self):
-        """Heatmap-free summary: bar chart of the top token's logit per feature (plotly Figure)."""
-        import plotly.graph_objects as go
+        """Bar chart of the top token's logit per feature (plotly Figure)."""
+        from steer_lens.plotting import bar
 
-        top = self.logits.max(-1)
-        fig = go.Figure(go.Bar(x=[f"f{f}" for f in self.features], y=top.values.tolist(),
-                               hovertext=[t[0] for t in self.top_tokens]))
-        fig.update_layout(title=f"feature logit lens ({self.mode})", yaxis_title="max logit per unit activation")
-        return fig
-
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False)
+        return bar(self.logits.max(-1).values, [f"f{f}" for f in self.features],
+                   hovertext=[t[0] for t in self.top_tokens], title=f"feature logit lens ({self.mode})",
+                   y_title="max logit per unit activation")
 
 
 @torch.no_grad()
@@ -480,8 +448,8 @@ def feature_logit_lens(
     Raises:
         ConfigError: bad feature ids or mode.
     """
-    model = unwrap_model(model)
-    sae = unwrap(sae)
+    model = unwrap(model)
+    sae = as_sae(sae)
     feats = [int(f) for f in (features.tolist() if isinstance(features, Tensor) else features)]
     d_sae = int(sae.cfg.d_sae)
     if not feats or any(not 0 <= f < d_sae for f in feats):

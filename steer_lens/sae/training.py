@@ -31,17 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from steer_lens._utils import device_of, unwrap
 from steer_lens.errors import ConfigError, EmptyInputError, ModelNotAvailableError
 from steer_lens.models import check_hook_names, model_info
-from steer_lens.sae._core import (
-    ModelLike,
-    check_nonempty,
-    hook_width,
-    iter_batches,
-    run_kwargs,
-    sae_lens,
-    unwrap_model,
-)
+from steer_lens.results import Result
+from steer_lens.sae._core import ModelLike, check_nonempty, hook_width, iter_batches, run_kwargs, sae_lens
 from steer_lens.sae.corpus import sample_corpus
 from steer_lens.sae.evaluation import SAEQuality, evaluate
 from steer_lens.vectors.io import atomic_write_json
@@ -197,7 +191,7 @@ class SAETrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainedSAE:
+class TrainedSAE(Result):
     """The result of :func:`train`: the sae-lens SAE plus how it was made and how good it is.
 
     Every ``steer_lens.sae`` function accepts a ``TrainedSAE`` wherever it takes an SAE.
@@ -264,8 +258,8 @@ class TrainedSAE:
             raise ConfigError("no evaluation was run (pass eval_texts to train) so there is nothing to plot.")
         return self.quality.plot()
 
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+    def _summary(self) -> str:
+        return f"<b>TrainedSAE</b> at <code>{self.hook}</code> ({self.seconds:.1f} s)"
 
 
 def _activation_stream(model, hook: str, texts: Any, cfg: SAETrainConfig, *, cycle: bool) -> Iterator[Tensor]:
@@ -350,7 +344,7 @@ def train(
         MissingDependencyError: sae-lens is not installed.
     """
     sl_ = sae_lens()
-    model = unwrap_model(model)
+    model = unwrap(model)
     fields_ = dict(config.to_dict()) if config is not None else {}
     if d_sae is not None:
         fields_["d_sae"] = d_sae
@@ -374,7 +368,7 @@ def train(
             "[batch, pos, d]. Use a residual-stream hook (hook_resid_pre/mid/post) or hook_attn_out/mlp_out."
         )
     d_in = int(shape[-1])
-    device = str(next(model.parameters()).device)
+    device = str(device_of(model))
     info = model_info(model)
     with torch.random.fork_rng(devices=[]):  # the user's RNG state is left as it was
         torch.manual_seed(cfg.seed)
