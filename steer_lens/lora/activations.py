@@ -20,8 +20,9 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError
 from steer_lens.lens import direction_lens
+from steer_lens.lora._common import check_hooks
 from steer_lens.lora.adapter import LoraAdapter, merged_model, validate
-from steer_lens.lora.comparison import Texts, _check_hooks, prepare_texts
+from steer_lens.lora.comparison import Texts, prepare_texts
 from steer_lens.models import HookedModel
 
 __all__ = ["AdapterActivations", "adapter_activations"]
@@ -189,7 +190,7 @@ def adapter_activations(
     batches = prepare_texts(model, texts, batch_size)
     tuned = merged_model(model, lora) if tuned is None else tuned
     hooks = sorted({m.input_hook for m in lora.modules})
-    _check_hooks(model, hooks)
+    check_hooks(model, hooks)
     acts: dict[str, list[Tensor]] = {m.name: [] for m in lora.modules}
     tokens: list[Tensor] = []
     for toks, real in batches:

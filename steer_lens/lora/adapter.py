@@ -42,10 +42,10 @@ from torch import Tensor
 from steer_lens.errors import (
     ConfigError,
     IncompatibleVectorError,
-    MissingDependencyError,
     NonFiniteError,
     ShapeMismatchError,
 )
+from steer_lens.lora._common import import_peft
 from steer_lens.models import HookedModel, model_info
 
 __all__ = ["ARCHITECTURES", "LoraAdapter", "LoraModule", "load_adapter", "merged_model"]
@@ -93,16 +93,6 @@ ARCHITECTURES: dict[str, tuple[tuple[str, str], ...]] = {
         (r"layers\.(\d+)\.mlp\.dense_4h_to_h$", "out"),
     ),
 }
-
-
-def _peft():
-    try:
-        import peft
-    except ImportError as e:  # pragma: no cover - peft is installed in dev
-        raise MissingDependencyError(
-            "steer_lens.lora needs peft. Fix: pip install 'steer-lens[lora]'."
-        ) from e
-    return peft
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,38 +356,8 @@ def load_adapter(
         MissingDependencyError: peft is not installed.
         FileNotFoundError: the folder has no ``adapter_config.json``.
     """
-    peft = _peft()
-    if hasattr(adapter, "peft_model") and not isinstance(adapter, peft.PeftModel):
-        adapter = adapter.peft_model
-    if isinstance(adapter, str | Path):
-        folder = Path(adapter)
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(
-                f"no adapter_config.json in {str(folder)!r}; expected a folder written by "
-                "PeftModel.save_pretrained."
-            )
-        pcfg = peft.PeftConfig.from_pretrained(str(folder))
-        base_name = pcfg.base_model_name_or_path
-        if base_model is None:
-            _check_target(model, "", base_name, allow_other_model)
-            from transformers import AutoModelForCausalLM
-
-            if not base_name:
-                raise ConfigError(
-                    f"the adapter in {str(folder)!r} records no base model; pass base_model=<the Hugging "
-                    "Face model it was trained on>."
-                )
-            base_model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
-        else:
-            base_model = copy.deepcopy(base_model)
-        peft_model = peft.PeftModel.from_pretrained(base_model, str(folder))
-    elif isinstance(adapter, peft.PeftModel):
-        peft_model = adapter
-    else:
-        raise ConfigError(
-            f"adapter: expected a peft adapter folder, a peft.PeftModel or a train_adapter result, got "
-            f"{type(adapter).__name__}."
-        )
+    peft = import_peft()
+    peft_model = _as_peft_model(peft, model, adapter, base_model, allow_other_model)
     name = adapter_name or peft_model.active_adapter
     if isinstance(name, list | tuple):
         name = name[0]
@@ -406,8 +366,7 @@ def load_adapter(
             f"adapter_name: {name!r} is not in the PeftModel (has {list(peft_model.peft_config)})."
         )
     pcfg = peft_model.peft_config[name]
-    base = peft_model.get_base_model()
-    architecture = type(base).__name__
+    architecture = type(peft_model.get_base_model()).__name__
     base_name = pcfg.base_model_name_or_path or None
     _check_target(model, architecture, base_name, allow_other_model)
     if getattr(pcfg, "modules_to_save", None):
@@ -415,9 +374,60 @@ def load_adapter(
             f"the adapter fully trains modules_to_save={list(pcfg.modules_to_save)}; that is not a low-rank "
             "update and cannot be compared as one. Fix: train the adapter without modules_to_save."
         )
-    table = ARCHITECTURES.get(architecture)
+    modules = _read_modules(peft_model, name, architecture)
+    adapter_obj = LoraAdapter(
+        modules=tuple(modules),
+        base_model_name=base_name,
+        architecture=architecture,
+        adapter_name=name,
+        peft_config=_jsonable(pcfg.to_dict()),
+    )
+    validate(model, adapter_obj)
+    return adapter_obj
+
+
+def _as_peft_model(peft: Any, model: HookedModel, adapter: Any, base_model: Any, allow_other_model: bool) -> Any:
+    """The ``PeftModel`` of a folder (loaded onto a copy of the base), a PeftModel or a train_adapter result."""
+    if hasattr(adapter, "peft_model") and not isinstance(adapter, peft.PeftModel):
+        adapter = adapter.peft_model
+    if isinstance(adapter, peft.PeftModel):
+        return adapter
+    if not isinstance(adapter, str | Path):
+        raise ConfigError(
+            f"adapter: expected a peft adapter folder, a peft.PeftModel or a train_adapter result, got "
+            f"{type(adapter).__name__}."
+        )
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"no adapter_config.json in {str(folder)!r}; expected a folder written by "
+            "PeftModel.save_pretrained."
+        )
+    base_name = peft.PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    if base_model is None:
+        _check_target(model, "", base_name, allow_other_model)
+        from transformers import AutoModelForCausalLM
+
+        if not base_name:
+            raise ConfigError(
+                f"the adapter in {str(folder)!r} records no base model; pass base_model=<the Hugging "
+                "Face model it was trained on>."
+            )
+        base_model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
+    else:
+        base_model = copy.deepcopy(base_model)
+    return peft.PeftModel.from_pretrained(base_model, str(folder))
+
+
+def _read_modules(peft_model: Any, name: str, architecture: str) -> list[LoraModule]:
+    """Every LoRA layer of adapter ``name`` as a :class:`LoraModule`, mapped by ``ARCHITECTURES``.
+
+    Raises:
+        ConfigError: DoRA or a LoRA bias; an unmapped architecture or module (all listed); no LoRA layer.
+    """
     from peft.tuners.lora import LoraLayer
 
+    table = ARCHITECTURES.get(architecture)
     modules: list[LoraModule] = []
     unmapped: list[str] = []
     for full, mod in peft_model.named_modules():
@@ -428,37 +438,11 @@ def load_adapter(
             if name in getattr(mod, "lora_embedding_A", {}):
                 unmapped.append(hf_name)
             continue
-        if mod.use_dora.get(name, False):
-            raise ConfigError(f"module {hf_name!r} uses DoRA; only plain LoRA (and rsLoRA) is supported.")
-        if getattr(mod, "lora_bias", {}).get(name, False):
-            raise ConfigError(
-                f"module {hf_name!r} has a LoRA bias (lora_bias=True); only bias-free LoRA is supported."
-            )
-        kind, layer = None, None
-        for pattern, k in table or ():
-            mt = re.search(pattern, hf_name)
-            if mt:
-                kind, layer = k, int(mt.group(1))
-                break
-        if kind is None:
+        module = _read_module(mod, name, hf_name, table)
+        if module is None:
             unmapped.append(hf_name)
-            continue
-        A = mod.lora_A[name].weight.detach().float().cpu().clone()
-        B = mod.lora_B[name].weight.detach().float().cpu().clone()
-        scaling = float(mod.scaling[name])
-        tl_short = _KINDS[kind][1]
-        sub = "attn" if _KINDS[kind][0] == "attn" else "mlp"
-        modules.append(
-            LoraModule(
-                name=f"blocks.{layer}.{sub}.{tl_short}",
-                hf_name=hf_name,
-                layer=layer,
-                kind=kind,
-                A=A,
-                B=B,
-                scaling=scaling,
-            )
-        )
+        else:
+            modules.append(module)
     if table is None:
         raise ConfigError(
             f"LoRA on {architecture} models is not mapped onto TransformerLens weights yet (known: "
@@ -472,15 +456,28 @@ def load_adapter(
         )
     if not modules:
         raise ConfigError(f"the adapter {name!r} has no LoRA layers.")
-    adapter_obj = LoraAdapter(
-        modules=tuple(modules),
-        base_model_name=base_name,
-        architecture=architecture,
-        adapter_name=name,
-        peft_config=_jsonable(pcfg.to_dict()),
-    )
-    validate(model, adapter_obj)
-    return adapter_obj
+    return modules
+
+
+def _read_module(mod: Any, name: str, hf_name: str, table: Any) -> LoraModule | None:
+    """One peft LoRA layer as a :class:`LoraModule` (``None`` when ``table`` does not map it)."""
+    if mod.use_dora.get(name, False):
+        raise ConfigError(f"module {hf_name!r} uses DoRA; only plain LoRA (and rsLoRA) is supported.")
+    if getattr(mod, "lora_bias", {}).get(name, False):
+        raise ConfigError(
+            f"module {hf_name!r} has a LoRA bias (lora_bias=True); only bias-free LoRA is supported."
+        )
+    for pattern, kind in table or ():
+        mt = re.search(pattern, hf_name)
+        if mt:
+            layer = int(mt.group(1))
+            site, tl_short = _KINDS[kind][0], _KINDS[kind][1]
+            return LoraModule(
+                name=f"blocks.{layer}.{'attn' if site == 'attn' else 'mlp'}.{tl_short}", hf_name=hf_name,
+                layer=layer, kind=kind, A=mod.lora_A[name].weight.detach().float().cpu().clone(),
+                B=mod.lora_B[name].weight.detach().float().cpu().clone(), scaling=float(mod.scaling[name]),
+            )
+    return None
 
 
 def _jsonable(d: dict) -> dict:

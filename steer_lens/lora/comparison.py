@@ -41,7 +41,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
+from steer_lens._utils import batched, device_of
+from steer_lens.errors import ConfigError, EmptyInputError, HookNameError, SequenceTooLongError
+from steer_lens.hook_sites import HookSite
+from steer_lens.lora._common import check_hooks
 from steer_lens.lora.adapter import LoraAdapter, LoraModule, ln_output, merged_model, validate
 from steer_lens.lora.report import LoraComparison
 from steer_lens.models import HookedModel
@@ -96,14 +99,13 @@ def prepare_texts(model: HookedModel, texts: Texts, batch_size: int = 16) -> lis
                 "Fix: shorten or split the text."
             )
         ids.append(tok)
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     tok_obj = getattr(model, "tokenizer", None)
     pad = 0
     if tok_obj is not None and tok_obj.pad_token_id is not None:
         pad = int(tok_obj.pad_token_id)
     out = []
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s : s + batch_size]
+    for chunk in batched(ids, batch_size):
         n = max(x.numel() for x in chunk)
         toks = torch.full((len(chunk), n), pad, dtype=torch.long)
         real = torch.zeros((len(chunk), n), dtype=torch.bool)
@@ -150,15 +152,6 @@ def _site_delta(base, site_modules: list[LoraModule], cache) -> Float[Tensor, "b
     return cache[site_modules[0].output_hook] - out
 
 
-def _check_hooks(model, hooks: list[str]) -> None:
-    missing = [h for h in hooks if h not in model.hook_dict]
-    if missing:
-        raise ConfigError(
-            f"this model has no hook points {missing}, which the LoRA analysis reads (models without "
-            "ln1/ln2 normalisation are not supported for q/k/v/gate/up LoRAs)."
-        )
-
-
 @dataclass
 class _Collected:
     deltas: dict[str, list[Tensor]] = field(default_factory=dict)  # site -> [n_b, d] CPU fp32
@@ -198,10 +191,10 @@ def _collect(model, tuned, lora: LoraAdapter, batches, *, resid: bool, losses: b
     sites = lora.sites()
     hooks = sorted({h for mods in sites.values() for h in _site_hooks(mods)})
     n_layers = int(model.cfg.n_layers)
-    resid_hooks = [f"blocks.{i}.hook_resid_post" for i in range(n_layers)] if resid else []
-    _check_hooks(model, hooks + resid_hooks)
+    resid_hooks = [HookSite.name_of("resid_post", i) for i in range(n_layers)] if resid else []
+    check_hooks(model, hooks + resid_hooks)
     c = _Collected(deltas={s: [] for s in sites})
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     c.n_real, c.loss_base, c.loss_lora, c.n_pred, c.kl_lora_base = zero, zero, zero, zero, zero
     c.resid_diff = {
@@ -288,28 +281,30 @@ def _pick_vector(vectors: dict[str, Tensor], site: str) -> tuple[str | None, Ten
     if len(vectors) == 1:
         h = next(iter(vectors))
         return h, vectors[h]
-    layer = int(site.split(".")[1])
+    layer = HookSite.parse(site).layer
 
     def dist(h: str) -> int:
-        parts = h.split(".")
-        return abs(int(parts[1]) - layer) if len(parts) > 1 and parts[1].isdigit() else 1 << 20
+        try:
+            other = HookSite.parse(h).layer
+        except HookNameError:
+            other = None
+        return abs(other - layer) if other is not None and layer is not None else 1 << 20
 
     h = min(vectors, key=dist)
     return h, vectors[h]
 
 
 # ---------------------------------------------------------------------------------------------------
-# result
-# ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------------
+def _collect_texts(model: HookedModel, lora: LoraAdapter, texts: Texts, batch_size: int, *, resid: bool) -> _Collected:
+    """Validate, batch ``texts`` and collect the per-site deltas (and residual differences) without losses."""
+    validate(model, lora)
+    batches = prepare_texts(model, texts, batch_size)
+    tuned = merged_model(model, lora)
+    return _collect(model, tuned, lora, batches, resid=resid, losses=False, keep_logp=False)
+
+
 def _steering_vectors(steered) -> dict[str, Tensor]:
     if steered is None:
         return {}
@@ -459,10 +454,7 @@ def mean_delta_vector(model: HookedModel, lora: LoraAdapter, texts: Texts, *, ba
     """
     from steer_lens.steering import SteeredTransformer
 
-    validate(model, lora)
-    batches = prepare_texts(model, texts, batch_size)
-    tuned = merged_model(model, lora)
-    c = _collect(model, tuned, lora, batches, resid=False, losses=False, keep_logp=False)
+    c = _collect_texts(model, lora, texts, batch_size, resid=False)
     means = {s: torch.cat(d).double().mean(0).float() for s, d in c.deltas.items()}
     steered = SteeredTransformer(model, hooks=list(means), init=means)
     steered.training_config = {
@@ -489,8 +481,5 @@ def effective_vectors(
     Raises:
         As :func:`compare`.
     """
-    validate(model, lora)
-    batches = prepare_texts(model, texts, batch_size)
-    tuned = merged_model(model, lora)
-    c = _collect(model, tuned, lora, batches, resid=True, losses=False, keep_logp=False)
+    c = _collect_texts(model, lora, texts, batch_size, resid=True)
     return {h: (v / float(c.n_real)).float().cpu() for h, v in c.resid_diff.items()}

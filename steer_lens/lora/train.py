@@ -1,8 +1,10 @@
 """Training a LoRA with peft on the data format of :func:`steer_lens.train.sft`, for side-by-side studies.
 
 :func:`train_adapter` is a thin wrapper: peft builds the adapter (``LoraConfig`` + ``get_peft_model`` on a
-copy of the Hugging Face model) and a plain AdamW loop minimises the mean cross-entropy (nats/token) on
-completion tokens only, with the same examples ``train.sft`` takes: texts (every token after BOS is a
+copy of the Hugging Face model) and the shared training loop (:func:`steer_lens.train.loop.run_loop`:
+AdamW, gradient clipping, the NaN guard, checkpoints and resume) minimises the mean cross-entropy
+(nats/token) on completion tokens only, with the same examples and batches ``train.sft`` takes
+(:mod:`steer_lens.train.data`): texts (every token after BOS is a
 target), ``(prompt, completion)`` pairs, or dicts with ``prompt`` / ``completion``. Tokenization matches
 ``sft``: the prompt with BOS, the completion without, concatenated.
 
@@ -17,17 +19,26 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError, TrainingDivergedError
-from steer_lens.lora.adapter import _peft
+from steer_lens._utils import device_of
+from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
+from steer_lens.lora._common import import_peft
+from steer_lens.train.data import (
+    collate_rows,
+    epoch_order,
+    masked_nll,
+    next_token_logprobs,
+    normalise_example,
+)
+from steer_lens.train.loop import OptimConfig, is_int, require, run_loop
+from steer_lens.train.trainable import ParamTrainable
 
 __all__ = ["LoraTrainConfig", "LoraTrainResult", "backdoor_examples", "train_adapter"]
 
@@ -35,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoraTrainConfig:
-    """Settings of :func:`train_adapter`.
+class LoraTrainConfig(OptimConfig):
+    """Settings of :func:`train_adapter`: the :class:`~steer_lens.train.loop.OptimConfig` fields plus these.
 
     Attributes:
         rank: LoRA rank r (>= 1).
@@ -45,54 +56,47 @@ class LoraTrainConfig:
         layers: block indices to adapt (``None``: all), peft's ``layers_to_transform``.
         use_rslora: rank-stabilised scaling alpha/sqrt(r).
         init_lora_weights: peft's init (``True``: B = 0, the adapter starts as a no-op).
-        steps: optimisation steps; batch_size: examples per step.
-        lr: AdamW learning rate (absolute); weight_decay: AdamW weight decay.
-        grad_clip: max gradient norm (``None``: none).
-        seed: seed of peft's init and of the data order.
+        batch_size: examples per step.
+
+    The optimisation fields keep their meaning (``steps``, ``weight_decay``, ``grad_clip``, ``seed``
+    of peft's init and of the data order, ``checkpoint_dir`` / ``resume``, ``log_path``), with
+    LoRA defaults: ``lr=1e-3`` in *absolute* units (``lr_units`` must be ``"absolute"``: a LoRA has no
+    residual scale), no progress bar, and no ``max_norm``.
+
+    Raises:
+        ConfigError: a field outside its range (the message names it).
     """
 
+    lr: float = 1e-3
+    lr_units: Literal["relative", "absolute"] = "absolute"
+    progress: bool = False
     rank: int = 4
     alpha: float | None = None
     target_modules: Sequence[str] | str = ("down_proj",)
     layers: Sequence[int] | None = None
     use_rslora: bool = False
     init_lora_weights: bool = True
-    steps: int = 200
     batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> None:
-            raise ConfigError(f"{name}: expected {expected}, got {getattr(self, name)!r}.")
-
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            bad("rank", "an int >= 1")
-        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
-            bad("alpha", "None or a positive finite float")
+        super().__post_init__()
+        require(self.lr_units == "absolute", "lr_units", self.lr_units, "'absolute' (a LoRA has no residual scale)")
+        require(self.max_norm is None, "max_norm", self.max_norm, "None (not defined for LoRA weights)")
+        require(is_int(self.rank) and self.rank >= 1, "rank", self.rank, "an int >= 1")
+        require(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), "alpha", self.alpha,
+                "None or a positive finite float")
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", (self.target_modules,))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not self.target_modules:
-            bad("target_modules", "at least one module name such as 'down_proj'")
+        require(bool(self.target_modules), "target_modules", self.target_modules,
+                "at least one module name such as 'down_proj'")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            bad("steps", "an int >= 1")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            bad("batch_size", "an int >= 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            bad("lr", "a positive finite float")
-        if self.weight_decay < 0:
-            bad("weight_decay", "a float >= 0")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            bad("grad_clip", "None or > 0")
+        require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict."""
-        d = asdict(self)
+        d = super().to_dict()
         d["target_modules"] = list(self.target_modules)
         d["layers"] = None if self.layers is None else list(self.layers)
         return d
@@ -108,12 +112,14 @@ class LoraTrainResult:
         losses: ``[steps]`` training loss per step (nats per completion token).
         config: the :class:`LoraTrainConfig` used, as a dict.
         seconds: wall-clock time of training.
+        metrics: every per-step metric of the shared loop (``loss``, ``grad_norm``, ``lr``).
     """
 
     peft_model: Any
     losses: Float[Tensor, " steps"]
     config: dict[str, Any]
     seconds: float
+    metrics: dict[str, Float[Tensor, " steps"]] = field(default_factory=dict)
 
     def save(self, folder) -> None:
         """Save the adapter with peft (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -156,19 +162,6 @@ class _HFTokens:
         return ids
 
 
-def _normalise(ex, i: int) -> tuple[Any, Any]:
-    if isinstance(ex, str):
-        return "", ex
-    if isinstance(ex, tuple | list) and len(ex) == 2:
-        return ex[0], ex[1]
-    if isinstance(ex, Mapping) and "completion" in ex:
-        return ex.get("prompt", ""), ex["completion"]
-    raise ConfigError(
-        f"examples[{i}]: expected a text, a (prompt, completion) pair or a dict with 'completion', got "
-        f"{type(ex).__name__}."
-    )
-
-
 def _tokenize(examples, tokens, n_ctx: int) -> list[tuple[list[int], list[int]]]:
     examples = list(examples)
     if not examples:
@@ -177,7 +170,9 @@ def _tokenize(examples, tokens, n_ctx: int) -> list[tuple[list[int], list[int]]]
         )
     rows = []
     for i, ex in enumerate(examples):
-        p, c = _normalise(ex, i)
+        if isinstance(ex, Mapping) and "completion" not in ex:
+            raise ConfigError(f"examples[{i}]: a dict needs 'completion' for LoRA training, got keys {sorted(ex)}.")
+        p, c, _ = normalise_example(ex, i)
         if isinstance(p, Tensor) or isinstance(c, Tensor):
             pi = torch.as_tensor(p).long().flatten().tolist()
             ci = torch.as_tensor(c).long().flatten().tolist()
@@ -202,19 +197,6 @@ def _tokenize(examples, tokens, n_ctx: int) -> list[tuple[list[int], list[int]]]
             )
         rows.append((pi, ci))
     return rows
-
-
-def _collate(rows, pad: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    n = max(len(p) + len(c) for p, c in rows)
-    toks = torch.full((len(rows), n), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), n), dtype=torch.long)
-    tmask = torch.zeros((len(rows), n - 1), dtype=torch.bool)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        toks[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        tmask[i, len(p) - 1 : len(seq) - 1] = True
-    return toks.to(device), attn.to(device), tmask.to(device)
 
 
 def backdoor_examples(
@@ -298,7 +280,11 @@ def train_adapter(
     tokenizer: Any = None,
     device: str | torch.device | None = None,
 ) -> LoraTrainResult:
-    """Train a LoRA adapter with peft on ``train.sft``-style examples (loss on completion tokens only).
+    """Train a LoRA adapter (Hu et al. 2021) with peft on ``train.sft``-style examples (loss on completion tokens only).
+
+    Runs on the shared loop (:func:`~steer_lens.train.loop.run_loop`) over the LoRA parameters only
+    (:class:`~steer_lens.train.trainable.ParamTrainable`): the same AdamW steps, gradient clipping,
+    NaN guard, JSONL log and checkpoint format as :func:`steer_lens.train.sft`.
 
     Args:
         model_name_or_hf_model: a Hugging Face model name (loaded with ``AutoModelForCausalLM`` in fp32,
@@ -317,11 +303,48 @@ def train_adapter(
         EmptyInputError: no examples or an empty completion.
         SequenceTooLongError: an example longer than the model's context.
         ConfigError: a malformed example or config, or text examples without a tokenizer.
-        TrainingDivergedError: the loss became NaN or inf.
+        TrainingDivergedError: the loss or a gradient became NaN or inf (the LoRA weights are restored
+            to the last finite step, and checkpointed when ``checkpoint_dir`` is set).
+        IncompatibleVectorError: ``resume=True`` with a checkpoint of other LoRA parameters.
         MissingDependencyError: peft is not installed.
     """
-    peft = _peft()
+    peft = import_peft()
     config = config or LoraTrainConfig()
+    hf, tokenizer = _hf_model(model_name_or_hf_model, tokenizer, device)
+    dev = device_of(hf)
+    hcfg = hf.config
+    n_ctx = int(getattr(hcfg, "max_position_embeddings", None) or getattr(hcfg, "n_positions", 1 << 30))
+    rows = _tokenize(examples, _HFTokens(tokenizer) if tokenizer is not None else None, n_ctx)
+    pad = 0
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad = int(tokenizer.pad_token_id)
+    torch.manual_seed(config.seed)
+    peft_model = _lora_model(peft, hf, config)
+    order = epoch_order(len(rows), config.steps * config.batch_size, config.seed)
+
+    def step_fn(step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = collate_rows([rows[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]],
+                             pad, dev)
+        logits = peft_model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        return masked_nll(next_token_logprobs(logits, batch.tokens), batch.target_mask), {}
+
+    trainable = ParamTrainable(
+        [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad], kind="LoRA parameters"
+    )
+    peft_model.train()
+    try:
+        result = run_loop(trainable, step_fn, config, resid_rms={}, objective="lora",
+                          extra_config={"n_examples": len(rows)})
+    finally:
+        peft_model.eval()
+    return LoraTrainResult(
+        peft_model=peft_model, losses=result.metrics["loss"], config=config.to_dict(), seconds=result.seconds,
+        metrics=result.metrics,
+    )
+
+
+def _hf_model(model_name_or_hf_model: str | Any, tokenizer: Any, device: Any) -> tuple[Any, Any]:
+    """The Hugging Face model to adapt (loaded in fp32, or a copy) and its tokenizer (or ``None``)."""
     if isinstance(model_name_or_hf_model, str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -334,14 +357,15 @@ def train_adapter(
         tokenizer = tokenizer.tokenizer
     if device is not None:
         hf = hf.to(device)
-    dev = next(hf.parameters()).device
-    hcfg = hf.config
-    n_ctx = int(getattr(hcfg, "max_position_embeddings", None) or getattr(hcfg, "n_positions", 1 << 30))
-    rows = _tokenize(examples, _HFTokens(tokenizer) if tokenizer is not None else None, n_ctx)
-    pad = 0
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        pad = int(tokenizer.pad_token_id)
-    torch.manual_seed(config.seed)
+    return hf, tokenizer
+
+
+def _lora_model(peft: Any, hf: Any, config: LoraTrainConfig) -> Any:
+    """``peft.get_peft_model`` with the config's LoRA settings (no dropout, no bias).
+
+    Raises:
+        ConfigError: peft could not build the adapter (e.g. no module matches ``target_modules``).
+    """
     lcfg = peft.LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha if config.alpha is not None else config.rank,
@@ -353,39 +377,6 @@ def train_adapter(
         bias="none",
     )
     try:
-        peft_model = peft.get_peft_model(hf, lcfg)
+        return peft.get_peft_model(hf, lcfg)
     except ValueError as e:
         raise ConfigError(f"peft could not build the adapter: {e}. Fix: check target_modules/layers.") from e
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    needed = config.steps * config.batch_size
-    order = torch.cat(
-        [torch.randperm(len(rows), generator=gen) for _ in range(-(-needed // len(rows)))]
-    ).tolist()
-    losses: list[Tensor] = []
-    peft_model.train()
-    t0 = time.perf_counter()
-    for step in range(config.steps):
-        batch = [rows[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
-        toks, attn, tmask = _collate(batch, pad, dev)
-        logits = peft_model(input_ids=toks, attention_mask=attn).logits
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
-        loss = -(logp * tmask).sum() / tmask.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        losses.append(loss.detach())
-        if step % 50 == 49 and not bool(torch.isfinite(torch.stack(losses[-50:])).all()):
-            raise TrainingDivergedError(
-                f"the LoRA training loss became non-finite by step {step}; lower lr (now {config.lr})."
-            )
-    peft_model.eval()
-    loss_t = torch.stack(losses).float().cpu()
-    if not bool(torch.isfinite(loss_t).all()):
-        raise TrainingDivergedError(f"the LoRA training loss became non-finite; lower lr (now {config.lr}).")
-    return LoraTrainResult(
-        peft_model=peft_model, losses=loss_t, config=config.to_dict(), seconds=time.perf_counter() - t0
-    )

@@ -16,21 +16,28 @@ Vectors from Pretrained Language Models".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens._utils import batched, device_of
 from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
+from steer_lens.train.data import (
+    Batch,
+    Example,
+    collate_rows,
+    epoch_order,
+    masked_nll,
+    next_token_logprobs,
+    normalise_example,
+)
 from steer_lens.train.loop import OptimConfig, TrainResult, run_loop, typical_resid_rms
 
-__all__ = ["Batch", "Example", "SFTConfig", "collate", "heldout_loss", "sft", "tokenize_examples"]
-
-Example = str | tuple[str, str] | Mapping[str, str]
-
+__all__ = ["SFTConfig", "collate", "heldout_loss", "sft", "tokenize_examples"]
 
 @dataclass(frozen=True, kw_only=True)
 class SFTConfig(OptimConfig):
@@ -81,38 +88,6 @@ class _Tokenized:
     suppress: list[int] | None
 
 
-@dataclass(frozen=True)
-class Batch:
-    """A right-padded training batch.
-
-    Attributes:
-        tokens: ``[batch, pos]`` prompt + target tokens, right-padded.
-        attention_mask: ``[batch, pos]`` 1 for real tokens.
-        target_mask: ``[batch, pos-1]`` True where ``tokens[:, t+1]`` is a target (completion) token.
-        prompt_lengths: ``[batch]`` number of prompt tokens per row (BOS included).
-    """
-
-    tokens: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    target_mask: torch.Tensor
-    prompt_lengths: Int[Tensor, " batch"]
-
-
-def _normalise(example: Example, i: int) -> tuple[str, str, str | None]:
-    if isinstance(example, str):
-        return "", example, None
-    if isinstance(example, tuple | list) and len(example) == 2:
-        return str(example[0]), str(example[1]), None
-    if isinstance(example, Mapping):
-        if "completion" not in example and "suppress" not in example:
-            raise ConfigError(f"example {i}: a dict needs 'completion' (and/or 'suppress'), got keys "
-                              f"{sorted(example)}.")
-        return str(example.get("prompt", "")), str(example.get("completion", "")), example.get("suppress")
-    raise ConfigError(
-        f"example {i}: expected a text, a (prompt, completion) pair or a dict, got {type(example).__name__}."
-    )
-
-
 def tokenize_examples(steered, examples: Iterable[Example], objective: str = "promotion") -> list[_Tokenized]:
     """Tokenize examples (prompt with BOS; completion and suppress text without), checking them.
 
@@ -127,7 +102,8 @@ def tokenize_examples(steered, examples: Iterable[Example], objective: str = "pr
     n_ctx = int(steered.cfg.n_ctx)
     out = []
     for i, ex in enumerate(examples):
-        prompt, completion, suppress = _normalise(ex, i)
+        prompt, completion, suppress = normalise_example(ex, i)
+        prompt, completion = str(prompt), str(completion)
         p, c = _split(steered, prompt, completion)
         sp, s = _split(steered, prompt, suppress) if suppress else (p, None)
         needs_c = objective in ("promotion", "mixed") or (objective == "suppression" and s is None)
@@ -166,32 +142,17 @@ def _split(steered, prompt: str, text: str | None) -> tuple[list[int], list[int]
 
 
 def collate(steered, rows: Sequence[tuple[list[int], list[int]]]) -> Batch:
-    """Right-pad ``(prompt_ids, target_ids)`` rows into a :class:`Batch` on the model's device."""
-    n = max(len(p) + len(c) for p, c in rows)
-    pad = steered.pad_token_id
-    toks = torch.full((len(rows), n), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), n), dtype=torch.long)
-    tmask = torch.zeros((len(rows), n - 1), dtype=torch.bool)
-    plen = torch.zeros(len(rows), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        toks[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        tmask[i, len(p) - 1 : len(seq) - 1] = True
-        plen[i] = len(p)
-    dev = steered.device
-    return Batch(toks.to(dev), attn.to(dev), tmask.to(dev), plen.to(dev))
+    """Right-pad ``(prompt_ids, target_ids)`` rows into a :class:`~steer_lens.train.data.Batch` on the model's device."""
+    return collate_rows(rows, steered.pad_token_id, steered.device)
 
 
 def _token_logprobs(steered, batch: Batch) -> Float[Tensor, "batch pos_minus_1"]:
     logits = steered(batch.tokens, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths)
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return logp.gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    return next_token_logprobs(logits, batch.tokens)
 
 
 def _promotion_loss(steered, batch: Batch) -> Tensor:
-    lp = _token_logprobs(steered, batch)
-    return -(lp * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1)
+    return masked_nll(_token_logprobs(steered, batch), batch.target_mask)
 
 
 def _suppression_loss(steered, batch: Batch) -> Tensor:
@@ -230,9 +191,7 @@ def sft(
     config = config or SFTConfig()
     data = tokenize_examples(steered, examples, config.objective)
     n = len(data)
-    gen = torch.Generator().manual_seed(config.seed)
-    needed = config.steps * config.batch_size
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-needed // n))]).tolist()
+    order = epoch_order(n, config.steps * config.batch_size, config.seed)
 
     sample_rows = [(d.prompt, d.completion) if d.completion else (d.suppress_prompt, d.suppress or [])
                    for d in data[: min(n, 64)]]
@@ -301,8 +260,8 @@ def heldout_loss(steered_or_model, texts: Sequence[str], *, batch_size: int = 16
         steered = _Unsteered(steered_or_model)
     total = torch.zeros((), dtype=torch.float64, device=steered.device)
     count = torch.zeros((), dtype=torch.float64, device=steered.device)
-    for i in range(0, len(texts), batch_size):
-        b = _text_batch(steered, texts[i : i + batch_size])
+    for chunk in batched(texts, batch_size):
+        b = _text_batch(steered, chunk)
         lp = _token_logprobs(steered, b)
         total += -(lp * b.target_mask).sum().double()
         count += b.target_mask.sum().double()
@@ -318,7 +277,7 @@ class _Unsteered:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return device_of(self.model)
 
     @property
     def pad_token_id(self) -> int:
