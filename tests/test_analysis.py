@@ -138,3 +138,17 @@ def test_copy_vectors_keeps_kind_and_maps_hooks():
     assert isinstance(c, GatedVectors) and c.hook_names == (H0,)
     torch.testing.assert_close(c.direction(H0), v.direction(H1))
     torch.testing.assert_close(c.gate_w[H0.replace(".", "__")], v.gate_w[H1.replace(".", "__")])
+
+
+def test_gate_values_equal_the_gate_of_the_unsteered_activation(tiny, monkeypatch):
+    v = GatedVectors([H0], D, init="random", init_norm=2.0)
+    with torch.no_grad():
+        next(iter(v.gate_w.values())).normal_()
+    s = sl.SteeredTransformer(tiny, [H0], vectors=v)
+    _patch_tokens(monkeypatch, s)
+    gv = A.gate_values(s, ["5 6 7 8", "9 10"])
+    with torch.no_grad(), s.disabled():
+        _, cache = s.run_with_cache(torch.tensor([[1, 9, 10]]))
+    torch.testing.assert_close(gv.of_text(1), v.gate_of(H0, cache[H0])[0].detach())
+    assert gv.str_tokens[1] == ["1", "9", "10"] and torch.isnan(gv.gates[H0][1, 0])
+    assert len(gv.top(3)) == 3 and gv.plot().data and gv.token_view() is not None

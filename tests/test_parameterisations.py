@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import steer_lens as sl
+from steer_lens.analysis import gate_values
 from steer_lens.errors import ConfigError, IncompatibleVectorError
-from steer_lens.vectors import GatedVectors, LowRankVectors, gate_values, vector_kinds
+from steer_lens.vectors import GatedVectors, LowRankVectors, vector_kinds
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
 D = 32

@@ -26,12 +26,14 @@ from steer_lens.analysis.effects import (
     sampled_rate,
     transfer,
 )
+from steer_lens.analysis.gates import GateValues, gate_values
 from steer_lens.analysis.geometry import Persistence, VectorStats, persistence, vector_stats
 from steer_lens.analysis.shift import ActivationShift, GenerationShift, activation_shift, generation_shift
 
 __all__ = [
     "ActivationShift",
     "CombinationGain",
+    "GateValues",
     "GenerationShift",
     "Persistence",
     "SampledRate",
@@ -40,6 +42,7 @@ __all__ = [
     "activation_shift",
     "combination_gain",
     "copy_vectors",
+    "gate_values",
     "generation_shift",
     "pair_gain",
     "persistence",
