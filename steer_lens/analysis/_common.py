@@ -25,9 +25,7 @@ def text_tokens(
     Raises:
         EmptyInputError: no texts.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
+    texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise EmptyInputError("texts: got none; give at least one text.")
     n_ctx = int(steered.cfg.n_ctx)

@@ -29,16 +29,8 @@ from torch import Tensor
 from steer_lens._utils import token_strings
 from steer_lens.errors import ConfigError
 from steer_lens.results import Result
-from steer_lens.sae._core import (
-    SAELike,
-    as_sae,
-    capture,
-    check_nonempty,
-    check_sae,
-    iter_batches,
-    run_kwargs,
-    warn_if_vectors_after,
-)
+from steer_lens.sae import _core
+from steer_lens.sae._core import SAELike
 from steer_lens.steering import SteeredTransformer
 
 __all__ = ["ActivationShift", "GenerationShift", "activation_shift", "generation_shift"]
@@ -300,11 +292,11 @@ def activation_shift(
     Warns:
         HookMismatchWarning: every vector is downstream of the SAE's hook (nothing can shift).
     """
-    sae = as_sae(sae)
+    sae = _core.as_sae(sae)
     model = steered.model
-    check_nonempty(texts)
-    h = check_sae(model, sae)
-    warn_if_vectors_after(steered, h)
+    _core.check_nonempty(texts)
+    h = _core.check_sae(model, sae)
+    _core.warn_if_vectors_after(steered, h)
     d_sae, d_in = int(sae.cfg.d_sae), int(sae.cfg.d_in)
     dev = sae.W_dec.device
     acc = {n: torch.zeros(d_sae, dtype=torch.float64, device=dev) for n in ("base", "steered", "abs")}
@@ -315,10 +307,10 @@ def activation_shift(
     n = torch.zeros((), dtype=torch.float64, device=dev)
     str_tokens: list[list[str]] = []
     token_shift: list[Tensor] = []
-    for batch in iter_batches(model, texts, batch_size=batch_size):
-        kw = {**run_kwargs(model, h, batch, stop=True), "return_type": None}
-        x_b, _ = capture(model.run_with_hooks, batch.tokens, h, kw)
-        x_s, _ = capture(steered.run_with_hooks, batch.tokens, h, kw)
+    for batch in _core.iter_batches(model, texts, batch_size=batch_size):
+        kw = {**_core.run_kwargs(model, h, batch, stop=True), "return_type": None}
+        x_b, _ = _core.capture(model.run_with_hooks, batch.tokens, h, kw)
+        x_s, _ = _core.capture(steered.run_with_hooks, batch.tokens, h, kw)
         c = batch.count.to(dev)
         xb, xs = x_b.to(sae.dtype)[c], x_s.to(sae.dtype)[c]
         fb, fs = sae.encode(xb), sae.encode(xs)

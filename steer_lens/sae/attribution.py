@@ -25,18 +25,8 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, MetricError
 from steer_lens.metrics import Metric, MetricFn, evaluate_metric
 from steer_lens.results import Result
-from steer_lens.sae._core import (
-    Batch,
-    SAELike,
-    as_sae,
-    capture,
-    check_nonempty,
-    check_sae,
-    iter_batches,
-    reiterable,
-    run_kwargs,
-    warn_if_vectors_after,
-)
+from steer_lens.sae import _core
+from steer_lens.sae._core import Batch, SAELike
 from steer_lens.steering import SteeredTransformer
 
 __all__ = ["Attribution", "attribute", "splice_hooks"]
@@ -66,7 +56,7 @@ def splice_hooks(sae: SAELike, *, error_term: bool = True, hook: str | None = No
     """
     from steer_lens.sae._core import sae_hook
 
-    sae = as_sae(sae)
+    sae = _core.as_sae(sae)
     h = sae_hook(sae, hook)
 
     def fn(act, hook):
@@ -190,7 +180,7 @@ def _attr_batch(steered, sae, h: str, batch: Batch, metric: MetricFn | Metric):
     model = steered.model
     kw = {"attention_mask": batch.attention_mask}
     with torch.no_grad():
-        x_b, logits_b = capture(model.run_with_hooks, batch.tokens, h, kw)
+        x_b, logits_b = _core.capture(model.run_with_hooks, batch.tokens, h, kw)
         m_b = _batch_sum(metric, logits_b).detach()
         x_b = x_b.to(sae.dtype)
         f_b = sae.encode(x_b)
@@ -236,7 +226,7 @@ def _ablated_metric(
     """Metric (summed over the batch) of the steered run with each feature set's shift removed."""
     model = steered.model
     kw = {"attention_mask": batch.attention_mask}
-    x_b, _ = capture(model.run_with_hooks, batch.tokens, h, {**run_kwargs(model, h, batch, stop=True),
+    x_b, _ = _core.capture(model.run_with_hooks, batch.tokens, h, {**_core.run_kwargs(model, h, batch, stop=True),
                                                              "return_type": None})
     f_b = sae.encode(x_b.to(sae.dtype))
     out = []
@@ -308,7 +298,7 @@ def attribute(
             values. EmptyInputError: no texts. HookNameError / ShapeMismatchError: SAE and model do
             not match. ConfigError: bad ablation settings.
     """
-    sae = as_sae(sae)
+    sae = _core.as_sae(sae)
     model = steered.model
     if not callable(metric):
         raise MetricError(f"metric: expected a callable logits -> [batch] or scalar, got {type(metric).__name__}.")
@@ -317,10 +307,10 @@ def attribute(
         raise ConfigError(
             f"ablation_sizes: expected positive integers and n_random >= 0, got {list(ablation_sizes)}, {n_random}."
         )
-    check_nonempty(texts)
-    texts = reiterable(texts)
-    h = check_sae(model, sae)
-    warn_if_vectors_after(steered, h)
+    _core.check_nonempty(texts)
+    texts = _core.reiterable(texts)
+    h = _core.check_sae(model, sae)
+    _core.warn_if_vectors_after(steered, h)
     d_sae = int(sae.cfg.d_sae)
     dev = sae.W_dec.device
     attr = torch.zeros(d_sae, dtype=torch.float64, device=dev)
@@ -331,7 +321,7 @@ def attribute(
     m_s = torch.zeros((), dtype=torch.float64, device=dev)
     n_tok = torch.zeros((), dtype=torch.float64, device=dev)
     n_texts = 0
-    for batch in iter_batches(model, texts, batch_size=batch_size):
+    for batch in _core.iter_batches(model, texts, batch_size=batch_size):
         mb, ms, a, ea, sh, nt, sd = _attr_batch(steered, sae, h, batch, metric)
         m_b += mb.to(dev)
         m_s += ms.to(dev)
@@ -373,7 +363,7 @@ def _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed,
     sets.append(("all", d_sae, torch.arange(d_sae)))
     totals = [torch.zeros((), dtype=torch.float64, device=sae.W_dec.device) for _ in sets]
     n_texts = 0
-    for batch in iter_batches(steered.model, texts, batch_size=batch_size):
+    for batch in _core.iter_batches(steered.model, texts, batch_size=batch_size):
         vals = _ablated_metric(steered, sae, h, batch, metric, [s for _, _, s in sets])
         for i, v in enumerate(vals):
             totals[i] += v.to(totals[i].device)

@@ -24,17 +24,8 @@ from torch import Tensor
 from steer_lens._utils import token_strings, unwrap
 from steer_lens.errors import ConfigError, HookNameError
 from steer_lens.results import Result
-from steer_lens.sae._core import (
-    HookMismatchWarning,
-    ModelLike,
-    SAELike,
-    as_sae,
-    capture,
-    check_nonempty,
-    check_sae,
-    iter_batches,
-    run_kwargs,
-)
+from steer_lens.sae import _core
+from steer_lens.sae._core import HookMismatchWarning, ModelLike, SAELike
 from steer_lens.steering import SteeredTransformer
 
 __all__ = [
@@ -229,11 +220,11 @@ def vector_features(steered: SteeredTransformer, sae: SAELike, k: int = 20, *, h
         ConfigError: ``k < 1``. HookNameError: ``hook`` has no vector, or the SAE's hook is not in the
         model. ShapeMismatchError: the SAE's ``d_in`` is not the vector's width.
     """
-    sae = as_sae(sae)
+    sae = _core.as_sae(sae)
     model = unwrap(steered)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive integer, got {k!r}.")
-    sae_h = check_sae(model, sae)
+    sae_h = _core.check_sae(model, sae)
     hook, v = steering_vector(steered, hook, sae_h)
     D = decoder_directions(sae).cpu()
     k = min(k, D.shape[0])
@@ -337,9 +328,9 @@ def top_activating_tokens(
         ConfigError: a feature id outside ``[0, d_sae)``. EmptyInputError: no texts.
     """
     model = unwrap(model)
-    sae = as_sae(sae)
-    check_nonempty(texts)
-    hook = check_sae(model, sae)
+    sae = _core.as_sae(sae)
+    _core.check_nonempty(texts)
+    hook = _core.check_sae(model, sae)
     feats = [int(f) for f in (features.tolist() if isinstance(features, Tensor) else features)]
     d_sae = int(sae.cfg.d_sae)
     bad = [f for f in feats if not 0 <= f < d_sae]
@@ -349,9 +340,9 @@ def top_activating_tokens(
     fidx = torch.tensor(feats)
     text_i = 0
     counter = 0
-    for batch in iter_batches(model, texts, batch_size=batch_size):
-        x, _ = capture(model.run_with_hooks, batch.tokens, hook,
-                       {**run_kwargs(model, hook, batch, stop=True), "return_type": None})
+    for batch in _core.iter_batches(model, texts, batch_size=batch_size):
+        x, _ = _core.capture(model.run_with_hooks, batch.tokens, hook,
+                       {**_core.run_kwargs(model, hook, batch, stop=True), "return_type": None})
         acts = sae.encode(x.to(sae.dtype))[..., fidx.to(sae.W_dec.device)].float().cpu()
         acts = acts.masked_fill(~batch.count.cpu()[..., None], float("-inf"))
         b, p, nf = acts.shape
@@ -449,7 +440,7 @@ def feature_logit_lens(
         ConfigError: bad feature ids or mode.
     """
     model = unwrap(model)
-    sae = as_sae(sae)
+    sae = _core.as_sae(sae)
     feats = [int(f) for f in (features.tolist() if isinstance(features, Tensor) else features)]
     d_sae = int(sae.cfg.d_sae)
     if not feats or any(not 0 <= f < d_sae for f in feats):
