@@ -271,6 +271,25 @@ def test_site_statistics_closed_forms():
     assert _mean_abs_cos(R, 100) == pytest.approx(brute, rel=1e-6)
 
 
+def _capture_peft(pm, texts, select, pick) -> dict[str, list]:
+    """Run ``pm`` on each text alone and record ``pick(args, out)`` of every module ``select(name, module)`` keeps."""
+    captured: dict[str, list] = {}
+    handles = []
+    for name, mod in pm.named_modules():
+        if select(name, mod):
+            def hook(module, args, out, name=name):
+                captured.setdefault(name, []).append(pick(args, out).detach())
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                pm(t[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
 def test_residual_writer_delta_equals_peft_hand_computation(pair):
     """mean Δ of a down_proj/o_proj LoRA = mean over tokens of scaling·B·A·x, x captured in peft's run."""
     import copy
@@ -279,18 +298,10 @@ def test_residual_writer_delta_equals_peft_hand_computation(pair):
     pm = _peft(copy.deepcopy(hf), ["down_proj", "o_proj"], layers_to_transform=[1])
     lora = sl.lora.load_adapter(tl, pm)
     texts = _texts(5)
-    captured = {}
-    handles = []
-    for name, mod in pm.named_modules():
-        if name.endswith(("mlp.down_proj", "self_attn.o_proj")) and hasattr(mod, "lora_A"):
-            def hook(module, args, out, name=name):
-                captured.setdefault(name, []).append(args[0][0].detach())
-            handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        for t in texts:
-            pm(t[None])
-    for h in handles:
-        h.remove()
+    captured = _capture_peft(
+        pm, texts, lambda n, m: n.endswith(("mlp.down_proj", "self_attn.o_proj")) and hasattr(m, "lora_A"),
+        lambda args, out: args[0][0],
+    )
     layers = dict(pm.named_modules())
     vec = sl.lora.mean_delta_vector(tl, lora, texts)
     cmp = sl.lora.compare(tl, lora, texts)
@@ -396,18 +407,7 @@ def test_adapter_activations_equal_peft_lora_a_outputs(pair):
     pm = _peft(copy.deepcopy(hf), ["down_proj", "q_proj"], r=1, layers_to_transform=[1])
     lora = sl.lora.load_adapter(tl, pm)
     texts = _texts(4)
-    outs: dict[str, list] = {}
-    handles = []
-    for name, mod in pm.named_modules():
-        if name.endswith("lora_A.default"):
-            def hook(module, args, out, name=name):
-                outs.setdefault(name, []).append(out[0].detach())
-            handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        for t in texts:
-            pm(t[None])
-    for h in handles:
-        h.remove()
+    outs = _capture_peft(pm, texts, lambda n, m: n.endswith("lora_A.default"), lambda args, out: out[0])
     acts = sl.lora.adapter_activations(tl, lora, texts)
     for m in lora.modules:
         key = next(k for k in outs if m.hf_name + ".lora_A" in k)
@@ -455,6 +455,32 @@ def test_train_adapter_on_token_ids(pair):
         sl.lora.train_adapter(hf, [], cfg)
     with pytest.raises(SequenceTooLongError):
         sl.lora.train_adapter(hf, [(torch.tensor([1]), torch.ones(80, dtype=torch.long))], cfg)
+
+
+def test_train_adapter_checkpoints_and_resume_like_sft(pair, tmp_path):
+    """train_adapter runs on the shared loop: the same checkpoint format, and resume equals an uninterrupted run."""
+    hf, _ = pair("llama")
+    g = torch.Generator().manual_seed(1)
+    examples = [(torch.cat([torch.tensor([1]), torch.randint(3, V, (3,), generator=g)]), torch.tensor([7, 7]))
+                for _ in range(6)]
+
+    def cfg(**kw):
+        return sl.lora.LoraTrainConfig(rank=2, layers=(1,), batch_size=3, lr=1e-2, **kw)
+
+    full = sl.lora.train_adapter(hf, examples, cfg(steps=6))
+    ck = str(tmp_path / "ck")
+    sl.lora.train_adapter(hf, examples, cfg(steps=3, checkpoint_dir=ck, checkpoint_every=1))
+    assert (tmp_path / "ck" / "step-000003" / "parameters.safetensors").exists()
+    resumed = sl.lora.train_adapter(hf, examples, cfg(steps=6, checkpoint_dir=ck, resume=True))
+    torch.testing.assert_close(resumed.losses, full.losses, rtol=1e-6, atol=1e-7)
+    a, b = dict(full.peft_model.named_parameters()), dict(resumed.peft_model.named_parameters())
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    assert set(full.metrics) >= {"loss", "grad_norm", "lr"}
+    with pytest.raises(ConfigError, match="lr_units"):
+        sl.lora.LoraTrainConfig(lr_units="relative")
+    with pytest.raises(ConfigError, match="max_norm"):
+        sl.lora.LoraTrainConfig(max_norm=1.0)
 
 
 def test_train_config_validation():

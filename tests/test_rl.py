@@ -253,3 +253,78 @@ def test_rl_config_validation():
     with pytest.raises(ConfigError, match="heldout_texts"):
         RLConfig(heldout_texts="one text")
     assert RLConfig(heldout_texts=["a", "b"]).to_dict()["heldout_texts"] == 2
+
+
+# -- a newly registered advantage estimator -----------------------------------------------------
+@pytest.fixture
+def loo_std():
+    """The docs' example estimator (docs/rl.md, "Adding an advantage estimator"), registered for one test."""
+    from steer_lens.train.rl import register_advantage, unregister_advantage
+
+    calls = []
+
+    @register_advantage("loo_std", min_group_size=3)
+    def leave_one_out_std(rewards):
+        """leave-one-out baseline over the group's std"""
+        k = rewards.shape[-1]
+        others = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+        adv = (rewards - others) / (rewards.std(-1, keepdim=True) + 1e-4)
+        calls.append((rewards.clone(), adv.clone()))
+        return adv
+
+    yield calls
+    unregister_advantage("loo_std")
+
+
+def test_registered_estimator_is_used_by_rl_and_matches_its_formula(tiny_llama, loo_std, monkeypatch):
+    import importlib
+
+    from steer_lens.cli import build_parser
+    from steer_lens.train.rl import advantage_names
+
+    trainer = importlib.import_module("steer_lens.train.rl.trainer")  # sl.train.rl is the function
+    seen = []
+    real_loss = trainer.policy_loss
+
+    def recording_loss(logp, advantages, mask, **kw):
+        seen.append(advantages.detach().clone())
+        return real_loss(logp, advantages, mask, **kw)
+
+    monkeypatch.setattr(trainer, "policy_loss", recording_loss)
+    prompts = torch.tensor([[1, 5, 9], [1, 6, 8], [1, 7, 7]])
+    steered = sl.SteeredTransformer(tiny_llama, [HOOK])
+
+    def reward(prompts, completions):  # distinct rewards so that the std is not 0
+        return torch.tensor([float(len(c)) + 0.1 * i for i, c in enumerate(completions)])
+
+    res = sl.train.rl(steered, prompts, reward, _cfg(algorithm="loo_std", group_size=3, steps=4, ppo_epochs=2))
+    assert len(loo_std) == 2  # once per batch of rollouts (4 steps, 2 epochs each)
+    for r, (rewards, adv) in enumerate(loo_std):
+        k = rewards.shape[1]
+        for g in range(rewards.shape[0]):
+            row = rewards[g].tolist()
+            mean = sum(row) / k
+            std = math.sqrt(sum((x - mean) ** 2 for x in row) / (k - 1))
+            for i in range(k):
+                others = (sum(row) - row[i]) / (k - 1)
+                assert float(adv[g, i]) == pytest.approx((row[i] - others) / (std + 1e-4), rel=1e-5, abs=1e-6)
+        # the loss of both steps on this batch got exactly these advantages, flattened in row order
+        for step in (2 * r, 2 * r + 1):
+            assert torch.equal(seen[step], adv.reshape(-1))
+        torch.testing.assert_close(res.metrics["reward"][2 * r], rewards.mean())
+    assert "loo_std" in advantage_names()
+    args = build_parser().parse_args(["train", "rl", "--algorithm", "loo_std", "--reward", "contains:dog", "--out", "x"])
+    assert args.algorithm == "loo_std"
+    with pytest.raises(ConfigError, match="group_size"):
+        RLConfig(algorithm="loo_std", group_size=2)
+
+
+def test_register_advantage_rejects_a_taken_name_and_unknown_algorithms():
+    from steer_lens.train.rl import advantage_names, get_advantage, register_advantage
+
+    assert advantage_names()[:3] == ["rloo", "grpo", "reinforce"]
+    assert get_advantage("reinforce").min_group_size == 1
+    with pytest.raises(ConfigError, match="already registered"):
+        register_advantage("rloo")(lambda rewards: rewards)
+    with pytest.raises(ConfigError, match="rloo"):
+        get_advantage("ppo")

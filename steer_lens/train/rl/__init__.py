@@ -33,6 +33,7 @@ from steer_lens.train.rl.advantages import (
     register_advantage,
     reinforce_advantages,
     rloo_advantages,
+    unregister_advantage,
 )
 from steer_lens.train.rl.config import DEFAULT_RL_LR, RLConfig
 from steer_lens.train.rl.loss import completion_logprobs, k3_kl, policy_loss
@@ -58,4 +59,5 @@ __all__ = [
     "reinforce_advantages",
     "rl",
     "rloo_advantages",
+    "unregister_advantage",
 ]

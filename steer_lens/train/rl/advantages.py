@@ -49,6 +49,7 @@ __all__ = [
     "register_advantage",
     "reinforce_advantages",
     "rloo_advantages",
+    "unregister_advantage",
 ]
 
 
@@ -118,6 +119,16 @@ def register_advantage(
         return obj
 
     return decorate
+
+
+def unregister_advantage(name: str) -> None:
+    """Remove the estimator registered as ``name`` (e.g. one a notebook or test added).
+
+    Raises:
+        ConfigError: no estimator of that name.
+    """
+    get_advantage(name)
+    del _REGISTRY[name]
 
 
 def get_advantage(name: str) -> AdvantageSpec:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, EmptyInputError
 from steer_lens.steering import Generation, SteeredTransformer
+from steer_lens.train.data import epoch_order
 from steer_lens.train.rewards import score
 from steer_lens.train.rl.advantages import AdvantageEstimator
 from steer_lens.train.rl.config import RLConfig
@@ -82,10 +83,7 @@ def prompt_items(prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"]) ->
 def prompt_order(n_prompts: int, config: RLConfig) -> list[int]:
     """Prompt indices for every batch of rollouts: seeded permutations of the prompts, concatenated."""
     n_rollouts = -(-config.steps // config.ppo_epochs)
-    needed = n_rollouts * config.prompts_per_step
-    gen = torch.Generator().manual_seed(config.seed)
-    perms = [torch.randperm(n_prompts, generator=gen) for _ in range(-(-needed // n_prompts))]
-    return torch.cat(perms).tolist()
+    return epoch_order(n_prompts, n_rollouts * config.prompts_per_step, config.seed)
 
 
 def sample(steered: SteeredTransformer, items: list[Any], config: RLConfig, seed: int) -> Generation:
