@@ -28,6 +28,7 @@ import warnings
 import torch
 
 import steer_lens as sl
+from steer_lens.metrics import logit_diff
 
 REAL = "raincandy-u/TinyStories-656K"
 
@@ -128,9 +129,11 @@ def main() -> None:
     rows = []
     t_plain = timed(plain, 2)
     rows.append(("2 plain forwards (base + steered)", t_plain))
-    rows.append(("activation_shift", timed(lambda: sl.sae.activation_shift(steered, sae, corpus), 2)))
+    rows.append(("activation_shift", timed(lambda: sl.analysis.activation_shift(steered, sae, corpus), 2)))
     rows.append(("attribute (no ablation)", timed(
         lambda: sl.sae.attribute(steered, sae, corpus, metric, ablation=False), 2)))
+    rows.append(("attribute (no ablation, metrics.logit_diff)", timed(
+        lambda: sl.sae.attribute(steered, sae, corpus, logit_diff(5, 6), ablation=False), 2)))
     rows.append(("attribute (ablation 1,5,10,20 x (top + 3 random) + all)", timed(
         lambda: sl.sae.attribute(steered, sae, corpus, metric), 1)))
     print(f"\nmodel {name}, device {args.device}, torch threads {torch.get_num_threads()}, "
@@ -142,11 +145,11 @@ def main() -> None:
     # memory: streamed, so 8x the corpus should need about the same peak memory
     small = corpus
     large = corpus * 8
-    sl.sae.activation_shift(steered, sae, small[:4])  # warm-up allocations
+    sl.analysis.activation_shift(steered, sae, small[:4])  # warm-up allocations
     with PeakRSS() as m1:
-        sl.sae.activation_shift(steered, sae, small, per_token_texts=0)
+        sl.analysis.activation_shift(steered, sae, small, per_token_texts=0)
     with PeakRSS() as m8:
-        sl.sae.activation_shift(steered, sae, large, per_token_texts=0)
+        sl.analysis.activation_shift(steered, sae, large, per_token_texts=0)
     print(f"\npeak RSS above baseline, activation_shift: {len(small)} texts {m1.mib:.1f} MiB, "
           f"{len(large)} texts {m8.mib:.1f} MiB (ratio {m8.mib / max(m1.mib, 0.1):.2f}; "
           "all activations of the large corpus would take "
