@@ -199,7 +199,7 @@ def capture(run: Callable[..., Any], tokens: Tensor, hook: str, kw: dict[str, An
 # texts -> padded token batches
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class Batch:
+class TokenBatch:
     """One padded batch: ``tokens``/``attention_mask`` ``[b, p]``, ``count`` marks the positions whose
     activations enter statistics (real tokens, BOS excluded for text input), ``texts`` the sources."""
 
@@ -222,7 +222,7 @@ def _text_of(item: Any) -> Any:
 
 def iter_batches(
     model, texts: Any, *, batch_size: int = 16, max_len: int | None = None, skip_bos: bool = True
-) -> Iterator[Batch]:
+) -> Iterator[TokenBatch]:
     """Stream ``texts`` as left-padded batches.
 
     ``texts``: a string, an iterable of strings (or of dataset rows with a ``"text"`` field, e.g. a
@@ -252,7 +252,7 @@ def iter_batches(
             )
         for chunk in texts[:, :max_len].to(device).split(batch_size):
             ones = torch.ones_like(chunk)
-            yield Batch(chunk, ones, ones.bool(), None)
+            yield TokenBatch(chunk, ones, ones.bool(), None)
         return
 
     n_seen = 0
@@ -260,7 +260,7 @@ def iter_batches(
     chunk_texts: list[str] = []
     chunk_is_text: list[bool] = []
 
-    def flush() -> Batch:
+    def flush() -> TokenBatch:
         n = max(int(t.shape[0]) for t in chunk_ids)
         b = len(chunk_ids)
         tokens = torch.full((b, n), pad_id, dtype=torch.long, device=device)
@@ -273,7 +273,7 @@ def iter_batches(
             first = n - L + (1 if (is_text and skip_bos and L > 1) else 0)
             count[j, first:] = True
         texts_out = chunk_texts if all(chunk_is_text) else None
-        return Batch(tokens, mask, count, texts_out)
+        return TokenBatch(tokens, mask, count, texts_out)
 
     for item in texts:
         item = _text_of(item)
@@ -327,7 +327,7 @@ def check_nonempty(texts: Any) -> None:
         raise EmptyInputError("texts: got an empty string; pass at least one non-empty text.")
 
 
-def run_kwargs(model, hook: str, batch: Batch, *, stop: bool) -> dict[str, Any]:
+def run_kwargs(model, hook: str, batch: TokenBatch, *, stop: bool) -> dict[str, Any]:
     """Keyword arguments for a forward pass over ``batch`` (attention mask; early stop at the hook)."""
     kw: dict[str, Any] = {"attention_mask": batch.attention_mask}
     try:

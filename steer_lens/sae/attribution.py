@@ -26,7 +26,7 @@ from steer_lens.errors import ConfigError, MetricError
 from steer_lens.metrics import Metric, MetricFn, evaluate_metric
 from steer_lens.results import Result
 from steer_lens.sae import _core
-from steer_lens.sae._core import Batch, SAELike
+from steer_lens.sae._core import SAELike, TokenBatch
 from steer_lens.steering import SteeredTransformer
 
 __all__ = ["Attribution", "attribute", "splice_hooks"]
@@ -175,7 +175,7 @@ class Attribution(Result):
         return html
 
 
-def _attr_batch(steered, sae, h: str, batch: Batch, metric: MetricFn | Metric):
+def _attr_batch(steered, sae, h: str, batch: TokenBatch, metric: MetricFn | Metric):
     """One batch: exact base and steered metric, per-feature and error attribution, feature shift."""
     model = steered.model
     kw = {"attention_mask": batch.attention_mask}
@@ -221,7 +221,7 @@ def _attr_batch(steered, sae, h: str, batch: Batch, metric: MetricFn | Metric):
 
 @torch.no_grad()
 def _ablated_metric(
-    steered, sae, h: str, batch: Batch, metric: MetricFn | Metric, sets: list[Tensor]
+    steered, sae, h: str, batch: TokenBatch, metric: MetricFn | Metric, sets: list[Tensor]
 ) -> list[Tensor]:
     """Metric (summed over the batch) of the steered run with each feature set's shift removed."""
     model = steered.model
