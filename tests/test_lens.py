@@ -103,3 +103,26 @@ def test_generation_shift_honours_positions(tiny_model):
     res = sl.analysis.generation_shift(s, torch.randint(3, 50, (1, 5)), max_new_tokens=6, n_samples=3)
     assert float(res.mean_tv[0]) == 0.0
     assert (res.mean_tv[1:] > 0).all()
+
+
+def test_lens_results_follow_the_result_protocol(tiny_model):
+    import pandas as pd
+
+    import steer_lens as sl
+    from steer_lens.errors import ConfigError
+
+    d = torch.randn(2, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    lens = sl.lens.direction_lens(tiny_model, d, k=4, names=["a", "b"])
+    assert [ts.name for ts in lens] == ["a", "b"] and len(lens) == 2
+    torch.testing.assert_close(lens.scores, d @ tiny_model.W_U, rtol=1e-5, atol=1e-5)
+    top = lens.top(2)
+    assert isinstance(top, pd.DataFrame) and len(top) == 2 * 2 * 2  # 2 directions x (top, bottom) x 2
+    assert top[top.side == "top"].groupby("name")["value"].apply(lambda v: v.is_monotonic_decreasing).all()
+    assert "<table" in lens._repr_html_() and lens.plot().data
+    with pytest.raises(ConfigError, match="per-token"):
+        lens.token_view()
+    s = sl.SteeredTransformer(tiny_model, [HOOK], init="random", init_norm=5.0)
+    ll = sl.lens.layer_logit_lens(s, torch.randint(3, 50, (6,)))
+    assert len(ll.str_tokens) == 6 and ll.top(2).shape[0] == 2 and ll.plot().data
+    with pytest.raises(ConfigError, match="k"):
+        ll.to_pandas(k=11)
