@@ -17,7 +17,7 @@ def _rate(steered, n=64, seed=123):
     from steer_lens.analysis import sampled_rate
     from steer_lens.train.rewards import contains
 
-    return sampled_rate(steered, PROMPT, contains("dog"), n_samples=n, max_new_tokens=40, seed=seed)
+    return float(sampled_rate(steered, PROMPT, contains("dog"), n_samples=n, max_new_tokens=40, seed=seed))
 
 
 def test_default_config_lifts_word_rate_at_both_hooks(real_model, stories):
