@@ -152,3 +152,21 @@ def test_gate_values_equal_the_gate_of_the_unsteered_activation(tiny, monkeypatc
     torch.testing.assert_close(gv.of_text(1), v.gate_of(H0, cache[H0])[0].detach())
     assert gv.str_tokens[1] == ["1", "9", "10"] and torch.isnan(gv.gates[H0][1, 0])
     assert len(gv.top(3)) == 3 and gv.plot().data and gv.token_view() is not None
+
+
+def test_analysis_results_share_one_protocol(tiny, monkeypatch):
+    import pandas as pd
+
+    from steer_lens.results import Result
+
+    s = _steered(tiny)
+    _patch_tokens(monkeypatch, s)
+    g = A.combination_gain(s, lambda st: len(st.fwd_hooks()) / 2)
+    results = [A.vector_stats(s, "5 6 7"), A.persistence(s, "5 6 7"), g]
+    for r in results:
+        assert isinstance(r, Result) and isinstance(r.top(2), pd.DataFrame) and len(r.top(2)) <= 2
+        assert "<table" in r._repr_html_() and r.plot().data
+        with pytest.raises(ConfigError, match="per-token"):
+            r.token_view()
+    with pytest.raises(ConfigError, match="k"):
+        g.top(0)
