@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens._utils import batched, device_of
-from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
+from steer_lens.errors import EmptyInputError, SequenceTooLongError
 from steer_lens.train.data import (
     Batch,
     Example,
@@ -35,7 +35,7 @@ from steer_lens.train.data import (
     next_token_logprobs,
     normalise_example,
 )
-from steer_lens.train.loop import OptimConfig, TrainResult, run_loop, typical_resid_rms
+from steer_lens.train.loop import OptimConfig, TrainResult, is_int, require, run_loop, typical_resid_rms
 
 __all__ = ["SFTConfig", "collate", "heldout_loss", "sft", "tokenize_examples"]
 
@@ -53,6 +53,9 @@ class SFTConfig(OptimConfig):
 
     Defaults: AdamW with ``lr=1e-2`` in *relative* units (1% of the hook's typical per-coordinate
     residual RMS per step; see :mod:`steer_lens.train.loop`), 200 steps, batch 16, gradient clipping at 1.
+
+    Raises:
+        ConfigError: a field outside its range (the message names it).
     """
 
     batch_size: int = 16
@@ -62,14 +65,10 @@ class SFTConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ConfigError(f"batch_size: expected an int >= 1, got {self.batch_size!r}.")
-        if self.objective not in ("promotion", "suppression", "mixed"):
-            raise ConfigError(
-                f"objective: expected 'promotion', 'suppression' or 'mixed', got {self.objective!r}."
-            )
-        if self.eval_every < 1:
-            raise ConfigError(f"eval_every: expected an int >= 1, got {self.eval_every!r}.")
+        require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
+        require(self.objective in ("promotion", "suppression", "mixed"), "objective", self.objective,
+                "'promotion', 'suppression' or 'mixed'")
+        require(self.eval_every >= 1, "eval_every", self.eval_every, "an int >= 1")
         if self.eval_texts is not None and not isinstance(self.eval_texts, tuple):
             object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
 
