@@ -41,15 +41,16 @@ __all__ = [
     "model_info",
     "patching",
     "random_model",
+    "recipes",
     "sae",
     "train",
     "vectors",
 ]
 
-_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "cli"}
+_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "recipes", "cli"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from steer_lens import analysis, errors, lens, lora, metrics, patching, sae, train
+    from steer_lens import analysis, errors, lens, lora, metrics, patching, recipes, sae, train
 
 
 def __getattr__(name: str):

@@ -173,7 +173,7 @@ def run_demo(
     raw = sl.lens.vector_logit_lens(steered, k=20, mode="raw")
     normed = sl.lens.vector_logit_lens(steered, k=20, mode="norm")
     layers = sl.lens.layer_logit_lens(steered, prompt)
-    shift = sl.lens.generation_shift(steered, prompt, max_new_tokens=max_new_tokens, n_samples=16, seed=seed)
+    shift = sl.analysis.generation_shift(steered, prompt, max_new_tokens=max_new_tokens, n_samples=16, seed=seed)
 
     out.mkdir(parents=True, exist_ok=True)
     steered.save(out / "vector")

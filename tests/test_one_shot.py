@@ -147,3 +147,18 @@ def test_bad_one_shot_input_is_named(tiny_model):
     s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"])
     with pytest.raises(ConfigError, match="one vector"):
         one_shot(s, [OneShotExample(prompt="x", promote=["y"])])
+
+
+def test_dunefsky2025_recipe_has_the_papers_settings(tiny_model):
+    from steer_lens import recipes
+    from steer_lens.errors import ConfigError
+
+    r = recipes.dunefsky2025(tiny_model)
+    # refusal.ipynb: layer 12 of Gemma-2-2B's 26 -> the same relative depth
+    assert r.hooks == (f"blocks.{round(12 / 26 * tiny_model.cfg.n_layers)}.hook_resid_pre",)
+    c = r.config
+    assert (c.lr, c.max_iters, c.max_norm, c.target_loss, c.target_loss_target_iters) == (0.5, 30, 30.0, 0.01, 1)
+    assert (c.temperature, c.eps, c.starting_norm, c.normalize_token_length) == (0.7, 1e-6, 1.0, False)
+    assert recipes.dunefsky2025(tiny_model, layer=0).hooks == ("blocks.0.hook_resid_pre",)
+    with pytest.raises(ConfigError, match="layer"):
+        recipes.dunefsky2025(tiny_model, layer=99)
