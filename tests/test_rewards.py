@@ -93,3 +93,36 @@ def test_from_spec():
 
 def test_builtin_rewards_satisfy_protocol():
     assert isinstance(R.contains("x"), R.Reward)
+
+
+@pytest.mark.parametrize("reference, completion, equal", [
+    ("0.5", r"so the answer is \boxed{\frac{1}{2}}", True),
+    ("0.5", r"\boxed{\frac12}.", True),
+    (r"\frac{1}{2}", r"\boxed{0.5}", True),
+    ("42", r"27 + 15 = \boxed{42}", True),
+    ("42", r"\boxed{43}", False),
+    ("42", r"first \boxed{42}, no wait, \boxed{41}", False),  # the LAST box counts
+    ("-7", r"\boxed{-7}", True),
+    ("12", r"\boxed{12.0}", True),
+    ("1/3", r"\boxed{0.333}", False),
+    ("42", "42, no box", False),
+    ("x+1", r"\boxed{1+x}", True),
+])
+def test_math_answer_on_equivalent_and_different_answers(reference, completion, equal):
+    from steer_lens.train.rewards import math_answer
+
+    signed = math_answer(reference)
+    assert float(signed(["q"], [completion])[0]) == (1.0 if equal else -1.0)
+    assert float(math_answer(reference, signed=False)(["q"], [completion])[0]) == (1.0 if equal else 0.0)
+
+
+def test_math_answer_per_prompt_table_and_spec():
+    from steer_lens.errors import RewardError
+    from steer_lens.train.rewards import from_spec, math_answer
+
+    r = math_answer({"What is 2 + 3?": "5", "What is 1/2 of 1?": "0.5"})
+    out = r(["What is 2 + 3?", "What is 1/2 of 1?", "What is 2 + 3?"], [r"\boxed{5}", r"\boxed{1/2}", r"\boxed{6}"])
+    assert out.tolist() == [1.0, 1.0, -1.0]
+    with pytest.raises(RewardError, match="no reference answer"):
+        r(["unknown"], [r"\boxed{5}"])
+    assert from_spec("math:0.5")(["q"], [r"\boxed{\frac{1}{2}}"]).tolist() == [1.0]

@@ -328,3 +328,39 @@ def test_register_advantage_rejects_a_taken_name_and_unknown_algorithms():
         register_advantage("rloo")(lambda rewards: rewards)
     with pytest.raises(ConfigError, match="rloo"):
         get_advantage("ppo")
+
+
+def test_tempered_rloo_loss_equals_sinii_formula(tiny_llama):
+    """Sinii et al. 2025: A = r - mean(others), L = -sum_i A_i sum_t log softmax(logits / T)[y_it] / N.
+
+    The on-policy surrogate has this gradient (its value uses the ratio, 1), so gradients are compared.
+    """
+    T = 0.7
+    steered = sl.SteeredTransformer(tiny_llama, [HOOK], init="random", init_norm=2.0, seed=1)
+    v = steered.vectors[HOOK]
+    tokens, attn, cmask, P, pls, cls = _batch(3)
+    rewards = torch.tensor([1.0, -1.0, 1.0])
+
+    def our_grad(temperature):
+        v.grad = None
+        adv = rloo_advantages(rewards[None])[0]
+        logp, _ = completion_logprobs(steered, tokens, attn, P, with_entropy=False, temperature=temperature)
+        policy_loss(logp, adv, cmask)[0].backward()
+        return v.grad.clone()
+
+    # the formula, transcribed, each sequence alone (no padding)
+    v.grad = None
+    n = sum(cls)
+    ref = 0.0
+    for i, (pl, cl) in enumerate(zip(pls, cls, strict=True)):
+        a = rewards[i] - (rewards.sum() - rewards[i]) / (len(rewards) - 1)
+        seq = tokens[i, P - pl : P + cl][None]
+        lp = (steered(seq)[0, pl - 1 : -1] / T).log_softmax(-1).gather(-1, seq[0, pl:, None]).sum()
+        ref = ref - a * lp / n
+    ref.backward()
+    ref_grad = v.grad.clone()
+    torch.testing.assert_close(our_grad(T), ref_grad, atol=1e-5, rtol=1e-4)
+    # the untempered gradient differs (so the temperature is really applied)
+    assert not torch.allclose(our_grad(1.0), ref_grad, atol=1e-4)
+    assert RLConfig(temperature=T).logprob_temperature == T
+    assert RLConfig(temperature=T, tempered_logprobs=False).logprob_temperature == 1.0

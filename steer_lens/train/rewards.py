@@ -9,6 +9,9 @@ small frozen dataclasses, so they print, compare and record themselves in a save
 * :func:`exact_answer` - 1 when the last ``\\boxed{...}`` answer equals the reference answer (the
   verifiable reward of math RL, as in "Small Vectors, Big Effects", Sinii et al. 2025, and
   DeepSeekMath's GRPO);
+* :func:`math_answer` - +1 / -1 (or 1 / 0) when the last ``\\boxed{...}`` answer is mathematically
+  equal to the reference, checked by the ``math-verify`` package (``\\frac{1}{2}`` equals ``0.5``),
+  the reward of "Small Vectors, Big Effects" (Sinii et al. 2025);
 * :func:`length_penalty` - minus a cost per word beyond a budget;
 * :func:`combine` - a weighted sum of rewards.
 
@@ -39,11 +42,13 @@ __all__ = [
     "Contains",
     "Regex",
     "ExactAnswer",
+    "MathAnswer",
     "LengthPenalty",
     "Combined",
     "contains",
     "regex",
     "exact_answer",
+    "math_answer",
     "length_penalty",
     "combine",
     "extract_boxed",
@@ -238,6 +243,57 @@ def exact_answer(answers: str | Mapping[str, str]) -> ExactAnswer:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MathAnswer(ExactAnswer):
+    """``correct`` when the last ``\\boxed{}`` answer is mathematically equal to the reference, else
+    ``wrong`` (see :func:`math_answer`)."""
+
+    correct: float = 1.0
+    wrong: float = -1.0
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> Float[Tensor, " batch"]:
+        from math_verify import parse, verify
+
+        out = []
+        for p, c in zip(prompts, completions, strict=True):
+            got = extract_boxed(c)
+            ref = self.answer_for(p)
+            gold = parse(ref if "$" in ref or "\\boxed" in ref else f"${ref}$")  # a bare "x+1" parses as math
+            ok = got is not None and bool(verify(gold, parse("\\boxed{" + got + "}")))
+            out.append(self.correct if ok else self.wrong)
+        return _as_tensor(out)
+
+
+def math_answer(answers: str | Mapping[str, str], *, signed: bool = True) -> MathAnswer:
+    """Reward a completion whose last ``\\boxed{...}`` answer equals the reference, by ``math-verify``.
+
+    The answer is the content of the *last* ``\\boxed{}`` (balanced braces, :func:`extract_boxed`),
+    as the papers extract it; it and the reference are parsed and compared by the ``math-verify``
+    package (Hugging Face), so ``\\frac{1}{2}``, ``\\frac12`` and ``0.5`` are equal and ``43`` is
+    not ``42``. A completion without a box is wrong. Called like :func:`exact_answer`.
+
+    Args:
+        answers: one reference answer for every prompt, or a mapping prompt -> answer (for
+            conversation prompts: keyed by the last user message).
+        signed: ``+1`` / ``-1`` (Sinii et al. 2025's reward, the default) or ``1`` / ``0``.
+
+    Raises:
+        ConfigError: ``answers`` is neither a string nor a mapping of strings.
+        MissingDependencyError: the ``math-verify`` package is not installed.
+    """
+    try:
+        import math_verify  # noqa: F401
+    except ImportError as e:
+        from steer_lens.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "math_answer needs the `math-verify` package. Fix: pip install math-verify (or steer-lens, "
+            "which depends on it)."
+        ) from e
+    table = exact_answer(answers).answers
+    return MathAnswer(answers=table, correct=1.0, wrong=-1.0 if signed else 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LengthPenalty:
     """``-per_word * max(0, n_words - max_words)`` (see :func:`length_penalty`)."""
 
@@ -387,7 +443,7 @@ _REAL_INT = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torc
 
 
 def from_spec(spec: str) -> Reward:
-    """Parse a command-line reward: ``contains:WORD``, ``regex:PATTERN``, ``boxed:ANSWER``.
+    """Parse a command-line reward: ``contains:WORD``, ``regex:PATTERN``, ``boxed:ANSWER``, ``math:ANSWER``.
 
     Raises:
         ConfigError: unknown reward kind or missing argument.
@@ -403,4 +459,6 @@ def from_spec(spec: str) -> Reward:
         return regex(arg)
     if kind in ("boxed", "exact_answer"):
         return exact_answer(arg)
-    raise ConfigError(f"reward: unknown kind {kind!r} in {spec!r}; expected contains, regex or boxed.")
+    if kind == "math":
+        return math_answer(arg)
+    raise ConfigError(f"reward: unknown kind {kind!r} in {spec!r}; expected contains, regex, boxed or math.")

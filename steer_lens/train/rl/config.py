@@ -30,6 +30,9 @@ class RLConfig(OptimConfig):
         prompts_per_step: prompts per step (drawn without replacement, cycling through the list).
         max_new_tokens: tokens generated per completion.
         temperature, top_p, top_k: sampling settings of the rollouts.
+        tempered_logprobs: score the policy loss (and the KL) under ``softmax(logits / temperature)``,
+            the distribution the rollouts came from, as Sinii et al. 2025 do (default ``True``; the
+            same as untempered at ``temperature=1``).
         kl_coef: weight of the k3 KL penalty to the base model (0: off, the seeds' default).
         entropy_coef: weight of the entropy bonus (0: off).
         ppo_epochs: optimisation steps per batch of rollouts (1: on-policy, the default). With
@@ -56,6 +59,7 @@ class RLConfig(OptimConfig):
     prompts_per_step: int = 8
     max_new_tokens: int = 40
     temperature: float = 1.0
+    tempered_logprobs: bool = True
     top_p: float = 1.0
     top_k: int | None = None
     kl_coef: float = 0.0
@@ -96,6 +100,11 @@ class RLConfig(OptimConfig):
             if isinstance(self.heldout_texts, str):
                 raise ConfigError("heldout_texts: expected a list of texts, got one string. Fix: [text].")
             object.__setattr__(self, "heldout_texts", tuple(self.heldout_texts))
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the loss scores log-probabilities at (``temperature`` or 1)."""
+        return self.temperature if self.tempered_logprobs else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict (held-out texts counted, not copied)."""

@@ -31,6 +31,7 @@ def completion_logprobs(
     prompt_len: int,
     *,
     with_entropy: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[Float[Tensor, "batch new"], Float[Tensor, "batch new"] | None]:
     """Log-probabilities (nats) of the generated tokens under ``steered``, by one training forward.
 
@@ -44,6 +45,9 @@ def completion_logprobs(
         attention_mask: ``[batch, prompt_len + new]``.
         prompt_len: padded prompt length.
         with_entropy: also return the entropy (nats) of each next-token distribution.
+        temperature: score under ``softmax(logits / temperature)``, the distribution the rollouts
+            were sampled from (Sinii et al. 2025's policy loss divides the logits by the sampling
+            temperature); 1 leaves the logits as they are.
 
     Returns:
         ``(logp [batch, new], entropy [batch, new] or None)``; values at masked positions are
@@ -53,6 +57,8 @@ def completion_logprobs(
     lengths = torch.full((batch,), prompt_len, device=tokens.device)
     logits = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths)
     logits = logits[:, prompt_len - 1 : -1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, tokens[:, prompt_len:, None])[..., 0]
     ent = None

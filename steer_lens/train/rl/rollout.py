@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens._utils import Prompt, is_conversation
 from steer_lens.errors import ConfigError, EmptyInputError
 from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train.data import epoch_order
@@ -53,10 +54,13 @@ class Rollout:
     completions: tuple[str, ...] = ()
 
 
-def prompt_items(prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"]) -> tuple[list[Any], list[str]]:
+def prompt_items(prompts: Sequence[Prompt] | Prompt | Int[Tensor, "n_prompts pos"]) -> tuple[list[Any], list[str]]:
     """Prompts as items :meth:`~steer_lens.SteeredTransformer.sample` accepts and as text for rewards.
 
     A token tensor ``[n_prompts, pos]`` gives its rows as items and their ids, space-separated, as text.
+    A conversation (``[{"role": "user", "content": ...}]``) is sampled through the chat template; its
+    text for rewards is the content of its last user message (so ``exact_answer`` / ``math_answer``
+    tables are keyed by the question as written).
 
     Raises:
         EmptyInputError: no prompts (or an empty token tensor).
@@ -69,15 +73,20 @@ def prompt_items(prompts: Sequence[str] | str | Int[Tensor, "n_prompts pos"]) ->
             )
         items = list(prompts)
         return items, [" ".join(str(t) for t in p.tolist()) for p in items]
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or is_conversation(prompts):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
         raise EmptyInputError("prompts: got none; give at least one prompt.")
-    bad = [p for p in prompts if not isinstance(p, str)]
+    bad = [p for p in prompts if not (isinstance(p, str) or is_conversation(p))]
     if bad:
-        raise ConfigError(f"prompts: expected texts, got {type(bad[0]).__name__}.")
-    return prompts, prompts
+        raise ConfigError(f"prompts: expected texts or conversations, got {type(bad[0]).__name__}.")
+    return prompts, [p if isinstance(p, str) else _last_user(p) for p in prompts]
+
+
+def _last_user(conversation) -> str:
+    users = [m["content"] for m in conversation if m["role"] == "user"]
+    return users[-1] if users else conversation[-1]["content"]
 
 
 def prompt_order(n_prompts: int, config: RLConfig) -> list[int]:
@@ -130,7 +139,8 @@ def collect_rollout(
     rewards = score(reward, batch_texts, completions).to(steered.device)
     adv = estimator(rewards.view(-1, k)).reshape(-1)
     with torch.no_grad(), steered.disabled():
-        ref, _ = completion_logprobs(steered, g.tokens, g.attention_mask, g.prompt_len, with_entropy=False)
+        ref, _ = completion_logprobs(steered, g.tokens, g.attention_mask, g.prompt_len, with_entropy=False,
+                                     temperature=config.logprob_temperature)
     return Rollout(
         generation=g, rewards=rewards, advantages=adv, ref_logp=ref, sample_seconds=dt,
         prompts=tuple(batch_texts), completions=tuple(completions),

@@ -77,7 +77,9 @@ class RLState:
         config = self.config
         ro = self.rollout_for(step)
         g = ro.generation
-        logp, ent = completion_logprobs(self.steered, g.tokens, g.attention_mask, g.prompt_len)
+        logp, ent = completion_logprobs(
+            self.steered, g.tokens, g.attention_mask, g.prompt_len, temperature=config.logprob_temperature
+        )
         if config.ppo_epochs > 1 and self.old_logp is None:
             self.old_logp = logp.detach()
         loss, metrics = policy_loss(
