@@ -7,9 +7,12 @@ what differs from the paper on purpose or by necessity.
 
 * :func:`dunefsky2025` - "One-shot Optimized Steering Vectors Mediate Safety-relevant Behaviors in
   LLMs" (Dunefsky & Cohan 2025), repository jacobdunefsky/one-shot-steering-repro.
+* :func:`sinii2025` - "Small Vectors, Big Effects" / "Steering LLM Reasoning Through Bias-Only
+  Adaptation" (Sinii et al. 2025), repository corl-team/steering-reasoning: RL of one vector per
+  layer with RLOO and a verifiable math reward.
 
-The other papers' recipes (Sinii et al. 2025 RL vectors, Wang et al. 2025 LoRA natural vectors,
-Ward et al. 2025 rank-1 LoRA SAEs) land with their methods; see the papers issue.
+The other papers' recipes (Wang et al. 2025 LoRA natural vectors, Ward et al. 2025 rank-1 LoRA SAEs)
+land with their methods; see the papers issue.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 from steer_lens.errors import ConfigError
 from steer_lens.hook_sites import HookSite
 from steer_lens.train.one_shot import OneShotConfig
+from steer_lens.train.rl import RLConfig
 
-__all__ = ["Recipe", "dunefsky2025"]
+__all__ = ["Recipe", "dunefsky2025", "sinii2025"]
 
 
 @dataclass(frozen=True)
@@ -100,5 +104,62 @@ def dunefsky2025(model, *, layer: int | None = None) -> Recipe:
             "the random initial vector is seeded (OneShotConfig.seed) where the paper's is not",
             "prompts may be conversations rendered with the model's own chat template; the paper writes "
             "Gemma's template by hand",
+        ),
+    )
+
+
+def sinii2025(model, *, steps: int = 100, layers: list[int] | None = None) -> Recipe:
+    """RL-trained steering vectors at every layer (Sinii et al. 2025), with the paper's RL settings.
+
+    One zero-initialised vector per layer on the MLP output (the paper trains a bias on each layer's
+    ``mlp.down_proj``, which is TransformerLens's ``blocks.L.hook_mlp_out`` at every position); RLOO
+    advantages ``A = r − mean(others)``; the loss ``−Σ A Σ_t log π / N`` over the batch's generated
+    tokens, one on-policy update per batch, with log-probabilities at the sampling temperature; AdamW
+    at an *absolute* learning rate of 1e-3 with a 3% linear warm-up then constant; gradient-norm
+    clipping at 2; no KL term; 16 prompts × 16 samples per step at temperature 1. Reward: pass
+    :func:`steer_lens.train.rewards.math_answer` (``math-verify`` on the last ``\\boxed{}``, ±1).
+
+    Args:
+        model: the model (its ``cfg.n_layers`` gives the hooks).
+        steps: optimisation steps (the warm-up is 3% of them, at least 1).
+        layers: the layers to steer (default: all, as the paper).
+
+    Returns:
+        A :class:`Recipe` whose ``config`` is an :class:`~steer_lens.train.rl.RLConfig`; train with
+        ``steer_lens.train.rl(recipe.steered(model), prompts, math_answer(answers), recipe.config)``.
+
+    Raises:
+        ConfigError: a layer outside ``[0, n_layers)``, or ``steps < 1``.
+    """
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise ConfigError(f"layers: expected layer indices in [0, {n_layers}), got {layers!r}.")
+    if steps < 1:
+        raise ConfigError(f"steps: expected >= 1, got {steps!r}.")
+    src = "corl-team/steering-reasoning (as read for the papers issue; see docs/recipes.md)"
+    return Recipe(
+        paper="Sinii et al. 2025, Small Vectors, Big Effects / Steering LLM Reasoning Through Bias-Only Adaptation",
+        hooks=tuple(HookSite.name_of("mlp_out", x) for x in layers),
+        config=RLConfig(
+            steps=steps, algorithm="rloo", lr=1e-3, lr_units="absolute", warmup_steps=max(1, round(0.03 * steps)),
+            grad_clip=2.0, kl_coef=0.0, prompts_per_step=16, group_size=16, temperature=1.0,
+            tempered_logprobs=True, ppo_epochs=1,
+        ),
+        sources={
+            "vector per layer on mlp.down_proj bias (= hook_mlp_out), zero init": src,
+            "RLOO, one on-policy update, loss / generated tokens in the batch": src,
+            "log-probs of logits / sampling temperature": src,
+            "AdamW lr 1e-3 absolute, 3% warm-up then constant": src,
+            "grad-norm clip 2, KL 0": src,
+            "16 prompts x 16 samples, temperature 1": src,
+            "reward +1 / -1 by math_verify on the last boxed answer": src,
+        },
+        differs=(
+            "rollouts are sampled by steer_lens's TransformerLens sampler, not vLLM (same distribution)",
+            "the paper's models are 1.5B-14B (Qwen2.5, Llama-3.1-8B-chat at lr 8e-5); on a small CPU model "
+            "the batch may have to shrink (prompts_per_step, group_size) to fit time and memory",
+            "AdamW weight decay is left at 0 (the paper's value was not confirmed in this session)",
         ),
     )

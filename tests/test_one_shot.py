@@ -162,3 +162,15 @@ def test_dunefsky2025_recipe_has_the_papers_settings(tiny_model):
     assert recipes.dunefsky2025(tiny_model, layer=0).hooks == ("blocks.0.hook_resid_pre",)
     with pytest.raises(ConfigError, match="layer"):
         recipes.dunefsky2025(tiny_model, layer=99)
+
+
+def test_sinii2025_recipe_has_the_papers_settings(tiny_model):
+    from steer_lens import recipes
+
+    r = recipes.sinii2025(tiny_model, steps=100)
+    assert r.hooks == tuple(f"blocks.{i}.hook_mlp_out" for i in range(tiny_model.cfg.n_layers))
+    c = r.config
+    assert (c.algorithm, c.lr, c.lr_units, c.warmup_steps, c.grad_clip, c.kl_coef) == ("rloo", 1e-3, "absolute", 3, 2.0, 0.0)
+    assert (c.prompts_per_step, c.group_size, c.temperature, c.tempered_logprobs, c.ppo_epochs) == (16, 16, 1.0, True, 1)
+    s = r.steered(tiny_model)
+    assert all(float(v.abs().sum()) == 0.0 for _, v in s.vectors.items())  # zero-initialised
