@@ -8,7 +8,9 @@ builds the position mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +20,7 @@ from torch import Tensor
 from steer_lens._utils import device_of
 from steer_lens.models import check_hook_names
 
-__all__ = ["PositionContext", "PositionSpec", "hook_shapes"]
+__all__ = ["PositionContext", "PositionSpec", "frozen_parameters", "hook_shapes"]
 
 PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
 
@@ -46,6 +48,40 @@ def hook_shapes(model, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(h, recorder(h)) for h in hook_names], return_type=None)
     return shapes
+
+
+_FROZEN_LOCK = threading.Lock()
+_FROZEN: dict[int, tuple[int, list]] = {}  # id(model) -> (depth, parameters that had requires_grad=True)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model) -> Iterator[None]:
+    """Context manager: the model's parameters have ``requires_grad=False`` inside it, restored after.
+
+    Gradients then reach only what is not the model's (steering vectors), and the user's model keeps
+    the flags it had: parameters that required gradients before do so again on exit, also on an
+    exception or an interrupt. Nested and concurrent uses on one model share one freeze (the last
+    to leave restores).
+    """
+    key = id(model)
+    with _FROZEN_LOCK:
+        depth, thawed = _FROZEN.get(key, (0, []))
+        if depth == 0:
+            thawed = [p for p in model.parameters() if p.requires_grad]
+            for p in thawed:
+                p.requires_grad_(False)
+        _FROZEN[key] = (depth + 1, thawed)
+    try:
+        yield
+    finally:
+        with _FROZEN_LOCK:
+            depth, thawed = _FROZEN[key]
+            if depth == 1:
+                del _FROZEN[key]
+                for p in thawed:
+                    p.requires_grad_(True)
+            else:
+                _FROZEN[key] = (depth - 1, thawed)
 
 
 @dataclass

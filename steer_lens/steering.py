@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from steer_lens.errors import (
 )
 from steer_lens.generation import Generation, sample_tokens
 from steer_lens.hook_sites import HookSite
-from steer_lens.hooks import PositionContext, PositionSpec, hook_shapes
+from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes
 from steer_lens.models import ModelInfo, model_info
 from steer_lens.vectors import SteeringVectors, vector_kinds
 from steer_lens.vectors.io import (
@@ -66,6 +67,7 @@ __all__ = [
     "Prompt",
     "SteeredTransformer",
     "difference_of_means",
+    "frozen_parameters",
     "hook_shapes",
     "is_conversation",
 ]
@@ -90,8 +92,10 @@ class SteeredTransformer(nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
 
     Calling it like the model (``steered(tokens)``) returns logits ``[batch, pos, d_vocab]`` with the
-    vectors on; gradients flow into the vectors, never into the model (whose parameters are frozen
-    here). The wrapped model is not registered as a submodule: ``steered.parameters()`` are the
+    vectors on; gradients flow into the vectors, never into the model: its parameters are frozen
+    (``requires_grad=False``) only while a steered call runs and restored as they were when it ends
+    (also on an exception), so the user's model is left as it was found. Steering applies only in the
+    thread that runs the call: another thread using the same model meanwhile sees it unsteered. The wrapped model is not registered as a submodule: ``steered.parameters()`` are the
     vectors only, so an optimiser over them holds no state for the model.
 
     Args:
@@ -163,8 +167,6 @@ class SteeredTransformer(nn.Module):
         self._active: frozenset[str] | None = None  # see only_hooks
         self._ctx = PositionContext()
         self.training_config: dict[str, Any] | None = None
-        for p in model.parameters():
-            p.requires_grad_(False)
 
     # -- validation -----------------------------------------------------------------------------
     @staticmethod
@@ -234,7 +236,11 @@ class SteeredTransformer(nn.Module):
 
     # -- hooks ----------------------------------------------------------------------------------
     def _hook_fn(self, hook_name: str):
+        owner = threading.get_ident()  # steering is confined to the thread that made the hooks
+
         def hook(act: Tensor, hook) -> Tensor:
+            if threading.get_ident() != owner:
+                return act
             delta = self.vectors.delta(hook_name, act)
             if self._scale != 1.0:
                 delta = delta * self._scale
@@ -249,7 +255,9 @@ class SteeredTransformer(nn.Module):
         """The ``(hook_name, fn)`` pairs that add the vectors; for ``model.hooks(fwd_hooks=...)``.
 
         Prefer the wrapper's own methods, which install and remove these for you; this is for code
-        that must compose them with other hooks in one ``model.hooks`` context.
+        that must compose them with other hooks in one ``model.hooks`` context (wrap it in
+        :func:`frozen_parameters` when gradients flow). The hooks act only in the thread that called
+        this method.
         """
         if not self._enabled:
             return []
@@ -271,7 +279,7 @@ class SteeredTransformer(nn.Module):
         prev = self._ctx
         self._ctx = PositionContext(offset=offset, prompt_end=prompt_end)
         try:
-            with self.model.hooks(fwd_hooks=self.fwd_hooks()):
+            with frozen_parameters(self.model), self.model.hooks(fwd_hooks=self.fwd_hooks()):
                 yield self
         finally:
             self._ctx = prev

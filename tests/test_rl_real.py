@@ -65,8 +65,8 @@ def test_cli_train_rl_writes_vector_and_metrics(real_model, tmp_path):
 
 def test_gated_vector_gates_and_persistence_on_real_text(real_model, stories):
     import steer_lens as sl
-    from steer_lens.analysis import persistence
-    from steer_lens.vectors import GatedVectors, gate_values
+    from steer_lens.analysis import gate_values, persistence
+    from steer_lens.vectors import GatedVectors
 
     hook = "blocks.0.hook_resid_pre"
     vec = GatedVectors([hook], 128, init="random", init_norm=2.0)
@@ -80,7 +80,7 @@ def test_gated_vector_gates_and_persistence_on_real_text(real_model, stories):
     toks = steered.to_tokens(stories[0])[None]
     _, cache = real_model.run_with_cache(toks, names_filter=[hook])
     torch.testing.assert_close(g, vec.gate_of(hook, cache[hook])[0].detach(), atol=1e-5, rtol=1e-5)
-    assert gv.view() is not None and gv.plot() is not None
+    assert gv.token_view() is not None and gv.plot() is not None
     p = persistence(steered, stories[:3])
     assert p.points[0] == hook
     assert float(p.cos_vector[0, 0]) == pytest.approx(1.0, abs=1e-4)  # Δh = g_t v with g_t > 0

@@ -52,11 +52,14 @@ def test_last_layer_vector_equals_adding_by_hand(tiny_model):
 def test_vector_gets_gradients_model_does_not(tiny_model):
     import steer_lens as sl
 
+    flags = [p.requires_grad for p in tiny_model.parameters()]
     s = sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pre"])
     s(_tokens(tiny_model)).logsumexp(-1).sum().backward()
     g = s.vectors["blocks.1.hook_resid_pre"].grad
     assert g is not None and g.abs().sum() > 0
-    assert all(not p.requires_grad for p in tiny_model.parameters())
+    # no gradient reaches the model, and its requires_grad flags are as the user left them (issue 15)
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert [n for n, _ in s.named_parameters()] == ["vectors.params.blocks__1__hook_resid_pre"]
 
 
@@ -491,3 +494,67 @@ def test_folder_save_is_all_or_nothing(tiny_model, tmp_path, monkeypatch):
     again = sl.SteeredTransformer.load(folder, tiny_model)
     assert again.scale == 2.0 and torch.equal(again.vectors[hook], new.vectors[hook])
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+
+def test_wrapping_leaves_the_users_model_trainable(tiny_model):
+    """Issue 15: wrapping (and steered calls, also failing ones) never turns the model's gradients off."""
+    import steer_lens as sl
+
+    for p in tiny_model.parameters():
+        p.requires_grad_(True)
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre"], init="random", init_norm=1.0)
+    s(_tokens(tiny_model))
+    with pytest.raises(RuntimeError):
+        with s.steering():
+            raise RuntimeError("inside a steered block")
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    tiny_model(_tokens(tiny_model)).sum().backward()  # the user's own fine-tuning still gets gradients
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
+    tiny_model.zero_grad(set_to_none=True)
+    for p in tiny_model.parameters():
+        p.requires_grad_(False)
+
+
+def test_steering_never_reaches_another_thread(tiny_model):
+    """Issue 15: while one thread runs a steered call, the same model in another thread is unsteered."""
+    import threading
+
+    import steer_lens as sl
+
+    toks = _tokens(tiny_model)
+    base = tiny_model(toks)
+    hook = "blocks.0.hook_resid_pre"
+    s = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=50.0, seed=0)
+    steered_ref = s(toks)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        inside.wait(10)
+        seen["plain"] = tiny_model(toks)  # runs while the main thread's hooks are installed
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with s.steering():
+        inside.set()
+        done.wait(10)
+        mine = tiny_model(toks)
+    t.join(10)
+    assert torch.equal(seen["plain"], base)
+    assert torch.equal(mine, steered_ref)
+    assert _n_hooks(tiny_model) == 0
+
+
+def test_nested_only_hooks_restore_the_outer_filter(tiny_model):
+    import steer_lens as sl
+
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    s = sl.SteeredTransformer(tiny_model, hooks, init="random", init_norm=3.0)
+    toks = _tokens(tiny_model)
+    with s.only_hooks([hooks[0]]):
+        outer = s(toks)
+        with s.only_hooks([hooks[1]]):
+            s(toks)
+        assert torch.equal(s(toks), outer)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 from steer_lens.vectors.ablate import AblateAddVectors
 from steer_lens.vectors.base import SteeringVectors
-from steer_lens.vectors.gated import GatedVectors, GateValues, gate_values
+from steer_lens.vectors.gated import GatedVectors
 from steer_lens.vectors.lowrank import LowRankVectors
 from steer_lens.vectors.registry import register_kind, vector_kinds
 
 __all__ = [
     "AblateAddVectors",
-    "GateValues",
     "GatedVectors",
     "LowRankVectors",
     "SteeringVectors",
-    "gate_values",
     "register_kind",
     "vector_kinds",
 ]

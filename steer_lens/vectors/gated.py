@@ -5,26 +5,25 @@ where the scalar gate ``g_t = 2 · sigmoid(w_h · x̂_t + b_h)`` (or ``1 + w_h �
 ``gate="linear"``, a rank-1 read-out) is computed from the unsteered activation ``x_t`` normalised to
 unit length (``x̂_t = x_t / ||x_t||``), so the gate's scale does not depend on the hook's residual
 norm. ``w = 0, b = 0`` at init: the gate is exactly 1 and the vector acts like a plain one.
-Registered as kind ``"gated"``. The gates per token are read by :func:`gate_values`.
+Registered as kind ``"gated"``. The gates per token are read by
+:func:`steer_lens.analysis.gate_values`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from steer_lens._utils import token_strings
-from steer_lens.errors import ConfigError, EmptyInputError, IncompatibleVectorError
+from steer_lens.errors import ConfigError
 from steer_lens.vectors.base import SteeringVectors, param_key
 from steer_lens.vectors.registry import register_kind
 
-__all__ = ["GateValues", "GatedVectors", "gate_values"]
+__all__ = ["GatedVectors"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,102 +124,3 @@ class GatedVectors(SteeringVectors):
         if tensor_name.startswith("gate_b."):
             return self.gate_b[param_key(tensor_name.removeprefix("gate_b."))]
         return self[tensor_name]
-
-
-@dataclass(frozen=True)
-class GateValues:
-    """Per-token gates of a :class:`GatedVectors` module on some texts.
-
-    Attributes:
-        gates: ``{hook: [batch, pos]}`` gate values (padding positions are NaN).
-        str_tokens: per text, its tokens as strings (BOS first).
-        attention_mask: ``[batch, pos]`` 1 for real tokens.
-    """
-
-    gates: dict[str, Float[Tensor, "batch pos"]]
-    str_tokens: list[list[str]]
-    attention_mask: Int[Tensor, "batch pos"]
-
-    def of_text(self, i: int, hook: str | None = None) -> Float[Tensor, " pos"]:
-        """The gates of text ``i`` (padding removed) at ``hook`` (default: the first hook)."""
-        hook = hook or next(iter(self.gates))
-        return self.gates[hook][i][self.attention_mask[i].bool()]
-
-    def to_pandas(self):
-        """Long table: ``hook, text, position, token, gate``."""
-        import pandas as pd
-
-        rows = []
-        for h in self.gates:
-            for i, toks in enumerate(self.str_tokens):
-                for j, (t, g) in enumerate(zip(toks, self.of_text(i, h).tolist(), strict=True)):
-                    rows.append({"hook": h, "text": i, "position": j, "token": t, "gate": g})
-        return pd.DataFrame(rows)
-
-    def plot(self, i: int = 0, hook: str | None = None):
-        """Plotly bar chart of the gate per token of text ``i``."""
-        import plotly.graph_objects as go
-
-        hook = hook or next(iter(self.gates))
-        g = self.of_text(i, hook)
-        toks = self.str_tokens[i]
-        fig = go.Figure(go.Bar(x=list(range(len(toks))), y=g.tolist(), hovertext=toks))
-        fig.update_layout(
-            title=f"gate per token at {hook}",
-            xaxis={"tickmode": "array", "tickvals": list(range(len(toks))), "ticktext": toks},
-            yaxis_title="gate g_t",
-        )
-        return fig
-
-    def view(self, i: int = 0, hook: str | None = None):
-        """circuitsvis ``colored_tokens`` view of the gate per token of text ``i`` (for notebooks)."""
-        from steer_lens.plotting import token_view
-
-        hook = hook or next(iter(self.gates))
-        return token_view(self.str_tokens[i], self.of_text(i, hook))
-
-    def _repr_html_(self) -> str:
-        parts = []
-        for h in self.gates:
-            g = torch.cat([self.of_text(i, h) for i in range(len(self.str_tokens))])
-            parts.append(f"<tr><td>{h}</td><td>{float(g.mean()):.3f}</td><td>{float(g.min()):.3f}</td>"
-                         f"<td>{float(g.max()):.3f}</td></tr>")
-        return ("<b>GateValues</b><table><tr><th>hook</th><th>mean</th><th>min</th><th>max</th></tr>"
-                + "".join(parts) + "</table>")
-
-
-@torch.no_grad()
-def gate_values(steered, texts: str | Sequence[str]) -> GateValues:
-    """The gate ``g_t`` per token of a :class:`GatedVectors`-steered model on ``texts``.
-
-    Runs one forward pass with the vectors on and records each hook's gate.
-
-    Args:
-        steered: a :class:`~steer_lens.SteeredTransformer` whose ``vectors`` are :class:`GatedVectors`.
-        texts: one text or a list (tokenized with BOS, left-padded).
-
-    Returns:
-        A :class:`GateValues`.
-
-    Raises:
-        IncompatibleVectorError: the vectors are not gated.
-        EmptyInputError: no texts.
-    """
-    if not isinstance(steered.vectors, GatedVectors):
-        raise IncompatibleVectorError(
-            f"gate_values needs GatedVectors, got {type(steered.vectors).__name__}. Fix: build the "
-            "wrapper with vectors=GatedVectors(hooks, d_model)."
-        )
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise EmptyInputError("texts: got none; give at least one text.")
-    seqs = [steered.to_tokens(t) for t in texts]
-    tokens, mask = steered.left_pad(seqs)
-    with steered.vectors.recording() as rec:
-        steered(tokens, attention_mask=mask, return_type=None)
-    pad = ~mask.bool().cpu()
-    gates = {h: rec[h].float().cpu().masked_fill(pad, float("nan")) for h in steered.hook_names}
-    str_tokens = [token_strings(steered, s) for s in seqs]
-    return GateValues(gates=gates, str_tokens=str_tokens, attention_mask=mask.cpu())
