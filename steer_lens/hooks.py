@@ -18,9 +18,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens._utils import device_of
+from steer_lens.errors import HookNameError
+from steer_lens.hook_sites import HookSite
 from steer_lens.models import check_hook_names
 
-__all__ = ["PositionContext", "PositionSpec", "frozen_parameters", "hook_shapes"]
+__all__ = ["PositionContext", "PositionSpec", "frozen_parameters", "hook_shapes", "vector_shapes"]
 
 PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
 
@@ -132,3 +134,41 @@ class PositionContext:
         out = out.to(torch.float32)
         self._mask_cache[key] = out
         return out
+
+
+def vector_shapes(model, hooks: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each hook's vector shape: the activation's trailing shape after ``[batch, pos]``.
+
+    Known hook kinds (:class:`~steer_lens.hook_sites.HookSite`) are checked against the probe's shape;
+    a name outside the grammar must carry ``[batch, pos, d_model]``.
+
+    Raises:
+        HookNameError: not a hook of the model, an attention-pattern hook (no per-position vector),
+            or a shape the hook's kind does not explain.
+    """
+    probed = hook_shapes(model, hooks)
+    silent = [h for h in hooks if h not in probed]
+    if silent:
+        raise HookNameError(
+            f"hooks {silent} exist but never fire for this model (e.g. hook_attn_in / hook_q_input need "
+            "cfg.use_attn_in / use_split_qkv_input, hook_mlp_in needs cfg.use_hook_mlp_in): a vector there "
+            "would do nothing. Fix: enable them with model.set_use_attn_in(True) / "
+            "set_use_split_qkv_input(True) / set_use_hook_mlp_in(True), or use hook_resid_pre / hook_resid_mid."
+        )
+    d_model = int(model.cfg.d_model)
+    out: dict[str, tuple[int, ...]] = {}
+    for h, shp in probed.items():
+        try:
+            site = HookSite.parse(h)
+            expected = site.trailing_shape(model.cfg) if site.kind not in ("pattern", "attn_scores") else None
+        except HookNameError:
+            expected = (d_model,)
+        if expected is None or len(shp) < 3 or tuple(shp[:2]) != (1, 2) or tuple(shp[2:]) != expected:
+            raise HookNameError(
+                f"hook {h!r} has activations of shape {list(shp)} (for batch 1, pos 2); a steering vector "
+                "needs [batch, pos, *shape] with the hook's own shape: [d_model] on the residual stream "
+                "(hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out), [n_heads, d_head] at "
+                "attn.hook_z / hook_q, [d_mlp] at mlp.hook_post. Attention patterns cannot be steered."
+            )
+        out[h] = tuple(shp[2:])
+    return out

@@ -36,29 +36,20 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from steer_lens._utils import Conversation, Prompt, device_of, dtype_of, is_conversation
+from steer_lens._utils import Conversation, Prompt, device_of, is_conversation
 from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
     EmptyInputError,
     HookNameError,
-    IncompatibleVectorError,
     NonFiniteError,
     ShapeMismatchError,
 )
 from steer_lens.generation import Generation, sample_tokens
-from steer_lens.hook_sites import HookSite
-from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes
+from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes, vector_shapes
 from steer_lens.models import ModelInfo, model_info
-from steer_lens.vectors import SteeringVectors, vector_kinds
-from steer_lens.vectors.io import (
-    atomic_folder,
-    atomic_save_safetensors,
-    atomic_write_json,
-    load_safetensors,
-    read_json,
-    readable_folder,
-)
+from steer_lens.vector_folder import folder_config, read_folder, write_folder
+from steer_lens.vectors import SteeringVectors
 
 __all__ = [
     "Conversation",
@@ -82,10 +73,6 @@ def _one_of(prompts, messages):
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "steer_lens.vectors"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-TENSOR_FILE = "vectors.safetensors"
 
 
 class SteeredTransformer(nn.Module):
@@ -145,7 +132,7 @@ class SteeredTransformer(nn.Module):
         if not hooks:
             raise ConfigError("hooks: expected at least one hook name, got an empty list.")
         d_model = int(model.cfg.d_model)
-        shapes = _vector_shapes(model, hooks)
+        shapes = vector_shapes(model, hooks)
         self._check_scale(scale)
         positions = self._check_positions(positions)
         if vectors is None:
@@ -579,46 +566,21 @@ class SteeredTransformer(nn.Module):
     # -- save / load ------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         """The JSON config written next to the tensors by :meth:`save`."""
-        from steer_lens import __version__
-
-        info = self.info
-        pos = self._positions
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "kind": self.vectors.kind,
-            "kind_config": self.vectors.kind_config(),
-            "hook_names": list(self.hook_names),
-            "d_model": int(self.cfg.d_model),
-            "model": {**info.to_dict(), "dtype": str(dtype_of(self.model)).replace("torch.", "")},
-            "weight_processing": info.processing(),
-            "positions": pos if isinstance(pos, str) else "mask",
-            "scale": self._scale,
-            "training": self.training_config,
-        }
+        return folder_config(self)
 
     def save(self, path: str | Path) -> Path:
         """Save the vectors to a folder: ``vectors.safetensors`` and ``config.json``.
 
         The folder is written as a whole (:func:`~steer_lens.vectors.io.atomic_folder`): into a
         sibling folder swapped in when complete, so an interrupted save leaves the old folder (or
-        none), never new tensors beside an old config. The config records the
-        model name, architecture, d_model, dtype, weight processing, hook names, positions, scale,
-        training config and library version.
+        none), never new tensors beside an old config. The config records the model name,
+        architecture, d_model, dtype, weight processing, hook names, positions, scale, training config
+        and library version (:mod:`steer_lens.vector_folder`).
 
         Returns:
             The folder's path.
         """
-        path = Path(path)
-        tensors = self.vectors.tensors()
-        if isinstance(self._positions, Tensor):
-            tensors = {**tensors, "__positions_mask__": self._positions.to(torch.uint8)}
-        config = self.config_dict()
-        with atomic_folder(path) as tmp:
-            atomic_save_safetensors(tmp / TENSOR_FILE, tensors, metadata={"format": FORMAT})
-            atomic_write_json(tmp / CONFIG_FILE, config)
-        return path
+        return write_folder(self, path)
 
     @classmethod
     def load(
@@ -634,50 +596,13 @@ class SteeredTransformer(nn.Module):
 
         Raises:
             IncompatibleVectorError: d_model, model name or weight processing differ (the message
-                names both sides), or the folder is not a steer_lens vector folder.
+                names both sides), or the folder is not a steer_lens vector folder or is damaged.
+            NonFiniteError: the saved vectors hold NaN or inf.
             FileNotFoundError: the folder or one of its files does not exist.
         """
-        path = readable_folder(path)
-        cfg_path = path / CONFIG_FILE
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"no {CONFIG_FILE} in {str(path)!r}; is it a folder written by save()?")
-        cfg = read_json(cfg_path)
-        if cfg.get("format") != FORMAT:
-            raise IncompatibleVectorError(f"{str(cfg_path)!r} is not a steer_lens vector config.")
-        info = model_info(model)
-        saved_model = cfg.get("model", {})
-        if int(cfg["d_model"]) != int(model.cfg.d_model):
-            raise IncompatibleVectorError(
-                f"saved vectors have d_model={cfg['d_model']} (model {saved_model.get('name')!r}); the "
-                f"given model {info.name!r} has d_model={model.cfg.d_model}."
-            )
-        if cfg.get("weight_processing") != info.processing():
-            raise IncompatibleVectorError(
-                f"saved vectors were made on weights processed as {cfg.get('weight_processing')}; the "
-                f"given model {info.name!r} is processed as {info.processing()}. Fix: load the model "
-                "with the same processing flags (load_model(..., fold_ln=...))."
-            )
-        if saved_model.get("name") != info.name:
-            if not allow_other_model:
-                raise IncompatibleVectorError(
-                    f"saved vectors were made on model {saved_model.get('name')!r}; the given model is "
-                    f"{info.name!r}. Pass allow_other_model=True to load them anyway (same d_model)."
-                )
-            logger.warning("loading vectors made on %s into %s", saved_model.get("name"), info.name)
-        kinds = vector_kinds()
-        if cfg["kind"] not in kinds:
-            raise IncompatibleVectorError(
-                f"saved vectors are of kind {cfg['kind']!r}, which this version does not know "
-                f"(known: {sorted(kinds)})."
-            )
-        tensors = load_safetensors(path / TENSOR_FILE)
-        vectors = kinds[cfg["kind"]].from_config(cfg["hook_names"], int(cfg["d_model"]), cfg["kind_config"])
-        vectors.load_tensors(tensors)
-        positions: PositionSpec = cfg["positions"]
-        if positions == "mask":
-            positions = tensors["__positions_mask__"].bool()
-        steered = cls(model, cfg["hook_names"], scale=cfg["scale"], positions=positions, vectors=vectors)
-        steered.training_config = cfg.get("training")
+        saved = read_folder(path, model, allow_other_model=allow_other_model)
+        steered = cls(model, saved.hook_names, scale=saved.scale, positions=saved.positions, vectors=saved.vectors)
+        steered.training_config = saved.training
         return steered
 
     def extra_repr(self) -> str:
@@ -685,41 +610,3 @@ class SteeredTransformer(nn.Module):
             f"model={self.info.name!r}, hooks={list(self.hook_names)}, scale={self._scale}, "
             f"positions={self._positions if isinstance(self._positions, str) else 'mask'}"
         )
-
-
-def _vector_shapes(model, hooks: list[str]) -> dict[str, tuple[int, ...]]:
-    """Each hook's vector shape: the activation's trailing shape after ``[batch, pos]``.
-
-    Known hook kinds (:class:`~steer_lens.hook_sites.HookSite`) are checked against the probe's shape;
-    a name outside the grammar must carry ``[batch, pos, d_model]``.
-
-    Raises:
-        HookNameError: not a hook of the model, an attention-pattern hook (no per-position vector),
-            or a shape the hook's kind does not explain.
-    """
-    probed = hook_shapes(model, hooks)
-    silent = [h for h in hooks if h not in probed]
-    if silent:
-        raise HookNameError(
-            f"hooks {silent} exist but never fire for this model (e.g. hook_attn_in / hook_q_input need "
-            "cfg.use_attn_in / use_split_qkv_input, hook_mlp_in needs cfg.use_hook_mlp_in): a vector there "
-            "would do nothing. Fix: enable them with model.set_use_attn_in(True) / "
-            "set_use_split_qkv_input(True) / set_use_hook_mlp_in(True), or use hook_resid_pre / hook_resid_mid."
-        )
-    d_model = int(model.cfg.d_model)
-    out: dict[str, tuple[int, ...]] = {}
-    for h, shp in probed.items():
-        try:
-            site = HookSite.parse(h)
-            expected = site.trailing_shape(model.cfg) if site.kind not in ("pattern", "attn_scores") else None
-        except HookNameError:
-            expected = (d_model,)
-        if expected is None or len(shp) < 3 or tuple(shp[:2]) != (1, 2) or tuple(shp[2:]) != expected:
-            raise HookNameError(
-                f"hook {h!r} has activations of shape {list(shp)} (for batch 1, pos 2); a steering vector "
-                "needs [batch, pos, *shape] with the hook's own shape: [d_model] on the residual stream "
-                "(hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out), [n_heads, d_head] at "
-                "attn.hook_z / hook_q, [d_mlp] at mlp.hook_post. Attention patterns cannot be steered."
-            )
-        out[h] = tuple(shp[2:])
-    return out

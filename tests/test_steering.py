@@ -469,7 +469,7 @@ def test_hook_that_never_fires_is_refused(tiny_model):
 def test_folder_save_is_all_or_nothing(tiny_model, tmp_path, monkeypatch):
     """A save that fails after the tensors are written leaves the old folder exactly as it was."""
     import steer_lens as sl
-    import steer_lens.steering as steering_module
+    import steer_lens.vector_folder as steering_module
 
     hook = "blocks.0.hook_resid_pre"
     old = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=1.0, seed=1, scale=0.5)
@@ -558,3 +558,30 @@ def test_nested_only_hooks_restore_the_outer_filter(tiny_model):
         with s.only_hooks([hooks[1]]):
             s(toks)
         assert torch.equal(s(toks), outer)
+
+
+@pytest.mark.parametrize("damage", ["not_json", "a_list", "missing_keys", "truncated_tensors", "nan_tensors"])
+def test_damaged_folders_raise_named_errors(tiny_model, tmp_path, damage):
+    """Issue 15: a damaged folder is an IncompatibleVectorError / NonFiniteError naming the file."""
+    import steer_lens as sl
+    from safetensors.torch import save_file
+
+    from steer_lens.errors import IncompatibleVectorError, NonFiniteError
+
+    hook = "blocks.0.hook_resid_pre"
+    folder = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=1.0).save(tmp_path / "v")
+    cfg, tensors = folder / "config.json", folder / "vectors.safetensors"
+    expected = IncompatibleVectorError
+    if damage == "not_json":
+        cfg.write_text("{not json")
+    elif damage == "a_list":
+        cfg.write_text("[1, 2]")
+    elif damage == "missing_keys":
+        cfg.write_text(json.dumps({"format": "steer_lens.vectors"}))
+    elif damage == "truncated_tensors":
+        tensors.write_bytes(tensors.read_bytes()[:40])
+    else:
+        save_file({hook: torch.full((tiny_model.cfg.d_model,), float("nan"))}, str(tensors))
+        expected = NonFiniteError
+    with pytest.raises(expected, match=r"config\.json|vectors\.safetensors"):
+        sl.SteeredTransformer.load(folder, tiny_model)
