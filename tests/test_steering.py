@@ -563,9 +563,9 @@ def test_nested_only_hooks_restore_the_outer_filter(tiny_model):
 @pytest.mark.parametrize("damage", ["not_json", "a_list", "missing_keys", "truncated_tensors", "nan_tensors"])
 def test_damaged_folders_raise_named_errors(tiny_model, tmp_path, damage):
     """Issue 15: a damaged folder is an IncompatibleVectorError / NonFiniteError naming the file."""
-    import steer_lens as sl
     from safetensors.torch import save_file
 
+    import steer_lens as sl
     from steer_lens.errors import IncompatibleVectorError, NonFiniteError
 
     hook = "blocks.0.hook_resid_pre"
