@@ -382,9 +382,11 @@ def vector_logit_lens(
     Raises:
         ConfigError: bad mode, or ``"effect"`` without texts.
         EmptyInputError: ``texts`` empty.
+        ShapeMismatchError: a vector is not ``[d_model]`` (e.g. a per-head vector at ``attn.hook_z``).
     """
     if mode not in ("raw", "norm", "effect"):
         raise ConfigError(f"mode: expected 'raw', 'norm' or 'effect', got {mode!r}.")
+    steered.vectors.require_residual_width("vector_logit_lens")
     if mode != "effect":
         hooks = list(steered.hook_names)
         vecs = torch.stack([steered.vectors.direction(h).detach() * steered.scale for h in hooks])

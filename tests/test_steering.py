@@ -414,7 +414,9 @@ def test_per_head_vector_trains_saves_and_loads(tiny_model, tmp_path):
         sl.SteeredTransformer(tiny_model, [hook], init=torch.zeros(tiny_model.cfg.d_model))
     # residual-stream analyses name the hook that does not fit
     with pytest.raises(ShapeMismatchError, match=r"attn\.hook_z"):
-        s.vectors.require_residual_width("vector_logit_lens")
+        sl.lens.vector_logit_lens(s, k=3)
+    with pytest.raises(ShapeMismatchError, match=r"vector_stats.*attn\.hook_z"):
+        sl.analysis.vector_stats(s)
 
 
 def test_hook_site_grammar_matches_transformer_lens(tiny_model):

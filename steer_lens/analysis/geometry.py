@@ -96,7 +96,9 @@ def vector_stats(steered: SteeredTransformer, texts: str | Sequence[str] | None 
 
     Raises:
         EmptyInputError: ``texts`` is an empty list.
+        ShapeMismatchError: a vector is not ``[d_model]`` (e.g. a per-head vector at ``attn.hook_z``).
     """
+    steered.vectors.require_residual_width("vector_stats")
     hooks = list(steered.hook_names)
     vecs = torch.stack([steered.vectors.direction(h).detach().float().cpu() for h in hooks])
     norms = vecs.norm(dim=-1)
