@@ -156,7 +156,7 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
         )
     # last block: z sites before the last position cannot reach the last logits; only the last position runs
     # (they are patched inside the last block's single-query call, against the corrupted keys/values)
-    from steer_lens.patching.last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastQuery
 
     deferred, defer_last = [], _LastQuery.defer_last
 
@@ -183,7 +183,7 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
 
 def _spy_last_query(activation):
     """Counts of the last-query pieces: keys/values computed apart, merged last-block calls."""
-    from steer_lens.patching.last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastQuery
 
     counts = {"kv": 0, "flush_rows": []}
     kv, last_position = _LastQuery._qkv, _LastQuery._last_position
@@ -264,7 +264,7 @@ def test_last_block_flushes_and_one_layer_equal_transformer_lens(monkeypatch, n_
 
     import steer_lens as sl
     from steer_lens.patching import activation
-    from steer_lens.patching.last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastQuery
 
     model = sl.random_model("llama", n_layers=n_layers, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3)
     clean, corrupted = _pair(53, pos=10, seed=8)
@@ -298,7 +298,7 @@ def test_last_block_keys_values_come_from_clean_and_corrupted_rows(monkeypatch, 
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
-    from steer_lens.patching.last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastQuery
 
     hook, by, fn = TL_CASES[case]
     model = sl.random_model(

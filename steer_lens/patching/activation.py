@@ -26,7 +26,7 @@ per site and reads the metric back to the host after each. Here:
   position alone (query, attention output, MLP), attending through a key/value cache to keys and
   values computed for the other positions by the block's own ``hook_resid_pre``, ``ln1`` and
   ``attn.calculate_qkv_matrices``; the passes of earlier blocks and the sites of the last block share
-  one such call (:mod:`steer_lens.patching.last_query`); the keys/values of the last block's own sites
+  one such call (:mod:`steer_lens.patching._last_query`); the keys/values of the last block's own sites
   are mixed from the clean and corrupted rows' (``resid_pre``, ``k``, ``v``: by position and head) or
   are the corrupted ones (later hooks). When clean and corrupted runs share hooks and
   shape, the clean rows ride along: last-block sites are patched from them inside that call, and the
@@ -43,8 +43,8 @@ up to float rounding; the tests check it for every hook on GPT-2-, NeoX- and Lla
 on a real Llama with grouped-query attention (where ``k``/``v`` sites are the key/value heads).
 
 This module holds the public functions; the site plan and the input checks are in
-:mod:`steer_lens.patching.sites`, the batched engine in :mod:`steer_lens.patching.sweep` (passes: :mod:`steer_lens.patching.runner`,
-:mod:`steer_lens.patching.last_query`).
+:mod:`steer_lens.patching._sites`, the batched engine in :mod:`steer_lens.patching._sweep` (passes: :mod:`steer_lens.patching._runner`,
+:mod:`steer_lens.patching._last_query`).
 """
 
 from __future__ import annotations
@@ -58,11 +58,10 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, ShapeMismatchError
 from steer_lens.metrics import Metric, MetricFn
-from steer_lens.patching.results import PatchResult
 
 # the sweep engine; `_Runner` and `_chunk` are also reached from here by tests and benchmarks
-from steer_lens.patching.runner import _Runner  # noqa: F401
-from steer_lens.patching.sites import (
+from steer_lens.patching._runner import _Runner  # noqa: F401
+from steer_lens.patching._sites import (
     HOOKS,
     By,
     _check_align,
@@ -72,7 +71,8 @@ from steer_lens.patching.sites import (
     _prepare,
     _steer_limits,
 )
-from steer_lens.patching.sweep import _chunk, _finish, _sweep  # noqa: F401
+from steer_lens.patching._sweep import _chunk, _finish, _sweep  # noqa: F401
+from steer_lens.patching.results import PatchResult
 
 __all__ = ["HOOKS", "activation_patch", "steering_patch"]
 

@@ -28,8 +28,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError, ShapeMismatchError
 from steer_lens.metrics import Metric, MetricFn, call_metric
-from steer_lens.patching.results import PatchResult, VectorAttribution
-from steer_lens.patching.sites import (
+from steer_lens.patching._sites import (
     _AXIS_DIM,
     By,
     _check_metric,
@@ -37,6 +36,7 @@ from steer_lens.patching.sites import (
     _labels,
     _prepare,
 )
+from steer_lens.patching.results import PatchResult, VectorAttribution
 
 __all__ = ["attribution_patch", "vector_attribution"]
 

@@ -44,8 +44,8 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, MetricError
 from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
+from steer_lens.patching._sites import _check_metric, _check_tokens
 from steer_lens.patching.results import PathPatchResult
-from steer_lens.patching.sites import _check_metric, _check_tokens
 
 __all__ = ["path_patch"]
 

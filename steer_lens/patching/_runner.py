@@ -2,7 +2,7 @@
 
 :class:`_Runner` starts each pass at the patched block from the corrupted run's cached block input
 and, for last-position metrics, computes only the positions (and, in the last block, only the query)
-a site can change. :func:`steer_lens.patching.sweep._sweep` drives it; see
+a site can change. :func:`steer_lens.patching._sweep._sweep` drives it; see
 :mod:`steer_lens.patching.activation` for the method and its references.
 """
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
-from steer_lens.patching.last_query import _Deferred, _Entry, _LastQuery
+from steer_lens.patching._last_query import _Deferred, _Entry, _LastQuery
 
 
 # ---------------------------------------------------------------------------------------------------

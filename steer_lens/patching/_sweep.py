@@ -2,7 +2,7 @@
 
 :func:`_sweep` runs the clean input once (caching only the patched hooks), then the corrupted batch
 repeated along the batch dimension, copy ``s`` patching site ``s``; the passes themselves are run by
-:class:`steer_lens.patching.runner._Runner`. :func:`_finish` reads every value back to the host
+:class:`steer_lens.patching._runner._Runner`. :func:`_finish` reads every value back to the host
 once. See :mod:`steer_lens.patching.activation` for the method and its references.
 """
 
@@ -16,10 +16,10 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, MetricError
 from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.models import matmul_layout
-from steer_lens.patching.last_query import _resolve, _Tiled
+from steer_lens.patching._last_query import _resolve, _Tiled
+from steer_lens.patching._runner import _final_logits, _Runner
+from steer_lens.patching._sites import _AXIS_DIM, _labels, _Plan
 from steer_lens.patching.results import PatchResult
-from steer_lens.patching.runner import _final_logits, _Runner
-from steer_lens.patching.sites import _AXIS_DIM, _labels, _Plan
 
 # hooks whose value at position p changes the output of its block at position p only (not resid_pre,
 # k, v: later positions of the same block read them through attention)

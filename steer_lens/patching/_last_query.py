@@ -111,7 +111,7 @@ def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int |
 
 
 class _LastQuery:
-    """The last-query mode of :class:`steer_lens.patching.runner._Runner` (a mixin; see the module)."""
+    """The last-query mode of :class:`steer_lens.patching._runner._Runner` (a mixin; see the module)."""
 
     # set by the runner: model, tokens, hooks, keys, values, block_inputs, attention_mask, _hooked
 
