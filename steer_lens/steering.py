@@ -25,7 +25,6 @@ Methods: activation addition (Turner et al. 2023), contrastive activation additi
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +47,7 @@ from steer_lens.errors import (
 from steer_lens.generation import Generation, sample_tokens
 from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes, vector_shapes
 from steer_lens.models import ModelInfo, model_info
+from steer_lens.prompts import chat_text, chat_tokens, one_of
 from steer_lens.vector_folder import folder_config, read_folder, write_folder
 from steer_lens.vectors import SteeringVectors
 
@@ -62,18 +62,6 @@ __all__ = [
     "hook_shapes",
     "is_conversation",
 ]
-
-def _one_of(prompts, messages):
-    if (prompts is None) == (messages is None):
-        raise ConfigError(
-            "give exactly one of prompts= (texts or token ids) and messages= (a conversation or a list "
-            f"of them); got {'both' if prompts is not None else 'neither'}."
-        )
-    return prompts if messages is None else messages
-
-logger = logging.getLogger(__name__)
-
-
 
 class SteeredTransformer(nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
@@ -416,53 +404,25 @@ class SteeredTransformer(nn.Module):
         return toks, mask
 
     def chat_text(self, messages: Conversation, *, add_generation_prompt: bool = True) -> str:
-        """A conversation rendered by the tokenizer's own chat template (the text the model was tuned on).
-
-        Args:
-            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``.
-            add_generation_prompt: end with the template's assistant header, ready for the reply.
+        """A conversation rendered by the tokenizer's own chat template (:func:`steer_lens.prompts.chat_text`).
 
         Raises:
-            ConfigError: the model has no tokenizer or its tokenizer has no chat template, or
-                ``messages`` is not a list of ``{"role", "content"}`` dicts.
+            ConfigError: no tokenizer or no chat template, or ``messages`` is not a conversation.
         """
-        tok = self._chat_tokenizer(messages)
-        return tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        return chat_text(self.model, messages, add_generation_prompt=add_generation_prompt)
 
     def chat_tokens(self, messages: Conversation, *, add_generation_prompt: bool = True) -> Int[Tensor, " pos"]:
-        """Token ids of a conversation through the tokenizer's chat template, on the model's device.
-
-        Exactly ``tokenizer.apply_chat_template(messages, add_generation_prompt=...)``: the template
-        writes its own special tokens, so no BOS is prepended on top (TransformerLens's ``to_tokens``
-        would add a second ``<|im_start|>`` on ChatML models).
+        """Token ids of a conversation through its chat template, no BOS added on top, on the model's
+        device (:func:`steer_lens.prompts.chat_tokens`).
 
         Raises:
             As :meth:`chat_text`.
         """
-        tok = self._chat_tokenizer(messages)
-        ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
-        if not isinstance(ids, list):  # a BatchEncoding in transformers >= 5
-            ids = ids["input_ids"]
-        return torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        return chat_tokens(self.model, messages, add_generation_prompt=add_generation_prompt).to(self.device)
 
     def prompt_tokens(self, prompt: Prompt) -> Int[Tensor, " pos"]:
         """Token ids of one prompt: a text (BOS first) or a conversation (:meth:`chat_tokens`)."""
         return self.chat_tokens(prompt) if is_conversation(prompt) else self.to_tokens(prompt)
-
-    def _chat_tokenizer(self, messages):
-        tok = getattr(self.model, "tokenizer", None)
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ConfigError(
-                "messages: this model's tokenizer has no chat template, so a conversation cannot be "
-                "rendered. Fix: pass plain text prompts, or load a chat model (its tokenizer carries the "
-                "template)."
-            )
-        if not is_conversation(messages):
-            raise ConfigError(
-                'messages: expected a list of {"role": ..., "content": ...} dicts, got '
-                f"{type(messages).__name__}."
-            )
-        return tok
 
     def _prompt_batch(self, prompts) -> tuple[Tensor, Tensor, list[str] | None]:
         if isinstance(prompts, str) or is_conversation(prompts):
@@ -525,7 +485,7 @@ class SteeredTransformer(nn.Module):
             ConfigError: bad sampling parameters; both or neither of ``prompts`` and ``messages``;
                 a conversation for a model without a chat template.
         """
-        tokens, attn, texts = self._prompt_batch(_one_of(prompts, messages))
+        tokens, attn, texts = self._prompt_batch(one_of(prompts, messages))
         return sample_tokens(
             self, tokens, attn, texts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             do_sample=do_sample, seed=seed, stop_at_eos=stop_at_eos, use_kv_cache=use_kv_cache,
@@ -552,7 +512,7 @@ class SteeredTransformer(nn.Module):
         Raises:
             As :meth:`sample`.
         """
-        prompts = _one_of(prompts, messages)
+        prompts = one_of(prompts, messages)
         out = self.sample(prompts, max_new_tokens, **kwargs)
         if isinstance(prompts, Tensor) or out.completions is None:
             return out.tokens
