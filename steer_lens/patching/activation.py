@@ -42,6 +42,11 @@ The numbers equal TransformerLens's (``get_act_patch_resid_pre``, ``..._attn_hea
 up to float rounding; the tests check it for every hook on GPT-2-, NeoX- and Llama-like models and
 on a real Llama with grouped-query attention (where ``k``/``v`` sites are the key/value heads).
 
+Which of these savings a sweep uses is its *strategy* (``strategy=``; :mod:`steer_lens.patching.strategy`):
+``"full"`` uses batching only, ``"prefix"`` adds the shared prefix and the single unembedding,
+``"suffix"`` the position-grouped passes, local sites and skipped last-block sites, ``"last_query"`` the
+single-query last block; ``"auto"`` takes the most economical one the run allows.
+
 This module holds the public functions; the site plan and the input checks are in
 :mod:`steer_lens.patching._sites`, the batched engine in :mod:`steer_lens.patching._sweep` (passes: :mod:`steer_lens.patching._runner`,
 :mod:`steer_lens.patching._last_query`).
@@ -73,6 +78,7 @@ from steer_lens.patching._sites import (
 )
 from steer_lens.patching._sweep import _chunk, _finish, _sweep  # noqa: F401
 from steer_lens.patching.results import PatchResult
+from steer_lens.patching.strategy import Strategy
 
 __all__ = ["HOOKS", "activation_patch", "steering_patch"]
 
@@ -96,7 +102,7 @@ def activation_patch(
     align: Sequence[int] | Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
-    share_prefix: bool = True,
+    strategy: str | Strategy = "auto",
     progress: bool = False,
 ) -> PatchResult:
     """Patch clean activations into the corrupted run, one site at a time, many sites per pass.
@@ -127,7 +133,10 @@ def activation_patch(
             clean position whose activation is patched in (``[corrupted_pos]``).
         max_batch: most sequences per forward pass (patched copies × batch); default from ``memory_budget``.
         memory_budget: bytes of activations one pass may use when ``max_batch`` is not given.
-        share_prefix: start each pass at the patched block from the cached corrupted block input.
+        strategy: which work the passes may skip: ``"auto"`` (default: the most economical this run
+            allows), ``"full"``, ``"prefix"``, ``"suffix"``, ``"last_query"``, or a
+            :class:`~steer_lens.patching.Strategy` (e.g. with ``position_groups``); every strategy
+            gives TransformerLens's numbers (see :mod:`steer_lens.patching.strategy`).
         progress: show a tqdm bar.
 
     Returns:
@@ -136,7 +145,8 @@ def activation_patch(
 
     Raises:
         HookNameError: unknown hook, or not in this model (e.g. ``resid_mid`` with parallel attention).
-        ConfigError: bad ``by``, a layer/head/position index out of range, ``max_batch`` below the batch.
+        ConfigError: bad ``by``, a layer/head/position index out of range, ``max_batch`` below the batch,
+            a ``strategy`` this run does not allow (e.g. ``"suffix"`` with a metric of every position).
         ShapeMismatchError: clean and corrupted shapes differ (and no ``align``), bad ``align``.
         MetricError: the metric returns the wrong shape, or NaN/inf.
     """
@@ -167,7 +177,7 @@ def activation_patch(
         max_batch=max_batch,
         memory_budget=memory_budget,
         align=al,
-        share_prefix=share_prefix,
+        strategy=strategy,
         progress=progress,
         **_steer_limits(model),
     )
@@ -189,7 +199,7 @@ def steering_patch(
     positions: Sequence[int] | None = None,
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
-    share_prefix: bool = True,
+    strategy: str | Strategy = "auto",
     progress: bool = False,
 ) -> PatchResult:
     """Which sites carry a steering vector's effect: patch between the steered and the base run.
@@ -207,7 +217,7 @@ def steering_patch(
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
         tokens: ``[batch, pos]`` input (both runs).
-        metric, hook, by, layers, heads, positions, max_batch, memory_budget, share_prefix, progress:
+        metric, hook, by, layers, heads, positions, max_batch, memory_budget, strategy, progress:
             as :func:`activation_patch`.
         mode: ``"denoise"`` or ``"noise"``.
 
@@ -243,7 +253,7 @@ def steering_patch(
         max_batch=max_batch,
         memory_budget=memory_budget,
         align=None,
-        share_prefix=share_prefix,
+        strategy=strategy,
         progress=progress,
         **_steer_limits(steered),
     )

@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens.results import Result
+
 __all__ = ["PatchResult", "PathPatchResult", "VectorAttribution"]
 
 _NOT_PATHS = ("all_paths", "frozen_patterns")
@@ -20,7 +22,7 @@ def _fmt(x: float) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PatchResult:
+class PatchResult(Result):
     """The metric for every patched site (or its attribution estimate), with axis labels.
 
     Attributes:
@@ -36,6 +38,9 @@ class PatchResult:
         clean_metric: metric of the clean run (source of the patched activations).
         corrupted_metric: metric of the corrupted run (the run that is patched).
     """
+
+    _rank_by = "effect"  # top(k): the k sites with the largest absolute effect
+    _rank_abs = True
 
     values: Float[Tensor, "..."]
     axes: tuple[str, ...]
@@ -63,29 +68,6 @@ class PatchResult:
         if gap == 0:
             return torch.full_like(self.effect, float("nan"))
         return self.effect / gap
-
-    def top(self, k: int = 10) -> list[tuple[dict[str, str], float]]:
-        """The ``k`` sites with the largest absolute effect: ``[({axis: label}, effect), ...]``."""
-        eff = self.effect.reshape(-1)
-        k = min(k, eff.numel())
-        idx = eff.abs().topk(k).indices.tolist()
-        shape = self.values.shape
-        out = []
-        for flat in idx:
-            multi = []
-            for size in reversed(shape):
-                multi.append(flat % size)
-                flat //= size
-            multi = multi[::-1]
-            site = {a: self.labels[a][i] for a, i in zip(self.axes, multi, strict=True)}
-            out.append((site, float(eff.reshape(-1)[self._flat(multi)])))
-        return out
-
-    def _flat(self, multi: list[int]) -> int:
-        f = 0
-        for i, size in zip(multi, self.values.shape, strict=True):
-            f = f * size + i
-        return f
 
     def to_pandas(self):
         """Long table: one row per site with the axis indices, their labels, ``value`` and ``effect``."""
@@ -178,19 +160,12 @@ class PatchResult:
         tokens = [lab.split(": ", 1)[-1] for lab in self.labels["pos"]]
         return plotting.token_view(tokens, per_pos)
 
-    def _repr_html_(self) -> str:
-        head = (
+    def _summary(self) -> str:
+        return (
             f"<b>PatchResult</b> ({html.escape(self.kind)}, hook <code>{html.escape(self.hook)}</code>, "
             f"metric {html.escape(self.metric_name)}): axes {self.axes} shape {list(self.values.shape)}; "
             f"clean {_fmt(self.clean_metric)}, corrupted {_fmt(self.corrupted_metric)}"
         )
-        rows = "".join(
-            "<tr><td>"
-            + html.escape(", ".join(f"{a}={lab}" for a, lab in site.items()))
-            + f"</td><td>{_fmt(e)}</td></tr>"
-            for site, e in self.top(8)
-        )
-        return f"<div>{head}<table><tr><th>top sites</th><th>effect</th></tr>{rows}</table></div>"
 
     def __repr__(self) -> str:
         return (
@@ -201,7 +176,7 @@ class PatchResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class VectorAttribution:
+class VectorAttribution(Result):
     """Attribution of the metric to the steering vector at each position: ``delta · ∂metric/∂h``.
 
     Attributes:
@@ -214,6 +189,9 @@ class VectorAttribution:
         at: ``"steered"`` or ``"base"``: where the gradient was taken.
         metric_name: name of the metric.
     """
+
+    _rank_by = "attribution"  # top(k): the k (hook, sequence, position) rows of largest |attribution|
+    _rank_abs = True
 
     values: Float[Tensor, "hook batch pos"]
     hooks: tuple[str, ...]
@@ -286,7 +264,7 @@ class VectorAttribution:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PathPatchResult:
+class PathPatchResult(Result):
     """A steering vector's effect on the metric split by path.
 
     Attributes:
@@ -302,6 +280,9 @@ class PathPatchResult:
         block: the block the variants act on (``None`` when no block reads the vector).
         metric_name: name of the metric.
     """
+
+    _rank_by = "effect"  # top(k): the k paths / variants with the largest absolute effect
+    _rank_abs = True
 
     effects: dict[str, float]
     variants: dict[str, float]
