@@ -378,7 +378,8 @@ def random_model(
     d_head = d_model // n_heads
     common = dict(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=4 * d_model,
-        d_vocab=d_vocab, n_ctx=n_ctx, seed=seed, device=str(resolve_device(device)),
+        # no `seed` here: TransformerLens's config would re-seed torch, numpy and random globally
+        d_vocab=d_vocab, n_ctx=n_ctx, device=str(resolve_device(device)),
         init_weights=True,
     )
     if family == "gpt2":
@@ -397,8 +398,10 @@ def random_model(
     common.update(extra)
     common.update(cfg_overrides)
     cfg = HookedTransformerConfig(**common)
-    torch.manual_seed(seed)
-    model = HookedTransformer(cfg)
+    cuda = [torch.device(cfg.device).index or 0] if str(cfg.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):  # seeded init; the user's random stream is left as it was
+        torch.manual_seed(seed)
+        model = HookedTransformer(cfg)
     model.eval()
     object.__setattr__(
         model, _INFO_ATTR,

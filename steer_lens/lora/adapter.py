@@ -416,7 +416,8 @@ def _as_peft_model(peft: Any, model: HookedModel, adapter: Any, base_model: Any,
         base_model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
     else:
         base_model = copy.deepcopy(base_model)
-    return peft.PeftModel.from_pretrained(base_model, str(folder))
+    with torch.random.fork_rng(devices=[]):  # peft initialises A and B before loading them: keep the user's RNG
+        return peft.PeftModel.from_pretrained(base_model, str(folder))
 
 
 def _read_modules(peft_model: Any, name: str, architecture: str) -> list[LoraModule]:

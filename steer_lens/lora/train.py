@@ -318,8 +318,9 @@ def train_adapter(
     pad = 0
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         pad = int(tokenizer.pad_token_id)
-    torch.manual_seed(config.seed)
-    peft_model = _lora_model(peft, hf, config)
+    with torch.random.fork_rng(devices=[]):  # the seeded LoRA init leaves the user's RNG as it was
+        torch.manual_seed(config.seed)
+        peft_model = _lora_model(peft, hf, config)
     order = epoch_order(len(rows), config.steps * config.batch_size, config.seed)
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, Tensor]]:
