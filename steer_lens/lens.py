@@ -2,8 +2,10 @@
 
 * :func:`vector_logit_lens` reads what a vector writes, through the unembedding: the raw logits
   ``W_U·v`` (as in direct logit attribution), the logits of the vector passed through the final
-  norm (``W_U·norm(v)``, the logit lens of nostalgebraist 2020 applied to the vector alone), or the
-  end-to-end effect (mean change of next-token log-probs over texts when the vector is on).
+  norm (``W_U·norm(v)``, the logit lens of nostalgebraist 2020 applied to the vector alone), the
+  cosine between ``v`` and each token's unembedding ``W_U[:, t]`` (the vector logit lens of Sinii et
+  al. 2025, with the dot product beside it), or the end-to-end effect (mean change of next-token
+  log-probs over texts when the vector is on).
 * :func:`direction_lens` does the same for any direction(s) in the residual stream (SAE decoder
   directions, LoRA B columns ...).
 * :func:`layer_logit_lens` is the per-layer logit lens of the residual stream for the steered and the
@@ -38,7 +40,11 @@ __all__ = [
     "vector_logit_lens",
 ]
 
-LensMode = Literal["raw", "norm", "effect"]
+LensMode = Literal["raw", "norm", "cosine", "effect"]
+"""The modes of :func:`vector_logit_lens` (:func:`direction_lens` takes all but ``"effect"``)."""
+
+_COSINE_EPS = 1e-12
+"""Smallest norm of an unembedding column in ``mode="cosine"`` (a zero column gets cosine 0)."""
 
 _TABLE_K = 10
 """Lens tokens per layer and position whose strings a :class:`LayerLogitLens` keeps (``to_pandas(k<=10)``)."""
@@ -63,7 +69,9 @@ class TokenScores(Result):
         scores: ``[d_vocab]`` the full scores (CPU).
         top_ids, bottom_ids: ``[k]`` token ids, highest / lowest first.
         top_tokens, bottom_tokens: their strings.
-        unit: ``"logits"`` or ``"nats"`` (log-prob change).
+        unit: ``"logits"``, ``"nats"`` (log-prob change) or ``"cosine"``.
+        dot: ``[d_vocab]`` the dot products ``W_U[:, t]·v`` (logits) beside cosine scores
+            (``mode="cosine"``); ``None`` in the other modes.
     """
 
     name: str
@@ -73,6 +81,7 @@ class TokenScores(Result):
     top_tokens: list[str]
     bottom_tokens: list[str]
     unit: str
+    dot: Float[Tensor, " d_vocab"] | None = field(default=None, repr=False)
 
     @property
     def top_values(self) -> Float[Tensor, " k"]:
@@ -89,14 +98,18 @@ class TokenScores(Result):
         return int((self.scores > self.scores[token_id]).sum()) + 1
 
     def to_pandas(self):
-        """Long table: ``name, side`` (top / bottom), ``rank, token, token_id, value, unit``."""
+        """Long table: ``name, side`` (top / bottom), ``rank, token, token_id, value, unit``, and
+        ``dot`` (the dot product ``W_U[:, t]·v``, logits) when the scores are cosines."""
         import pandas as pd
 
         rows = []
         for side, ids, toks in (("top", self.top_ids, self.top_tokens), ("bottom", self.bottom_ids, self.bottom_tokens)):
             for r, (i, t) in enumerate(zip(ids.tolist(), toks, strict=True), start=1):
-                rows.append({"name": self.name, "side": side, "rank": r, "token": t, "token_id": i,
-                             "value": float(self.scores[i]), "unit": self.unit})
+                row = {"name": self.name, "side": side, "rank": r, "token": t, "token_id": i,
+                       "value": float(self.scores[i]), "unit": self.unit}
+                if self.dot is not None:
+                    row["dot"] = float(self.dot[i])
+                rows.append(row)
         return pd.DataFrame(rows)
 
     def top(self, k: int = 10):
@@ -125,12 +138,14 @@ def _top_bottom_figure(per_name: dict[str, TokenScores], *, title: str):
     return plotting.grid(panels, titles=titles, title=title, showlegend=False)
 
 
-def _token_scores(model, name: str, scores: Tensor, k: int, unit: str) -> TokenScores:
+def _token_scores(model, name: str, scores: Tensor, k: int, unit: str, dot: Tensor | None = None) -> TokenScores:
     scores = scores.detach().float().cpu()
     k = min(k, scores.shape[0])
     top = scores.topk(k).indices
     bottom = (-scores).topk(k).indices
-    return TokenScores(name, scores, top, bottom, _labels(model, top.tolist()), _labels(model, bottom.tolist()), unit)
+    dot = None if dot is None else dot.detach().float().cpu()
+    return TokenScores(name, scores, top, bottom, _labels(model, top.tolist()), _labels(model, bottom.tolist()),
+                       unit, dot)
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,7 @@ class DirectionLogitLens(Result):
     Indexing by name gives one :class:`TokenScores` (``lens["f12"]``); iterating yields them in order.
 
     Attributes:
-        mode: ``"raw"``, ``"norm"`` or ``"effect"``.
+        mode: ``"raw"``, ``"norm"``, ``"cosine"`` or ``"effect"``.
         per_name: ``{name: TokenScores}`` (for a vector lens the names are hook names).
     """
 
@@ -190,7 +205,7 @@ class VectorLogitLens(DirectionLogitLens):
     ``mode="effect"``).
 
     Attributes:
-        mode: ``"raw"``, ``"norm"`` or ``"effect"``.
+        mode: ``"raw"``, ``"norm"``, ``"cosine"`` or ``"effect"``.
         per_name: ``{hook_name: TokenScores}``.
     """
 
@@ -306,33 +321,44 @@ def direction_lens(
     directions: Float[Tensor, "n d_model"] | Float[Tensor, " d_model"],
     *,
     k: int = 20,
-    mode: Literal["raw", "norm"] = "raw",
+    mode: str = "raw",
     names: Sequence[str] | None = None,
 ) -> DirectionLogitLens:
     """Read residual-stream directions through the unembedding (logit lens, nostalgebraist 2020).
 
     ``mode="raw"``: ``W_U·d`` (logits per unit of the direction; no bias), the direction's direct
     logit attribution. ``mode="norm"``: ``W_U·ln_final(d)``, the direction treated as a residual on
-    its own.
+    its own. ``mode="cosine"``: ``cos(W_U[:, t], d) = (W_U[:, t]·d) / (‖W_U[:, t]‖ ‖d‖)`` for every
+    token ``t`` (unit ``"cosine"``, in [-1, 1]), with the dot product ``W_U[:, t]·d`` kept beside it
+    (:attr:`TokenScores.dot`, a ``dot`` column in the table). The cosine ranking is the vector logit
+    lens of Sinii et al. 2025 ("Small Vectors, Big Effects"), who list the top 50 tokens by cosine
+    and report the dot product too: ``steering_reasoning/metrics/logit_lens.py`` lines 315 (dot
+    products ``unembed_matrix @ v``), 328-331 (cosine of the normalised unembedding rows with the
+    normalised vector, top 50) and 268 (the table of "Cos. Sim." and "Dot Prod."), read in
+    robertnward/steering-reasoning @ caf560b, a fork of corl-team/steering-reasoning (the paper's
+    repository, which could not be fetched here). Their ``unembed_matrix`` is the Hugging Face
+    ``lm_head`` weight, which is this ``W_U`` transposed for a model loaded without weight
+    processing (``load_model``'s default); with ``fold_ln=True`` ``W_U`` includes the final norm's
+    weight and the cosines differ from theirs.
 
     Args:
         model: the model whose ``W_U`` (and ``ln_final``) is used (a wrapper: its base model).
         directions: ``[d_model]`` or ``[n, d_model]``.
         k: tokens to keep at each end.
-        mode: ``"raw"`` or ``"norm"``.
+        mode: ``"raw"``, ``"norm"`` or ``"cosine"``.
         names: a name per direction (default ``"0"``, ``"1"``, ...).
 
     Returns:
-        A :class:`DirectionLogitLens`: ``lens[name]`` is one :class:`TokenScores` (unit ``"logits"``);
-        iterating yields them in order.
+        A :class:`DirectionLogitLens`: ``lens[name]`` is one :class:`TokenScores` (unit ``"logits"``,
+        or ``"cosine"`` with the dot products in ``.dot``); iterating yields them in order.
 
     Raises:
         ShapeMismatchError: the last dimension is not ``d_model``.
-        ConfigError: bad ``mode`` or ``k``.
+        ConfigError: bad ``mode`` or ``k``; ``mode="cosine"`` with a zero direction (no cosine).
     """
     model = unwrap(model)
-    if mode not in ("raw", "norm"):
-        raise ConfigError(f"mode: expected 'raw' or 'norm', got {mode!r}.")
+    if mode not in ("raw", "norm", "cosine"):
+        raise ConfigError(f"mode: expected 'raw', 'norm' or 'cosine', got {mode!r}.")
     if k < 1:
         raise ConfigError(f"k: expected >= 1, got {k}.")
     d = directions.detach()
@@ -343,21 +369,33 @@ def direction_lens(
             f"directions: expected last dimension d_model={model.cfg.d_model}, got shape {list(d.shape)}."
         )
     names = list(names) if names is not None else [str(i) for i in range(d.shape[0])]
+    if mode == "cosine":
+        zero = [n for n, row in zip(names, d, strict=True) if not bool(row.float().norm() > 0)]
+        if zero:
+            raise ConfigError(
+                f"directions: {zero} have zero norm, so their cosine with W_U is undefined. Fix: read a "
+                "non-zero (e.g. trained) vector, or use mode='raw'."
+            )
     W_U = model.W_U.detach()
     with torch.no_grad():
         d = d.to(W_U.device, W_U.dtype)
         if mode == "norm":
             d = _apply_final_norm(model, d)
         scores = d.float() @ W_U.float()
-    return DirectionLogitLens(mode, {n: _token_scores(model, n, s, k, "logits")
-                                     for n, s in zip(names, scores, strict=True)})
+    if mode != "cosine":
+        return DirectionLogitLens(mode, {n: _token_scores(model, n, s, k, "logits")
+                                         for n, s in zip(names, scores, strict=True)})
+    col_norm = W_U.float().norm(dim=0).clamp_min(_COSINE_EPS)
+    cos = scores / (d.float().norm(dim=-1, keepdim=True) * col_norm)
+    return DirectionLogitLens(mode, {n: _token_scores(model, n, c, k, "cosine", dot=s)
+                                     for n, c, s in zip(names, cos, scores, strict=True)})
 
 
 def vector_logit_lens(
     steered,
     *,
     k: int = 20,
-    mode: LensMode = "raw",
+    mode: str = "raw",
     texts: Sequence[str] | None = None,
 ) -> VectorLogitLens:
     """Top and bottom ``k`` tokens of each steering vector, read through the unembedding.
@@ -366,6 +404,10 @@ def vector_logit_lens(
         ``"raw"``: ``W_U·v`` in logits, the vector's direct logit attribution (no final norm).
         ``"norm"``: ``W_U·ln_final(v)``, the vector alone treated as a final residual (logit lens,
             nostalgebraist 2020).
+        ``"cosine"``: ``cos(W_U[:, t], v)`` per token (unit ``"cosine"``), the ranking of Sinii et
+            al. 2025's vector logit lens, with the dot product ``W_U[:, t]·v`` (logits) in
+            :attr:`TokenScores.dot` and the table's ``dot`` column (see :func:`direction_lens`; the
+            paper lists ``k=50``).
         ``"effect"``: the mean change of next-token log-probs (nats) over every position of
             ``texts`` when the vectors are on (all vectors at once; the result has one entry, keyed
             ``"all"``), the end-to-end effect that includes every layer after the vector.
@@ -373,19 +415,19 @@ def vector_logit_lens(
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
         k: tokens at each end.
-        mode: see above.
+        mode: ``"raw"``, ``"norm"``, ``"cosine"`` or ``"effect"`` (see above).
         texts: required for ``mode="effect"``.
 
     Returns:
         A :class:`VectorLogitLens` (``lens[hook]`` -> :class:`TokenScores`).
 
     Raises:
-        ConfigError: bad mode, or ``"effect"`` without texts.
+        ConfigError: bad mode, or ``"effect"`` without texts; ``"cosine"`` with a zero vector.
         EmptyInputError: ``texts`` empty.
         ShapeMismatchError: a vector is not ``[d_model]`` (e.g. a per-head vector at ``attn.hook_z``).
     """
-    if mode not in ("raw", "norm", "effect"):
-        raise ConfigError(f"mode: expected 'raw', 'norm' or 'effect', got {mode!r}.")
+    if mode not in ("raw", "norm", "cosine", "effect"):
+        raise ConfigError(f"mode: expected 'raw', 'norm', 'cosine' or 'effect', got {mode!r}.")
     steered.vectors.require_residual_width("vector_logit_lens")
     if mode != "effect":
         hooks = list(steered.hook_names)

@@ -10,6 +10,9 @@ result (:class:`~steer_lens.results.Result`: ``to_pandas``, ``top``, ``plot``, `
   sampled completions, the metric these usually take);
 * shifts (:mod:`steer_lens.analysis.shift`): :func:`generation_shift` (next-token distribution per
   generated position) and :func:`activation_shift` (SAE features at a hook);
+* first token (:mod:`steer_lens.analysis.first_token`): :func:`first_token_concentration` (the
+  largest probability increase per generated position, and of named tokens) and
+  :func:`prefix_substitution` (the base model's metric with the boosted token prefixed);
 * gates (:mod:`steer_lens.analysis.gates`): :func:`gate_values`, the per-token gate of gated vectors.
 
 Subsets of vectors are switched on with :meth:`SteeredTransformer.only_hooks
@@ -26,6 +29,12 @@ from steer_lens.analysis.effects import (
     sampled_rate,
     transfer,
 )
+from steer_lens.analysis.first_token import (
+    FirstTokenConcentration,
+    PrefixSubstitution,
+    first_token_concentration,
+    prefix_substitution,
+)
 from steer_lens.analysis.gates import GateValues, gate_values
 from steer_lens.analysis.geometry import Persistence, VectorStats, persistence, vector_stats
 from steer_lens.analysis.shift import ActivationShift, GenerationShift, activation_shift, generation_shift
@@ -33,19 +42,23 @@ from steer_lens.analysis.shift import ActivationShift, GenerationShift, activati
 __all__ = [
     "ActivationShift",
     "CombinationGain",
+    "FirstTokenConcentration",
     "GateValues",
     "GenerationShift",
     "Persistence",
+    "PrefixSubstitution",
     "SampledRate",
     "Transfer",
     "VectorStats",
     "activation_shift",
     "combination_gain",
     "copy_vectors",
+    "first_token_concentration",
     "gate_values",
     "generation_shift",
     "pair_gain",
     "persistence",
+    "prefix_substitution",
     "sampled_rate",
     "transfer",
     "vector_stats",
