@@ -100,3 +100,42 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     size = max(1, int(size))
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def check_token_ids(tokens: Tensor, cfg: Any, what: str = "tokens", *, extra_positions: int = 0) -> None:
+    """Raise if ``tokens`` are not valid ids for a model of config ``cfg``.
+
+    Args:
+        tokens: token ids ``[..., pos]``.
+        cfg: the model's config (``d_vocab``, ``n_ctx``).
+        what: the argument's name, for the message.
+        extra_positions: positions that will be appended (e.g. ``max_new_tokens``) and must fit too.
+
+    Raises:
+        ConfigError: a non-integer dtype, or an id outside ``[0, d_vocab)`` (negative ids would
+            silently index the last rows of the embedding).
+        SequenceTooLongError: more than ``n_ctx`` positions (TransformerLens would fail inside the
+            positional embedding or silently attend past its context).
+    """
+    from steer_lens.errors import ConfigError, SequenceTooLongError
+
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ConfigError(
+            f"{what}: expected integer token ids, got dtype {tokens.dtype}. Fix: pass ids as a torch.long tensor."
+        )
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        vocab = int(getattr(cfg, "d_vocab", None) or 1 << 62)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(
+                f"{what}: token id {bad} is outside the vocabulary [0, {vocab}). Fix: tokenize with this "
+                "model's tokenizer (model.to_tokens) and do not use negative ids for padding."
+            )
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx is not None and tokens.ndim and tokens.shape[-1] + extra_positions > int(n_ctx):
+        more = f" plus {extra_positions} new tokens" if extra_positions else ""
+        raise SequenceTooLongError(
+            f"{what}: {tokens.shape[-1]} positions{more} exceed the model's context n_ctx={int(n_ctx)}. Fix: "
+            "truncate or split the input."
+        )

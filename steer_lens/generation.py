@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from steer_lens._utils import Prompt, is_conversation
+from steer_lens._utils import Prompt, check_token_ids, is_conversation
 from steer_lens.errors import ConfigError, SequenceTooLongError
 from steer_lens.models import matmul_layout
 
@@ -144,6 +144,7 @@ def sample_tokens(
         raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
     if not (0 < top_p <= 1):
         raise ConfigError(f"top_p: expected a value in (0, 1], got {top_p}.")
+    check_token_ids(tokens, steered.model.cfg, "prompt tokens")
     batch, plen = tokens.shape
     n_ctx = int(steered.model.cfg.n_ctx)
     if plen + max_new_tokens > n_ctx:

@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from steer_lens._utils import Conversation, Prompt, device_of, is_conversation
+from steer_lens._utils import Conversation, Prompt, check_token_ids, device_of, is_conversation
 from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
@@ -339,7 +339,13 @@ class SteeredTransformer(nn.Module):
 
         Returns:
             What the model returns: logits ``[batch, pos, d_vocab]`` by default.
+
+        Raises:
+            ConfigError: token ids that are not integers or lie outside ``[0, d_vocab)``.
+            SequenceTooLongError: more than ``n_ctx`` positions.
         """
+        if isinstance(tokens, Tensor) and not tokens.is_floating_point():  # (float: residual input)
+            check_token_ids(tokens, self.model.cfg)
         with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model(tokens, *args, **kwargs)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steer_lens._utils import check_token_ids
 from steer_lens.errors import ConfigError, EmptyInputError, HookNameError, MetricError, ShapeMismatchError
 from steer_lens.models import check_hook_names
 
@@ -193,12 +194,7 @@ def _check_tokens(tokens: Tensor, what: str, model) -> Tensor:
         raise ShapeMismatchError(f"{what}: expected token ids [batch, pos], got shape {list(tokens.shape)}.")
     if tokens.numel() == 0:
         raise EmptyInputError(f"{what}: got an empty token tensor; give at least one token.")
-    if tokens.shape[1] > int(model.cfg.n_ctx):
-        from steer_lens.errors import SequenceTooLongError
-
-        raise SequenceTooLongError(
-            f"{what}: {tokens.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}."
-        )
+    check_token_ids(tokens, model.cfg, what)  # integer ids in [0, d_vocab), at most n_ctx positions
     return tokens.to(_device(model))
 
 

@@ -123,6 +123,12 @@ class SteeringVectors(nn.Module):
             raise ShapeMismatchError(
                 f"vector for {hook!r}: expected shape {what}, got {list(value.shape)}."
             )
+        if value.is_complex() or value.dtype == torch.bool or value.is_meta:
+            what = "on the meta device" if value.is_meta else f"of dtype {value.dtype}"
+            raise ConfigError(
+                f"vector for {hook!r}: expected a real floating-point tensor, got one {what}. Fix: pass "
+                "real values on a real device (e.g. tensor.real.float() if the imaginary part is meant to be 0)."
+            )
         if not torch.isfinite(value).all():
             raise NonFiniteError(f"vector for {hook!r} holds NaN or inf; give finite values.")
         return value.to(torch.float32).clone()

@@ -1,0 +1,70 @@
+"""Bad token ids and init tensors are named errors before anything runs (issue 15, item 4).
+
+Without the checks, negative ids index the last embedding rows silently (TransformerLens's embedding
+is a plain ``W_E[tokens]``), ids >= d_vocab raise a raw IndexError, too-long inputs fail inside the
+positional embedding, and a complex init silently drops its imaginary part.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steer_lens as sl
+from steer_lens.errors import ConfigError, SequenceTooLongError
+
+
+@pytest.fixture(scope="module")
+def steered():
+    model = sl.random_model("llama", n_layers=1, d_model=16, n_heads=2, d_vocab=23, n_ctx=16, seed=3)
+    return sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_post"], init="random", init_norm=1.0, seed=0)
+
+
+def test_negative_ids_would_silently_wrap(steered):
+    """The defect itself: TransformerLens embeds id -2 as id d_vocab - 2 (why the check is needed)."""
+    model = steered.model
+    wrapped = model(torch.tensor([[1, 21, 3]]))
+    negative = model(torch.tensor([[1, -2, 3]]))
+    torch.testing.assert_close(negative, wrapped)
+
+
+@pytest.mark.parametrize("ids", [[[1, -2, 3]], [[1, 23, 3]], [[1, 99, 3]]], ids=["negative", "d_vocab", "far"])
+def test_out_of_vocabulary_ids_are_refused_everywhere(steered, ids):
+    toks = torch.tensor(ids)
+    ok = torch.tensor([[1, 2, 3]])
+    metric = sl.patching.logit_diff(1, 2)
+    calls = {
+        "forward": lambda: steered(toks),
+        "generate": lambda: steered.generate(toks, max_new_tokens=2),
+        "activation_patch": lambda: sl.patching.activation_patch(steered.model, toks, ok, metric),
+        "activation_patch corrupted": lambda: sl.patching.activation_patch(steered.model, ok, toks, metric),
+    }
+    before = steered.vectors.direction("blocks.0.hook_resid_post").clone()
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match=r"outside the vocabulary \[0, 23\)"):
+            call()
+        assert not steered.model.hook_dict["blocks.0.hook_resid_post"].fwd_hooks, name  # no hook left
+    torch.testing.assert_close(steered.vectors.direction("blocks.0.hook_resid_post"), before)
+
+
+def test_too_long_inputs_are_refused(steered):
+    with pytest.raises(SequenceTooLongError, match="n_ctx=16"):
+        steered(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(SequenceTooLongError, match="n_ctx=16"):
+        sl.patching.activation_patch(
+            steered.model, torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.long),
+            sl.patching.logit_diff(1, 2),
+        )
+    # the boundary is accepted: n_ctx positions, ids 0 and d_vocab - 1
+    out = steered(torch.tensor([[0] * 15 + [22]]))
+    assert out.shape == (1, 16, 23)
+
+
+@pytest.mark.parametrize(
+    "init",
+    [torch.zeros(16, dtype=torch.complex64), torch.zeros(16, dtype=torch.bool), torch.empty(16, device="meta")],
+    ids=["complex", "bool", "meta"],
+)
+def test_init_that_is_not_real_floats_is_refused(steered, init):
+    with pytest.raises(ConfigError, match="real floating-point tensor"):
+        sl.SteeredTransformer(steered.model, hooks=["blocks.0.hook_resid_post"], init=init)
