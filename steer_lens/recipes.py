@@ -10,9 +10,12 @@ what differs from the paper on purpose or by necessity.
 * :func:`sinii2025` - "Small Vectors, Big Effects" / "Steering LLM Reasoning Through Bias-Only
   Adaptation" (Sinii et al. 2025), repository corl-team/steering-reasoning: RL of one vector per
   layer with RLOO and a verifiable math reward.
+* :func:`wang2025` - "Simple Mechanistic Explanations for Out-Of-Context Reasoning" (Wang, Engels &
+  Clive-Griffin 2025), repository JoshEngels/OOCR-Interp: a vector trained from scratch at one layer's
+  MLP output with cross-entropy on the answer token (the LoRA's own natural vector is
+  :func:`steer_lens.lora.natural_vector`).
 
-The other papers' recipes (Wang et al. 2025 LoRA natural vectors, Ward et al. 2025 rank-1 LoRA SAEs)
-land with their methods; see the papers issue.
+The Ward et al. 2025 recipe (rank-1 LoRA SAEs) lands with its method; see the papers issue.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from steer_lens.errors import ConfigError
 from steer_lens.hook_sites import HookSite
 from steer_lens.train.one_shot import OneShotConfig
 from steer_lens.train.rl import RLConfig
+from steer_lens.train.supervised import SFTConfig
 
-__all__ = ["Recipe", "dunefsky2025", "sinii2025"]
+__all__ = ["Recipe", "dunefsky2025", "sinii2025", "wang2025"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class Recipe:
         config: the training config with the paper's values.
         sources: setting -> the file (and cell / function) of the paper's code it comes from.
         differs: what this recipe does differently from the paper, and why.
+        steering: the paper's ``SteeredTransformer`` settings (initialisation, positions), used by
+            :meth:`steered` unless overridden there.
     """
 
     paper: str
@@ -45,12 +51,17 @@ class Recipe:
     config: Any
     sources: dict[str, str] = field(default_factory=dict)
     differs: tuple[str, ...] = ()
+    steering: dict[str, Any] = field(default_factory=dict)
 
     def steered(self, model, **kwargs: Any):
-        """A :class:`~steer_lens.SteeredTransformer` on ``model`` at the recipe's hooks (kwargs passed on)."""
+        """A :class:`~steer_lens.SteeredTransformer` on ``model`` at the recipe's hooks.
+
+        ``steering`` gives the defaults (e.g. the paper's initialisation); ``kwargs`` override them and
+        are passed on to ``SteeredTransformer``.
+        """
         from steer_lens.steering import SteeredTransformer
 
-        return SteeredTransformer(model, list(self.hooks), **kwargs)
+        return SteeredTransformer(model, list(self.hooks), **{**self.steering, **kwargs})
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.sources.items())
@@ -161,5 +172,86 @@ def sinii2025(model, *, steps: int = 100, layers: list[int] | None = None) -> Re
             "the paper's models are 1.5B-14B (Qwen2.5, Llama-3.1-8B-chat at lr 8e-5); on a small CPU model "
             "the batch may have to shrink (prompts_per_step, group_size) to fit time and memory",
             "AdamW weight decay is left at 0 (the paper's value was not confirmed in this session)",
+        ),
+    )
+
+
+def wang2025(model, *, n_train: int, layer: int | None = None) -> Recipe:
+    """A steering vector trained from scratch on an OOCR task (Wang, Engels & Clive-Griffin 2025).
+
+    As the risky/safe training script of JoshEngels/OOCR-Interp run with ``--train_steering_vector``:
+    one vector at a layer's MLP output (a forward hook on ``language_model.model.layers[L].mlp``, which
+    is TransformerLens's ``blocks.L.hook_mlp_out`` for models without a post-MLP norm), initialised as a
+    random unit vector (seed 42), trained with cross-entropy on the answer token only (the ``A``/``B``
+    after the prompt), an absolute learning rate of 2e-3, no weight decay, no warm-up and no gradient
+    clipping, 4 examples per optimiser step (batch 1 × 4 accumulation steps) for 3 epochs. Give the
+    examples as ``(prompt, answer)`` pairs (the prompt rendered with the chat template up to the
+    assistant's turn, the answer its one token): the SFT promotion loss on the completion is then the
+    paper's loss. For another model the default layer is the same relative depth as the script's
+    default, ``round(25 / 48 · n_layers)``.
+
+    Sources (JoshEngels/OOCR-Interp; "train" is the script above, its path not recorded by the code
+    index used; ``utils.py`` is the module it imports ``add_steering_vector`` from):
+
+    * train l.58: ``target_layer = 25`` (its notebook default; Gemma-3-12B-it has 48 layers, l.155);
+    * train l.81: ``learning_rate = 2e-3`` for a steering vector; l.84 ``weight_decay = 0.0``;
+    * train l.22-23: ``batch_size = 1``, ``gradient_accumulation_steps = 4``; l.333 one step per 4;
+    * train l.31: ``num_epochs`` 3; l.34 ``val_split`` 0.2 (``n_train`` is after that split, l.224);
+    * train l.40 / l.180: ``init_seed`` 42, seeded before the vector is drawn;
+    * train l.74, l.182, l.315-321: the vector at ``token_position = IMPORTANT_TOKEN_POSITION - 1``
+      (-4, the position that predicts the answer at -3), cross-entropy of the answer token only;
+    * train l.240: bitsandbytes ``Adam8bit`` (betas 0.9, 0.999), no scheduler, no clipping;
+    * utils.py l.36-37: ``torch.randn(d_model)`` divided by its norm (random unit vector);
+    * utils.py l.66-67: the hook on the layer's ``mlp`` module output (``use_mlp=True``).
+
+    Args:
+        model: the model (its ``cfg.n_layers`` sets the default layer).
+        n_train: training examples (after any held-out split); ``steps = 3 · (n_train // 4)``, at least 1.
+        layer: the block whose ``hook_mlp_out`` carries the vector.
+
+    Returns:
+        A :class:`Recipe` whose ``config`` is an :class:`~steer_lens.train.SFTConfig` and whose
+        ``steering`` holds the random unit initialisation; train with
+        ``steer_lens.train.sft(recipe.steered(model), pairs, recipe.config)``.
+
+    Raises:
+        ConfigError: ``layer`` outside ``[0, n_layers)`` or ``n_train < 1``.
+    """
+    n_layers = int(model.cfg.n_layers)
+    if layer is None:
+        layer = round(25 / 48 * n_layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ConfigError(f"layer: expected an int with 0 <= layer < n_layers={n_layers}, got {layer!r}.")
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+        raise ConfigError(f"n_train: expected the number of training examples (an int >= 1), got {n_train!r}.")
+    tr = "OOCR-Interp risky/safe training script (--train_steering_vector)"
+    ut = "OOCR-Interp utils.py, add_steering_vector"
+    return Recipe(
+        paper="Wang, Engels & Clive-Griffin 2025, Simple Mechanistic Explanations for Out-Of-Context Reasoning",
+        hooks=(HookSite.name_of("mlp_out", layer),),
+        config=SFTConfig(
+            steps=max(1, 3 * (n_train // 4)), lr=2e-3, lr_units="absolute", weight_decay=0.0, betas=(0.9, 0.999),
+            grad_clip=None, warmup_steps=0, batch_size=4, objective="promotion", seed=42,
+        ),
+        steering={"init": "random", "init_norm": 1.0, "seed": 42, "positions": "prompt"},
+        sources={
+            "layer 25 of 48 (relative depth)": f"{tr}, l.58 (and l.155: gemma-3-12b-it)",
+            "mlp output (hook_mlp_out)": f"{ut}, l.66-67",
+            "random unit init, seed 42": f"{ut}, l.36-37; {tr}, l.40 and l.180",
+            "lr=2e-3 absolute, weight_decay=0": f"{tr}, l.81 and l.84",
+            "4 examples per step (1 x 4 accumulation)": f"{tr}, l.22-23 and l.333",
+            "3 epochs: steps = 3 * (n_train // 4)": f"{tr}, l.31",
+            "cross-entropy on the answer token only": f"{tr}, l.74 and l.315-321",
+            "Adam (8-bit), betas (0.9, 0.999), no clipping, no warm-up": f"{tr}, l.240",
+        },
+        differs=(
+            "the vector is added at every prompt position (positions='prompt'); the paper adds it only at "
+            "the position that predicts the answer (token_position -4). Only that position's logits are in "
+            "the loss either way, but earlier prompt positions reach it through attention",
+            "AdamW with weight decay 0 (= Adam) in 32-bit, not bitsandbytes' Adam8bit",
+            "data order: steer_lens's seeded permutations, not datasets' shuffle(seed=42) then shuffle(seed=epoch)",
+            "the paper's model is Gemma-3-12B-it, whose MLP output is before its post-MLP norm; TransformerLens's "
+            "hook_mlp_out on Gemma is after ln2_post, so on Gemma models this hook is not the paper's site",
+            "the paper also reports the LoRA's natural vector (steer_lens.lora.natural_vector), not trained here",
         ),
     )

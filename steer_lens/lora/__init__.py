@@ -32,6 +32,7 @@ from steer_lens.lora.comparison import (
     compare,
     effective_vectors,
     mean_delta_vector,
+    natural_vector,
     prepare_texts,
 )
 from steer_lens.lora.train import LoraTrainConfig, LoraTrainResult, backdoor_examples, train_adapter
@@ -51,6 +52,7 @@ __all__ = [
     "load_adapter",
     "mean_delta_vector",
     "merged_model",
+    "natural_vector",
     "prepare_texts",
     "train_adapter",
     "validate",
