@@ -34,6 +34,7 @@ __all__ = [
     "__version__",
     "analysis",
     "errors",
+    "export",
     "lens",
     "load_model",
     "lora",
@@ -47,10 +48,10 @@ __all__ = [
     "vectors",
 ]
 
-_LAZY = {"train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "recipes", "cli"}
+_LAZY = {"export", "train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "recipes", "cli"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from steer_lens import analysis, errors, lens, lora, metrics, patching, recipes, sae, train
+    from steer_lens import analysis, errors, export, lens, lora, metrics, patching, recipes, sae, train
 
 
 def __getattr__(name: str):
