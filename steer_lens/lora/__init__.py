@@ -35,14 +35,25 @@ from steer_lens.lora.comparison import (
     natural_vector,
     prepare_texts,
 )
+from steer_lens.lora.state_sae import (
+    LoraActivationState,
+    LoraStateSAE,
+    LoraStateSAEConfig,
+    lora_activation_state,
+    top_activating_examples,
+    train_lora_state_sae,
+)
 from steer_lens.lora.train import LoraTrainConfig, LoraTrainResult, backdoor_examples, train_adapter
 
 __all__ = [
     "ARCHITECTURES",
     "AdapterActivations",
+    "LoraActivationState",
     "LoraAdapter",
     "LoraComparison",
     "LoraModule",
+    "LoraStateSAE",
+    "LoraStateSAEConfig",
     "LoraTrainConfig",
     "LoraTrainResult",
     "adapter_activations",
@@ -50,10 +61,13 @@ __all__ = [
     "compare",
     "effective_vectors",
     "load_adapter",
+    "lora_activation_state",
     "mean_delta_vector",
     "merged_model",
     "natural_vector",
     "prepare_texts",
+    "top_activating_examples",
     "train_adapter",
+    "train_lora_state_sae",
     "validate",
 ]
