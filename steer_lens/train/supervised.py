@@ -35,7 +35,17 @@ from steer_lens.train.data import (
     next_token_logprobs,
     normalise_example,
 )
-from steer_lens.train.loop import OptimConfig, TrainResult, is_int, require, run_loop, typical_resid_rms
+from steer_lens.train.loop import (
+    OptimConfig,
+    TrainResult,
+    accumulate_gradients,
+    check_micro_batch_size,
+    is_int,
+    micro_batches,
+    require,
+    run_loop,
+    typical_resid_rms,
+)
 
 __all__ = ["SFTConfig", "collate", "heldout_loss", "sft", "tokenize_examples"]
 
@@ -50,6 +60,11 @@ class SFTConfig(OptimConfig):
             ``"heldout_loss"`` every ``eval_every`` steps and at the last step, measured with the
             vectors as they are at the start of that step (before its update).
         eval_every: steps between held-out evaluations.
+        micro_batch_size: at most this many examples per forward/backward (``None``: the whole
+            batch at once). Each micro-batch is padded on its own and its summed token loss is
+            divided by the target-token count of the *whole* batch, so the accumulated gradient is
+            the full-batch gradient; the optimiser steps once per batch, as without. Peak memory
+            scales with ``micro_batch_size``.
 
     Defaults: AdamW with ``lr=1e-2`` in *relative* units (1% of the hook's typical per-coordinate
     residual RMS per step; see :mod:`steer_lens.train.loop`), 200 steps, batch 16, gradient clipping at 1.
@@ -62,6 +77,7 @@ class SFTConfig(OptimConfig):
     objective: Literal["promotion", "suppression", "mixed"] = "promotion"
     eval_texts: Sequence[str] | None = None
     eval_every: int = 50
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +85,7 @@ class SFTConfig(OptimConfig):
         require(self.objective in ("promotion", "suppression", "mixed"), "objective", self.objective,
                 "'promotion', 'suppression' or 'mixed'")
         require(self.eval_every >= 1, "eval_every", self.eval_every, "an int >= 1")
+        check_micro_batch_size(self.micro_batch_size)
         if self.eval_texts is not None and not isinstance(self.eval_texts, tuple):
             object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
 
@@ -161,6 +178,44 @@ def _suppression_loss(steered, batch: Batch) -> Tensor:
     return (nll * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1)
 
 
+_Rows = list[tuple[list[int], list[int]]]
+
+
+def _objective_terms(items: Sequence[_Tokenized], objective: str) -> list[tuple[str, _Rows]]:
+    """``[(term, rows)]`` of one batch: ``"promotion"`` and/or ``"suppression"`` with their (prompt, target) rows."""
+    promo = [(d.prompt, d.completion) for d in items]
+    if objective == "promotion":
+        return [("promotion", promo)]
+    if objective == "suppression":
+        return [("suppression", [(d.suppress_prompt, d.suppress) if d.suppress else (d.prompt, d.completion)
+                                 for d in items])]
+    return [("promotion", promo), ("suppression", [(d.suppress_prompt, d.suppress or []) for d in items])]
+
+
+def _batch_loss(steered, items: Sequence[_Tokenized], objective: str,
+                micro_batch_size: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective of one batch, in micro-batches whose gradients accumulate to the full batch's.
+
+    Every term is a mean over the target tokens of the *whole* batch: a micro-batch's mean is
+    weighted by its share of those tokens, ``mean_chunk * n_chunk / n_batch = sum_chunk / n_batch``
+    (see :func:`~steer_lens.train.loop.accumulate_gradients`); with one micro-batch the weight is 1.
+    """
+    terms = _objective_terms(items, objective)
+    counts = {name: sum(len(t) for _, t in rows) for name, rows in terms}
+    losses = {"promotion": _promotion_loss, "suppression": _suppression_loss}
+
+    def term(name: str, batch: Batch) -> Tensor:
+        share = batch.target_mask.sum() / max(counts[name], 1)
+        return losses[name](steered, batch) * share
+
+    def chunk_loss(sl: slice) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = {name: term(name, collate(steered, rows[sl])) for name, rows in terms}
+        metrics = {f"{k}_loss": v.detach() for k, v in parts.items()} if objective == "mixed" else {}
+        return sum(parts.values()), metrics
+
+    return accumulate_gradients(micro_batches(len(items), micro_batch_size), chunk_loss)
+
+
 def sft(
     steered,
     examples: Iterable[Example],
@@ -169,7 +224,8 @@ def sft(
     """Train the steering vectors of ``steered`` on examples by supervised fine-tuning.
 
     Only the vectors learn (the model is frozen). Each step draws ``batch_size`` examples (epochs
-    of a seeded permutation), right-pads them, and minimises the objective on the target tokens.
+    of a seeded permutation), right-pads them, and minimises the objective on the target tokens
+    (in micro-batches of ``config.micro_batch_size`` examples with accumulated gradients, if set).
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
@@ -204,17 +260,7 @@ def sft(
     def step_fn(step: int):
         idx = order[step * config.batch_size : (step + 1) * config.batch_size]
         items = [data[i] for i in idx]
-        metrics: dict[str, Tensor] = {}
-        if config.objective == "promotion":
-            loss = _promotion_loss(steered, collate(steered, [(d.prompt, d.completion) for d in items]))
-        elif config.objective == "suppression":
-            loss = _suppression_loss(steered, collate(
-                steered, [(d.suppress_prompt, d.suppress) if d.suppress else (d.prompt, d.completion) for d in items]))
-        else:
-            promo = _promotion_loss(steered, collate(steered, [(d.prompt, d.completion) for d in items]))
-            supp = _suppression_loss(steered, collate(steered, [(d.suppress_prompt, d.suppress or []) for d in items]))
-            metrics = {"promotion_loss": promo.detach(), "suppression_loss": supp.detach()}
-            loss = promo + supp
+        loss, metrics = _batch_loss(steered, items, config.objective, config.micro_batch_size)
         if eval_batch is not None and (step % config.eval_every == 0 or step == config.steps - 1):
             with torch.no_grad():
                 metrics["heldout_loss"] = _promotion_loss(steered, eval_batch)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steer_lens.errors import ConfigError
-from steer_lens.train.loop import OptimConfig, is_int, require
+from steer_lens.train.loop import OptimConfig, check_micro_batch_size, is_int, require
 from steer_lens.train.rl.advantages import advantage_names, get_advantage
 
 __all__ = ["DEFAULT_RL_LR", "RLConfig"]
@@ -34,6 +34,10 @@ class RLConfig(OptimConfig):
             the distribution the rollouts came from, as Sinii et al. 2025 do (default ``True``; the
             same as untempered at ``temperature=1``).
         kl_coef: weight of the k3 KL penalty to the base model (0: off, the seeds' default).
+        log_kl: with ``kl_coef=0``, still compute the k3 KL to the base model for the ``kl`` metric
+            (default ``True``: one no-grad forward with the vectors off per batch of rollouts).
+            ``False`` skips that reference forward when ``kl_coef=0``; the ``kl`` metric is then
+            absent from the result and the log. With ``kl_coef > 0`` the KL is always computed.
         entropy_coef: weight of the entropy bonus (0: off).
         ppo_epochs: optimisation steps per batch of rollouts (1: on-policy, the default). With
             ``k > 1`` each batch is reused for ``k`` consecutive steps with ratio clipping; ``steps``
@@ -44,6 +48,12 @@ class RLConfig(OptimConfig):
             ``heldout_loss`` every ``heldout_every`` steps and at the last step: the side effect of
             steering on other text.
         heldout_every: steps between held-out evaluations.
+        micro_batch_size: at most this many sequences per forward/backward (``None``: the whole
+            batch of ``prompts_per_step * group_size`` rollouts at once). The gradients of the
+            micro-batches are accumulated (each micro-batch's loss is divided by the generated-token
+            count of the *whole* batch, so their sum is the full-batch loss) and the optimiser
+            steps once per batch, as without; the reference forward is split the same way.
+            Sampling is not split. Peak memory of the update scales with ``micro_batch_size``.
 
     Defaults: ``steps=100`` and ``lr=5e-2`` in relative units (measured to lift the "dog" rate on
     TinyStories-656K at both ``blocks.0`` and ``blocks.1.hook_resid_pre``; see ``docs/rl.md``).
@@ -63,12 +73,14 @@ class RLConfig(OptimConfig):
     top_p: float = 1.0
     top_k: int | None = None
     kl_coef: float = 0.0
+    log_kl: bool = True
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     clip_eps: float = 0.2
     baseline_decay: float = 0.9
     heldout_texts: Sequence[str] | None = None
     heldout_every: int = 10
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,10 +108,17 @@ class RLConfig(OptimConfig):
         need(0 < self.clip_eps < 1, "clip_eps", "a float in (0, 1)")
         need(0 <= self.baseline_decay < 1, "baseline_decay", "a float in [0, 1)")
         need(is_int(self.heldout_every) and self.heldout_every >= 1, "heldout_every", "an int >= 1")
+        need(isinstance(self.log_kl, bool), "log_kl", "True or False")
+        check_micro_batch_size(self.micro_batch_size)
         if self.heldout_texts is not None:
             if isinstance(self.heldout_texts, str):
                 raise ConfigError("heldout_texts: expected a list of texts, got one string. Fix: [text].")
             object.__setattr__(self, "heldout_texts", tuple(self.heldout_texts))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a batch of rollouts needs the base model's log-probs (``kl_coef > 0`` or ``log_kl``)."""
+        return self.kl_coef > 0 or self.log_kl
 
     @property
     def logprob_temperature(self) -> float:

@@ -1,7 +1,8 @@
 """The policy-gradient loss of RL on steering vectors, and the log-probabilities it needs.
 
 The loss over generated tokens only (prompt, left padding and tokens after EOS are masked; EOS itself
-counts), normalised by the number of generated tokens in the batch ``N``:
+counts), normalised by the number of generated tokens in the whole batch ``N`` (also when the batch
+is split into micro-batches: see ``n_tokens`` of :func:`policy_loss`):
 
 ``L = -(1/N) sum_{i,t} min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i)
       + kl_coef * (1/N) sum_{i,t} k3_it - entropy_coef * (1/N) sum_{i,t} H_it``
@@ -31,6 +32,7 @@ def completion_logprobs(
     prompt_len: int,
     *,
     with_entropy: bool = True,
+    entropy_grad: bool = True,
     temperature: float = 1.0,
 ) -> tuple[Float[Tensor, "batch new"], Float[Tensor, "batch new"] | None]:
     """Log-probabilities (nats) of the generated tokens under ``steered``, by one training forward.
@@ -45,6 +47,10 @@ def completion_logprobs(
         attention_mask: ``[batch, prompt_len + new]``.
         prompt_len: padded prompt length.
         with_entropy: also return the entropy (nats) of each next-token distribution.
+        entropy_grad: keep the entropy's graph (needed only with an entropy bonus). ``False``
+            computes it without gradient, which saves the ``[batch, new, d_vocab]`` tensor the
+            entropy's backward would keep (verl likewise computes the entropy only when
+            ``entropy_coeff != 0``: volcengine/verl ``verl/workers/actor/dp_actor.py:573`` at b178a3c).
         temperature: score under ``softmax(logits / temperature)``, the distribution the rollouts
             were sampled from (Sinii et al. 2025's policy loss divides the logits by the sampling
             temperature); 1 leaves the logits as they are.
@@ -63,7 +69,9 @@ def completion_logprobs(
     logp = logp_all.gather(-1, tokens[:, prompt_len:, None])[..., 0]
     ent = None
     if with_entropy:
-        ent = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            lp = logp_all if entropy_grad else logp_all.detach()
+            ent = -(lp.exp() * lp).sum(-1)
     return logp, ent
 
 
@@ -91,6 +99,7 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropy_coef: float = 0.0,
     clip_eps: float = 0.2,
+    n_tokens: Tensor | int | None = None,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """Clipped policy-gradient loss over generated tokens, normalised by their number ``N``.
 
@@ -109,13 +118,19 @@ def policy_loss(
         kl_coef: weight of the KL term.
         entropy_coef: weight of the entropy bonus.
         clip_eps: PPO ratio clipping.
+        n_tokens: the normaliser ``N`` (default: the number of True entries of ``mask``). When a
+            batch is split into micro-batches, give every micro-batch the generated-token count of
+            the *whole* batch: the micro-batch losses (and metrics) then add up to the full-batch
+            ones, and so do their gradients (verl's ``agg_loss(..., batch_num_tokens=...)``,
+            volcengine/verl ``verl/trainer/ppo/core_algos.py:1055-1058`` at b178a3c).
 
     Returns:
         ``(loss, metrics)`` with metrics ``pg_loss``, ``kl`` (nats/token, 0 without ``ref_logp``),
         ``entropy`` (nats/token), ``clip_frac`` (detached scalars).
     """
     m = mask.to(torch.bool)
-    n = m.sum().clamp_min(1).to(logp.dtype)
+    count = m.sum() if n_tokens is None else torch.as_tensor(n_tokens, device=logp.device)
+    n = count.clamp_min(1).to(logp.dtype)
     zeros = torch.zeros_like(logp)
     logp = torch.where(m, logp, zeros)
     old = logp.detach() if old_logp is None else torch.where(m, old_logp, zeros)

@@ -4,7 +4,8 @@ Each batch of rollouts samples ``group_size`` completions for each of ``prompts_
 the vectors on (:meth:`~steer_lens.SteeredTransformer.sample`: batched, left-padded, KV cache, EOS
 stops a sequence), scores them with a reward on the decoded text, turns the rewards into advantages
 with the run's estimator (:mod:`steer_lens.train.rl.advantages`) and records the base model's
-log-probabilities of the sampled tokens (vectors off) for the KL term.
+log-probabilities of the sampled tokens (vectors off) for the KL term, unless the run needs no KL
+(``kl_coef=0`` and ``log_kl=False``: then that reference forward is skipped).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from steer_lens._utils import Prompt, is_conversation
 from steer_lens.errors import ConfigError, EmptyInputError
 from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train.data import epoch_order
+from steer_lens.train.loop import micro_batches
 from steer_lens.train.rewards import score
 from steer_lens.train.rl.advantages import AdvantageEstimator
 from steer_lens.train.rl.config import RLConfig
 from steer_lens.train.rl.loss import completion_logprobs
 
-__all__ = ["Rollout", "collect_rollout", "completion_texts", "prompt_items", "prompt_order", "sample"]
+__all__ = [
+    "Rollout", "collect_rollout", "completion_texts", "prompt_items", "prompt_order", "reference_logprobs", "sample",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Rollout:
             group_size`` rows, grouped: rows ``g*k .. g*k+k-1`` share a prompt).
         rewards: ``[batch]`` rewards.
         advantages: ``[batch]`` advantages.
-        ref_logp: ``[batch, new]`` base-model log-probs (nats) of the sampled tokens.
+        ref_logp: ``[batch, new]`` base-model log-probs (nats) of the sampled tokens; ``None`` when
+            the run does not need them (``kl_coef=0`` and ``log_kl=False``).
         sample_seconds: wall-clock seconds spent sampling.
         prompts: the ``batch`` prompt texts (as the reward saw them).
         completions: the ``batch`` completion texts.
@@ -138,10 +143,24 @@ def collect_rollout(
     completions = completion_texts(g)
     rewards = score(reward, batch_texts, completions).to(steered.device)
     adv = estimator(rewards.view(-1, k)).reshape(-1)
-    with torch.no_grad(), steered.disabled():
-        ref, _ = completion_logprobs(steered, g.tokens, g.attention_mask, g.prompt_len, with_entropy=False,
-                                     temperature=config.logprob_temperature)
+    ref = reference_logprobs(steered, g, config) if config.needs_reference else None
     return Rollout(
         generation=g, rewards=rewards, advantages=adv, ref_logp=ref, sample_seconds=dt,
         prompts=tuple(batch_texts), completions=tuple(completions),
     )
+
+
+@torch.no_grad()
+def reference_logprobs(steered: SteeredTransformer, gen: Generation, config: RLConfig) -> Float[Tensor, "batch new"]:
+    """Base-model log-probs (nats, vectors off, no gradient) of the sampled tokens, for the KL term.
+
+    Run in micro-batches of ``config.micro_batch_size`` rows (rows are independent, so the result
+    is the same as one forward over the batch), at the loss's temperature.
+    """
+    parts = []
+    with steered.disabled():
+        for rows in micro_batches(gen.tokens.shape[0], config.micro_batch_size):
+            ref, _ = completion_logprobs(steered, gen.tokens[rows], gen.attention_mask[rows], gen.prompt_len,
+                                         with_entropy=False, temperature=config.logprob_temperature)
+            parts.append(ref)
+    return torch.cat(parts)

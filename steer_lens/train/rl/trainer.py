@@ -20,7 +20,13 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError
 from steer_lens.steering import SteeredTransformer
-from steer_lens.train.loop import TrainResult, run_loop, typical_resid_rms
+from steer_lens.train.loop import (
+    TrainResult,
+    accumulate_gradients,
+    micro_batches,
+    run_loop,
+    typical_resid_rms,
+)
 from steer_lens.train.rewards import reward_name
 from steer_lens.train.rl.advantages import AdvantageEstimator, get_advantage
 from steer_lens.train.rl.config import RLConfig
@@ -73,20 +79,36 @@ class RLState:
         return self.rollout
 
     def step(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and metrics of optimisation step ``step`` (the ``step_fn`` of ``run_loop``)."""
+        """The loss and metrics of optimisation step ``step`` (the ``step_fn`` of ``run_loop``).
+
+        With ``config.micro_batch_size`` the batch is scored in micro-batches and the backward
+        pass of all but the last runs here (:func:`~steer_lens.train.loop.accumulate_gradients`);
+        ``run_loop``'s ``loss.backward()`` adds the last one's.
+        """
         config = self.config
         ro = self.rollout_for(step)
         g = ro.generation
-        logp, ent = completion_logprobs(
-            self.steered, g.tokens, g.attention_mask, g.prompt_len, temperature=config.logprob_temperature
-        )
-        if config.ppo_epochs > 1 and self.old_logp is None:
-            self.old_logp = logp.detach()
-        loss, metrics = policy_loss(
-            logp, ro.advantages, g.completion_mask, old_logp=self.old_logp, ref_logp=ro.ref_logp,
-            entropy=ent, kl_coef=config.kl_coef, entropy_coef=config.entropy_coef, clip_eps=config.clip_eps,
-        )
         n_tok = g.completion_mask.sum()
+        fresh: list[Tensor] = []  # log-probs of the sampling policy, collected for later PPO epochs
+
+        def chunk_loss(rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
+            logp, ent = completion_logprobs(
+                self.steered, g.tokens[rows], g.attention_mask[rows], g.prompt_len,
+                entropy_grad=config.entropy_coef > 0, temperature=config.logprob_temperature,
+            )
+            if config.ppo_epochs > 1 and self.old_logp is None:
+                fresh.append(logp.detach())
+            return policy_loss(
+                logp, ro.advantages[rows], g.completion_mask[rows],
+                old_logp=None if self.old_logp is None else self.old_logp[rows],
+                ref_logp=None if ro.ref_logp is None else ro.ref_logp[rows], entropy=ent,
+                kl_coef=config.kl_coef, entropy_coef=config.entropy_coef, clip_eps=config.clip_eps,
+                n_tokens=n_tok,
+            )
+
+        loss, metrics = accumulate_gradients(micro_batches(g.tokens.shape[0], config.micro_batch_size), chunk_loss)
+        if fresh:
+            self.old_logp = torch.cat(fresh)
         metrics.update(
             reward=ro.rewards.mean(),
             reward_std=ro.rewards.std() if ro.rewards.numel() > 1 else torch.zeros(()),
@@ -105,9 +127,10 @@ class RLResult(TrainResult):
     """What :func:`rl` returns: a :class:`~steer_lens.train.loop.TrainResult` plus RL samples.
 
     Metrics per step (``metrics[name]``, CPU float tensors ``[steps]``): ``loss``, ``reward`` (mean),
-    ``reward_std``, ``kl`` (k3 to the base, nats/token; computed always, penalised only with
-    ``kl_coef``), ``entropy`` (nats/token), ``pg_loss``, ``clip_frac``, ``completion_tokens`` (mean
-    generated tokens per completion), ``tokens_per_s`` (sampling throughput), ``sample_s``
+    ``reward_std``, ``kl`` (k3 to the base, nats/token; penalised only with ``kl_coef``; absent
+    when ``kl_coef=0`` and ``log_kl=False``, which skip the reference forward), ``entropy``
+    (nats/token), ``pg_loss``, ``clip_frac``, ``completion_tokens`` (mean generated tokens per
+    completion), ``tokens_per_s`` (sampling throughput), ``sample_s``
     (seconds sampling), ``heldout_loss`` (nats/token; NaN between evaluations), ``grad_norm``,
     ``lr`` and ``norm/<hook>``.
 
