@@ -5,6 +5,10 @@ Subcommands:
 * ``steer-lens demo``: the end-to-end demo (:func:`steer_lens.demo.run_demo`).
 * ``steer-lens train sft``: train a vector by SFT on a data file, write the vector folder and metrics.
 * ``steer-lens train rl``: train a vector by RL (RLOO / GRPO / REINFORCE) with a built-in reward.
+* ``steer-lens export VECTOR_DIR --format gguf|hf --out PATH``: a saved vector folder as a llama.cpp
+  control vector or a Hugging Face checkpoint with biases (:mod:`steer_lens.export`).
+* ``steer-lens import FILE.gguf --model NAME --out VECTOR_DIR``: a llama.cpp / repeng control vector
+  as a vector folder.
 
 Errors from steer_lens are printed as one message (no traceback) with exit code 2.
 """
@@ -47,6 +51,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="hook kind at that layer: resid_pre, resid_mid, resid_post, attn_out, mlp_out")
 
 
+def _add_export_parsers(sub) -> None:
+    e = sub.add_parser("export", help="export a saved vector folder (llama.cpp GGUF or HF checkpoint)")
+    e.add_argument("vector_dir", help="a folder written by SteeredTransformer.save")
+    e.add_argument("--format", choices=["gguf", "hf"], required=True,
+                   help="gguf: llama.cpp control vector file; hf: checkpoint with the vectors as biases")
+    e.add_argument("--out", required=True, help="the .gguf file (gguf) or folder (hf) to write")
+    e.add_argument("--model", default=None, help="model name (default: the one the folder records)")
+    e.add_argument("--gguf-file", default=None, help="GGUF file of the model (default: the one recorded)")
+    e.add_argument("--allow-other-model", action="store_true",
+                   help="load the vectors onto --model even if the folder records another name")
+    i = sub.add_parser("import", help="import a llama.cpp / repeng control vector as a vector folder")
+    i.add_argument("file", help="the control vector .gguf file")
+    i.add_argument("--model", required=True, help="Hugging Face name of the model to steer")
+    i.add_argument("--gguf-file", default=None, help="GGUF file in that repository, if the model is GGUF")
+    i.add_argument("--allow-other-model", action="store_true", help="accept another model_type hint")
+    i.add_argument("--out", required=True, help="the vector folder to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-lens``."""
     parser = argparse.ArgumentParser(prog="steer-lens", description=__doc__.splitlines()[0])
@@ -80,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=0)
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out", required=True, help="folder for the vector and metrics.jsonl")
+    _add_export_parsers(sub)
     try:
         from steer_lens.cli_rl import add_rl_arguments
     except ImportError:  # pragma: no cover - RL command not available in this build
@@ -109,6 +132,48 @@ def _run_sft(args) -> int:
     return 0
 
 
+def _recorded_model(vector_dir: Path) -> dict:
+    from steer_lens.errors import ConfigError
+    from steer_lens.vectors.io import read_json
+
+    try:
+        model = read_json(vector_dir / "config.json").get("model")
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise ConfigError(
+            f"{str(vector_dir)!r}: not a vector folder with a readable config.json ({e}). Fix: pass a folder "
+            "written by SteeredTransformer.save (e.g. steer-lens train ... --out OUT writes OUT/vector)."
+        ) from e
+    return model if isinstance(model, dict) else {}
+
+
+def _run_export(args) -> int:
+    import steer_lens as sl
+    from steer_lens.errors import ConfigError
+
+    vector_dir = Path(args.vector_dir)
+    recorded = _recorded_model(vector_dir)
+    name = args.model or recorded.get("name")
+    if not name:
+        raise ConfigError(f"{vector_dir}/config.json records no model name. Fix: pass --model NAME.")
+    gguf_file = args.gguf_file or (recorded.get("gguf_file") if name == recorded.get("name") else None)
+    model = sl.load_model(name, gguf_file=gguf_file, device="cpu")
+    steered = sl.SteeredTransformer.load(vector_dir, model, allow_other_model=args.allow_other_model)
+    out = sl.export.export(steered, args.out, format=args.format)
+    print(f"exported {len(steered.hook_names)} vector(s) of {name} as {args.format} to {out}")
+    return 0
+
+
+def _run_import(args) -> int:
+    import steer_lens as sl
+
+    model = sl.load_model(args.model, gguf_file=args.gguf_file, device="cpu")
+    steered = sl.export.import_control_vector(args.file, model, allow_other_model=args.allow_other_model)
+    out = steered.save(args.out)
+    print(f"imported {len(steered.hook_names)} direction(s) onto {args.model}: {list(steered.hook_names)}; "
+          f"saved to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``steer-lens``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -122,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            n_samples=args.samples, seed=args.seed)
             print(summary_text(res))
             return 0
+        if args.command == "export":
+            return _run_export(args)
+        if args.command == "import":
+            return _run_import(args)
         if args.command == "train" and args.objective == "sft":
             return _run_sft(args)
         if args.command == "train" and args.objective == "rl":
