@@ -68,3 +68,16 @@ def test_too_long_inputs_are_refused(steered):
 def test_init_that_is_not_real_floats_is_refused(steered, init):
     with pytest.raises(ConfigError, match="real floating-point tensor"):
         sl.SteeredTransformer(steered.model, hooks=["blocks.0.hook_resid_post"], init=init)
+
+
+@pytest.mark.real_model
+def test_one_string_where_a_list_is_expected_is_refused(real_model):
+    """A bare string as ``sft`` examples or ``SFTConfig.eval_texts`` would be split into characters
+    (one "example" per character); ``RLConfig`` already refused it: all three are consistent now."""
+    steered = sl.SteeredTransformer(real_model, hooks=["blocks.1.hook_resid_pre"])
+    before = steered.vectors.direction("blocks.1.hook_resid_pre").clone()
+    with pytest.raises(ConfigError, match="split into characters"):
+        sl.train.sft(steered, "Once upon a time", sl.train.SFTConfig(steps=1))
+    with pytest.raises(ConfigError, match="split into characters"):
+        sl.train.SFTConfig(steps=1, eval_texts="Once upon a time")
+    torch.testing.assert_close(steered.vectors.direction("blocks.1.hook_resid_pre"), before)  # no step taken

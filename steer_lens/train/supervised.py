@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens._utils import batched, device_of
-from steer_lens.errors import EmptyInputError, SequenceTooLongError
+from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
 from steer_lens.train.data import (
     Batch,
     Example,
@@ -86,6 +86,11 @@ class SFTConfig(OptimConfig):
                 "'promotion', 'suppression' or 'mixed'")
         require(self.eval_every >= 1, "eval_every", self.eval_every, "an int >= 1")
         check_micro_batch_size(self.micro_batch_size)
+        if isinstance(self.eval_texts, str):
+            raise ConfigError(
+                "eval_texts: got one string, which would be split into characters. Fix: pass a list of "
+                "texts, e.g. eval_texts=[text]."
+            )
         if self.eval_texts is not None and not isinstance(self.eval_texts, tuple):
             object.__setattr__(self, "eval_texts", tuple(self.eval_texts))
 
@@ -240,10 +245,15 @@ def sft(
     Raises:
         EmptyInputError: no examples or an empty completion.
         SequenceTooLongError: an example longer than ``n_ctx``.
-        ConfigError: a malformed example or config.
+        ConfigError: a malformed example or config, or one string where a list of examples is expected.
         TrainingDivergedError: non-finite loss or gradient (vectors restored to the last good state).
     """
     config = config or SFTConfig()
+    if isinstance(examples, (str, bytes)):
+        raise ConfigError(
+            "examples: got one string, which would be split into characters (one example each). Fix: pass "
+            "a list of examples, e.g. [text] or [(prompt, completion)]."
+        )
     data = tokenize_examples(steered, examples, config.objective)
     n = len(data)
     order = epoch_order(n, config.steps * config.batch_size, config.seed)
