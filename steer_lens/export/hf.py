@@ -9,6 +9,14 @@ have no bias, the config flag that adds one is switched on (Llama: ``mlp_bias`` 
 ``gate_proj``/``up_proj``/``down_proj``, ``attention_bias`` to ``q/k/v/o_proj``) and every bias
 other than the steered one is zero.
 
+Checked against the paper's code as read in ``robertnward/steering-reasoning`` @ ``caf560b`` (a fork
+of ``corl-team/steering-reasoning``): ``steering_reasoning/helpers/insert_vector.py`` lines 20-29
+zero every ``model.model.layers[i].mlp.down_proj.bias``, set one layer's to ``steer_multiply × 8.57 ×
+vector`` and ``save_pretrained``; ``bin/helpers/modify_bias_transformers.sh`` lines 3-6 give
+``down_proj`` its bias by editing transformers' ``modeling_llama.py`` / ``modeling_qwen2.py``
+(``bias=True``). Here the config flag does that instead, so the checkpoint loads with an unmodified
+transformers (and vLLM); the cost is zero ``gate_proj``/``up_proj`` biases beside the steered one.
+
 Mapping (TransformerLens hook → bias; vectors mapping to one bias are summed):
 
 * ``blocks.L.hook_mlp_out`` → layer L's MLP output projection (Llama ``mlp.down_proj``, GPT-2
