@@ -211,3 +211,25 @@ def test_real_tinystories_export_loads_by_name_and_matches(real_model, tmp_path)
     torch.testing.assert_close(_loaded_logits(out, ids), want, atol=1e-4, rtol=0)
     assert AutoTokenizer.from_pretrained(out)("Once upon").input_ids == \
         AutoTokenizer.from_pretrained(sl.model_info(real_model).name)("Once upon").input_ids
+
+
+@pytest.mark.chat_model
+@pytest.mark.slow
+def test_smollm2_gguf_export_is_a_plain_llama_checkpoint(chat_model, tmp_path):
+    """The GGUF model is re-read by name (dequantised), its quantizer dropped, and written as fp32
+    safetensors with the GGUF file's tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hooks = ["blocks.3.hook_mlp_out", "blocks.10.hook_attn_out", "blocks.20.hook_resid_post",
+             "blocks.25.hook_resid_pre"]
+    steered = sl.SteeredTransformer(chat_model, hooks=hooks, init=_vecs(hooks, int(chat_model.cfg.d_model)))
+    out = sl.export.export_hf(steered, tmp_path / "smol")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and getattr(hf.config, "quantization_config", None) is None
+    ids = chat_model.to_tokens("Once upon a time there was a dog")
+    with torch.no_grad():
+        want = steered(ids)
+        assert (want - chat_model(ids)).abs().max() > 0.1
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-4, rtol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok("Hello there").input_ids == chat_model.tokenizer("Hello there").input_ids

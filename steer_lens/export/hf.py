@@ -228,7 +228,9 @@ def _load_hf(steered: Any, dtype: torch.dtype) -> Any:
             "hf_model= (the transformers model whose weights the TransformerLens model holds)."
         ) from e
     if hasattr(hf_model.config, "quantization_config"):
-        del hf_model.config.quantization_config  # GGUF weights are dequantised on load
+        del hf_model.config.quantization_config  # GGUF weights are dequantised on load: plain tensors
+    if getattr(hf_model, "hf_quantizer", None) is not None:
+        hf_model.hf_quantizer = None  # its GGUF quantizer would refuse save_pretrained
     hf_model.config.architectures = [type(hf_model).__name__]
     return hf_model
 
