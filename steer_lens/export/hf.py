@@ -74,7 +74,6 @@ class _Layout:
     attn_flag: str | None
     mlp_siblings: tuple[str, ...] = ()  # other linears the flag gives a bias (set to zero)
     attn_siblings: tuple[str, ...] = ()
-    conv1d: bool = False  # GPT-2's Conv1D (bias of length nf = output width, the same)
 
 
 SUPPORTED: dict[str, _Layout] = {
@@ -85,7 +84,8 @@ SUPPORTED: dict[str, _Layout] = {
     # Llama's layout, but their configs have no mlp_bias / o_proj flag: refused with the flag named
     "MistralForCausalLM": _Layout("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp_bias", "attention_bias"),
     "Qwen2ForCausalLM": _Layout("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp_bias", "attention_bias"),
-    "GPT2LMHeadModel": _Layout("transformer.h", "mlp.c_proj", "attn.c_proj", None, None, conv1d=True),
+    # GPT-2's Conv1D c_proj always has a bias (length nf = d_model, like nn.Linear's)
+    "GPT2LMHeadModel": _Layout("transformer.h", "mlp.c_proj", "attn.c_proj", None, None),
     "GPTNeoXForCausalLM": _Layout(
         "gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense", None, "attention_bias",
         (), ("attention.query_key_value",),
