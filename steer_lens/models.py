@@ -142,7 +142,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         ) from e
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``dtype`` as a ``torch.dtype`` (``None``: float32; names such as ``"bfloat16"`` accepted).
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -242,7 +247,7 @@ def load_model(
     from transformer_lens import HookedTransformer
 
     dev = resolve_device(device)
-    dt = _resolve_dtype(dtype)
+    dt = resolve_dtype(dtype)
     _check_available(name, gguf_file)
     processing = {
         "fold_ln": fold_ln, "center_writing_weights": center_writing_weights,

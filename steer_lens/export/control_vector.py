@@ -38,10 +38,11 @@ from steer_lens.hook_sites import HookSite
 from steer_lens.models import model_info
 from steer_lens.steering import SteeredTransformer
 
-__all__ = ["control_vector_directions", "export_control_vector", "import_control_vector"]
+__all__ = ["CONSTANT_KINDS", "control_vector_directions", "export_control_vector", "import_control_vector"]
 
 ARCH = "controlvector"
-_CONSTANT_KINDS = ("vectors", "lowrank")  # the added value does not depend on the activation
+CONSTANT_KINDS = ("vectors", "lowrank")
+"""Vector kinds whose added value does not depend on the activation (exportable as constants)."""
 _SHIFT = {"resid_post": 0, "mlp_out": 0, "resid_pre": -1}  # hook kind -> llama.cpp block offset
 
 
@@ -65,10 +66,10 @@ def _check_exportable(steered: Any) -> None:
             "export vectors trained with positions='all' (no export format here expresses position masks)."
         )
     kind = type(steered.vectors).kind
-    if kind not in _CONSTANT_KINDS:
+    if kind not in CONSTANT_KINDS:
         raise ConfigError(
             f"{type(steered.vectors).__name__} (kind {kind!r}) adds a token-dependent value; a control vector "
-            f"adds one constant vector per layer. Fix: export plain or low-rank vectors ({list(_CONSTANT_KINDS)})."
+            f"adds one constant vector per layer. Fix: export plain or low-rank vectors ({list(CONSTANT_KINDS)})."
         )
     info = model_info(steered.model)
     processed = [k for k, v in info.processing().items() if v]

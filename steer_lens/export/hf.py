@@ -38,12 +38,6 @@ normalised), architectures without a bias flag for the module needed, and archit
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +47,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, ShapeMismatchError
-from steer_lens.export.control_vector import _CONSTANT_KINDS
+from steer_lens.export.control_vector import CONSTANT_KINDS
 from steer_lens.hook_sites import HookSite
-from steer_lens.models import _resolve_dtype, model_info
+from steer_lens.models import model_info, resolve_dtype
 from steer_lens.steering import SteeredTransformer
+from steer_lens.vectors.io import atomic_folder
 
 __all__ = ["SUPPORTED", "bias_vectors", "export_hf"]
 
@@ -109,10 +104,10 @@ def _check_steered(steered: Any) -> None:
             "trained with positions='all' (no export format here expresses position masks)."
         )
     kind = type(steered.vectors).kind
-    if kind not in _CONSTANT_KINDS:
+    if kind not in CONSTANT_KINDS:
         raise ConfigError(
             f"{type(steered.vectors).__name__} (kind {kind!r}) adds a token-dependent value; a bias is one "
-            f"constant vector. Fix: export plain or low-rank vectors ({list(_CONSTANT_KINDS)})."
+            f"constant vector. Fix: export plain or low-rank vectors ({list(CONSTANT_KINDS)})."
         )
     processed = [k for k, v in model_info(steered.model).processing().items() if v]
     if processed:
@@ -246,36 +241,6 @@ def _tokenizer(steered: Any) -> Any:
         return None
 
 
-@contextmanager
-def _replacing_folder(path: Path) -> Iterator[Path]:
-    """A sibling folder to write into, swapped in for ``path`` whole on success (nothing carried over).
-
-    :func:`steer_lens.vectors.io.atomic_folder` carries over the old folder's files the new one does
-    not write, which would leave another checkpoint's shards beside this one; here the old folder is
-    replaced whole (``renameat2`` exchange; elsewhere two renames).
-    """
-    from steer_lens.vectors.io import _exchange, _fsync_tree
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o755)
-        if not path.exists():
-            os.rename(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)
-        else:  # pragma: no cover - non-Linux fallback
-            aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, aside)
-            os.rename(tmp, path)
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _check_target(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{str(path)!r} exists and is not a folder. Fix: export to a folder path.")
@@ -320,7 +285,7 @@ def export_hf(
     biases = bias_vectors(steered)
     path = Path(path)
     _check_target(path)
-    dt = _resolve_dtype(dtype)
+    dt = resolve_dtype(dtype)
     own = hf_model is None
     hf_model = _load_hf(steered, dt) if own else hf_model
     cfg = steered.model.cfg
@@ -346,7 +311,7 @@ def export_hf(
         "training_config": getattr(steered, "training_config", None),
     }
     tokenizer = _tokenizer(steered) if own else getattr(steered.model, "tokenizer", None)
-    with _replacing_folder(path) as tmp:
+    with atomic_folder(path, carry_over=False) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

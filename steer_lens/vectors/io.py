@@ -105,11 +105,13 @@ def _fsync_tree(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, carry_over: bool = True) -> Iterator[Path]:
     """Context manager: write a folder as a whole. Yields an empty sibling folder to write into.
 
-    On a normal exit the new folder replaces ``path``: files of an existing folder that the new one
-    does not write are carried over, then the two are swapped atomically (``renameat2`` exchange on
+    On a normal exit the new folder replaces ``path``: with ``carry_over`` (the default) files of an
+    existing folder that the new one does not write are carried over (a user's notes beside saved
+    vectors survive; ``carry_over=False`` replaces the folder whole, e.g. a checkpoint whose old shards
+    must not outlive it), then the two are swapped atomically (``renameat2`` exchange on
     Linux; elsewhere two renames, between which :func:`readable_folder` finds the old folder). On an
     exception (or an interrupt) the sibling is removed and ``path`` is untouched.
 
@@ -123,7 +125,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists():
+        if path.exists() and carry_over:
             for old in path.iterdir():
                 if not (tmp / old.name).exists() and not old.name.startswith("."):
                     (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
