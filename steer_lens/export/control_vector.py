@@ -38,7 +38,7 @@ from steer_lens.hook_sites import HookSite
 from steer_lens.models import model_info
 from steer_lens.steering import SteeredTransformer
 
-__all__ = ["CONSTANT_KINDS", "control_vector_directions", "export_control_vector", "import_control_vector"]
+__all__ = ["CONSTANT_KINDS", "check_constant_vectors", "control_vector_directions", "export_control_vector", "import_control_vector"]
 
 ARCH = "controlvector"
 CONSTANT_KINDS = ("vectors", "lowrank")
@@ -54,7 +54,18 @@ def _gguf():
     return gguf
 
 
-def _check_exportable(steered: Any) -> None:
+def check_constant_vectors(
+    steered: Any, target: str = "a llama.cpp control vector", *, residual_width: bool = True
+) -> None:
+    """Raise unless ``steered``'s vectors are one constant vector per hook in the checkpoint's basis,
+    what every export format here can express (``target`` names the format in the messages;
+    ``residual_width``: also require ``[d_model]`` vectors, for formats that map hooks themselves pass False).
+
+    Raises:
+        ConfigError: not a SteeredTransformer; positions other than ``"all"``; a token-dependent kind
+            (gated, ablate-then-add); a model loaded with weight processing.
+        ShapeMismatchError: a vector that is not ``[d_model]`` (per-head or neuron hooks).
+    """
     if not isinstance(steered, SteeredTransformer):
         raise ConfigError(
             f"expected a SteeredTransformer, got {type(steered).__name__}. Fix: wrap the model, e.g. "
@@ -62,14 +73,14 @@ def _check_exportable(steered: Any) -> None:
         )
     if not (isinstance(steered.positions, str) and steered.positions == "all"):
         raise ConfigError(
-            f"positions={steered.positions!r}: a llama.cpp control vector is added at every position. Fix: "
+            f"positions={steered.positions!r}: {target} is added at every position. Fix: "
             "export vectors trained with positions='all' (no export format here expresses position masks)."
         )
     kind = type(steered.vectors).kind
     if kind not in CONSTANT_KINDS:
         raise ConfigError(
-            f"{type(steered.vectors).__name__} (kind {kind!r}) adds a token-dependent value; a control vector "
-            f"adds one constant vector per layer. Fix: export plain or low-rank vectors ({list(CONSTANT_KINDS)})."
+            f"{type(steered.vectors).__name__} (kind {kind!r}) adds a token-dependent value; {target} "
+            f"adds one constant vector. Fix: export plain or low-rank vectors ({list(CONSTANT_KINDS)})."
         )
     info = model_info(steered.model)
     processed = [k for k, v in info.processing().items() if v]
@@ -79,7 +90,8 @@ def _check_exportable(steered: Any) -> None:
             "basis, not the checkpoint's. Fix: load the model with sl.load_model(name) (no processing) and "
             "train or transfer the vectors there."
         )
-    steered.vectors.require_residual_width("export_control_vector")
+    if residual_width:
+        steered.vectors.require_residual_width("export")
 
 
 def control_vector_directions(steered: Any) -> dict[int, Float[Tensor, " d_model"]]:
@@ -94,7 +106,7 @@ def control_vector_directions(steered: Any) -> dict[int, Float[Tensor, " d_model
             hooks that can, and says that ``format="hf"`` also covers attention outputs).
         ShapeMismatchError: a vector that is not ``[d_model]`` (per-head or neuron hooks).
     """
-    _check_exportable(steered)
+    check_constant_vectors(steered)
     n_layers = int(steered.model.cfg.n_layers)
     out: dict[int, Tensor] = {}
     for hook in steered.hook_names:

@@ -47,10 +47,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.errors import ConfigError, ShapeMismatchError
-from steer_lens.export.control_vector import CONSTANT_KINDS
+from steer_lens.export.control_vector import check_constant_vectors
 from steer_lens.hook_sites import HookSite
 from steer_lens.models import model_info, resolve_dtype
-from steer_lens.steering import SteeredTransformer
 from steer_lens.vectors.io import atomic_folder
 
 __all__ = ["SUPPORTED", "bias_vectors", "export_hf"]
@@ -93,29 +92,7 @@ _TARGET = {"mlp_out": ("mlp", 0), "resid_post": ("mlp", 0), "resid_pre": ("mlp",
 
 
 def _check_steered(steered: Any) -> None:
-    if not isinstance(steered, SteeredTransformer):
-        raise ConfigError(
-            f"expected a SteeredTransformer, got {type(steered).__name__}. Fix: wrap the model, e.g. "
-            "sl.SteeredTransformer(model, hooks=[...], init=vector)."
-        )
-    if not (isinstance(steered.positions, str) and steered.positions == "all"):
-        raise ConfigError(
-            f"positions={steered.positions!r}: a bias is added at every position. Fix: export vectors "
-            "trained with positions='all' (no export format here expresses position masks)."
-        )
-    kind = type(steered.vectors).kind
-    if kind not in CONSTANT_KINDS:
-        raise ConfigError(
-            f"{type(steered.vectors).__name__} (kind {kind!r}) adds a token-dependent value; a bias is one "
-            f"constant vector. Fix: export plain or low-rank vectors ({list(CONSTANT_KINDS)})."
-        )
-    processed = [k for k, v in model_info(steered.model).processing().items() if v]
-    if processed:
-        raise ConfigError(
-            f"the model was loaded with weight processing {processed}: the vectors live in the processed "
-            "basis, not the checkpoint's. Fix: load the model with sl.load_model(name) (no processing) and "
-            "train or transfer the vectors there."
-        )
+    check_constant_vectors(steered, "a bias", residual_width=False)  # hooks are refused by name below
     if getattr(steered.model.cfg, "use_normalization_before_and_after", False):
         raise ConfigError(
             "the model normalises each sub-layer's output (Gemma-2/3 post-attention/post-MLP norms): a "
