@@ -494,6 +494,10 @@ def run_loop(
         TrainingDivergedError: the loss or a gradient became non-finite; the weights are restored
             to the last finite state (and checkpointed when ``checkpoint_dir`` is set).
         IncompatibleVectorError: ``resume=True`` with a checkpoint made for other hooks.
+
+    Any other exception from ``step_fn`` (a reward or metric that raises, ``KeyboardInterrupt``, an
+    ``OSError``) propagates after the weights are restored to the last completed step and, with
+    ``checkpoint_dir``, that step is checkpointed (so ``resume=True`` continues from it).
     """
     from tqdm.auto import tqdm
 
@@ -517,11 +521,16 @@ def run_loop(
             bar.update(1)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 run.checkpoint(step + 1)
-    except KeyboardInterrupt:
+    except TrainingDivergedError:
+        raise  # restored and checkpointed already (`run.diverged`)
+    except BaseException as err:  # an interrupt, a reward that raised, a full disk ...: keep the last good state
+        target.restore(good)
         if run.ckpt_dir is not None:
-            target.restore(good)
-            run.checkpoint(len(run.history.get("loss", [])) or start)
-            logger.warning("interrupted: checkpoint saved in %s", run.ckpt_dir)
+            try:
+                run.checkpoint(len(run.history.get("loss", [])) or start)
+                logger.warning("%s: checkpoint of the last good step saved in %s", type(err).__name__, run.ckpt_dir)
+            except Exception as ckpt_err:  # the original error matters more; say why no checkpoint
+                logger.error("could not save a checkpoint after %s: %s", type(err).__name__, ckpt_err)
         raise
     finally:
         bar.close()
