@@ -13,7 +13,7 @@ After "Small Vectors, Big Effects" (Sinii et al. 2025).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens.analysis._common import text_tokens
-from steer_lens.errors import HookNameError
+from steer_lens.errors import HookNameError, ShapeMismatchError
 from steer_lens.hook_sites import HookSite
 from steer_lens.results import Result
 from steer_lens.steering import SteeredTransformer
@@ -129,6 +129,9 @@ class Persistence(Result):
             (1: the same shift at every token; lower: token-dependent).
         norm_ratio: ``[n_sources, n_points]`` mean over tokens of ``||Δh_p(t)|| / ||v_source||``
             (all three are NaN where the point precedes the source).
+        cos_reference: with ``references``: ``[n_sources, n_points]`` mean over tokens of
+            ``cos(Δh_p(t), r_p)`` with ``r_p`` the vector trained *in isolation* for point ``p``
+            (Sinii et al.'s Diff-Vector; NaN where ``p`` has no reference); else ``None``.
     """
 
     sources: list[str]
@@ -136,6 +139,7 @@ class Persistence(Result):
     cos_vector: Float[Tensor, "n_sources n_points"]
     cos_mean_shift: Float[Tensor, "n_sources n_points"]
     norm_ratio: Float[Tensor, "n_sources n_points"]
+    cos_reference: Float[Tensor, "n_sources n_points"] | None = None
 
     def to_pandas(self):
         """Long table: ``source, point, cos_vector, cos_mean_shift, norm_ratio`` (measured cells only)."""
@@ -143,7 +147,8 @@ class Persistence(Result):
 
         measured = ~torch.isnan(self.cos_vector)
         rows = [{"source": s, "point": p, "cos_vector": float(self.cos_vector[i, j]),
-                 "cos_mean_shift": float(self.cos_mean_shift[i, j]), "norm_ratio": float(self.norm_ratio[i, j])}
+                 "cos_mean_shift": float(self.cos_mean_shift[i, j]), "norm_ratio": float(self.norm_ratio[i, j]),
+                 **({} if self.cos_reference is None else {"cos_reference": float(self.cos_reference[i, j])})}
                 for i, s in enumerate(self.sources) for j, p in enumerate(self.points) if measured[i, j]]
         return pd.DataFrame(rows)
 
@@ -179,7 +184,11 @@ def _order(hook: str) -> tuple[int, int]:
 
 @torch.no_grad()
 def persistence(
-    steered: SteeredTransformer, texts: str | Sequence[str], *, sources: Sequence[str] | None = None
+    steered: SteeredTransformer,
+    texts: str | Sequence[str],
+    *,
+    sources: Sequence[str] | None = None,
+    references: Mapping[str, Tensor] | SteeredTransformer | None = None,
 ) -> Persistence:
     """Follow the write of each vector, added alone, through every later residual point.
 
@@ -195,12 +204,18 @@ def persistence(
         steered: a :class:`~steer_lens.SteeredTransformer` with vectors at residual-stream hooks.
         texts: evaluation texts (one or several).
         sources: the hooks to add one at a time (default: all).
+        references: vectors trained *in isolation* for target points, ``{hook: [d_model]}`` or a
+            wrapper holding them (e.g. one-layer-at-a-time vectors): then ``cos_reference`` compares
+            each ``Δh_p`` with ``r_p``, Sinii et al.'s Diff-Vector (their persistence figure compares
+            the shift a vector causes downstream with the vector trained for that downstream layer).
 
     Returns:
         A :class:`Persistence`.
 
     Raises:
-        HookNameError: a source is not a steered residual-stream hook.
+        HookNameError: a source is not a steered residual-stream hook, or a reference is not a
+            residual point of the model.
+        ShapeMismatchError: a reference that is not ``[d_model]``.
         EmptyInputError: no texts.
     """
     sources = list(sources) if sources is not None else list(steered.hook_names)
@@ -212,11 +227,12 @@ def persistence(
     points = [HookSite.name_of(kind, layer) for layer in range(int(steered.cfg.n_layers)) for kind in stream]
     points = [p for p in points if p in steered.model.hook_dict]
     points = sorted(set(points) | set(sources), key=_order)
+    refs = _references(references, points, int(steered.cfg.d_model))
     tokens, mask, keep = text_tokens(steered, texts)
     with steered.disabled():
         _, base = steered.run_with_cache(tokens, attention_mask=mask, names_filter=points, return_type=None)
     shape = (len(sources), len(points))
-    cv, cm, nr = (torch.full(shape, float("nan")) for _ in range(3))
+    cv, cm, nr, cr = (torch.full(shape, float("nan")) for _ in range(4))
     for i, s in enumerate(sources):
         v = steered.vectors.direction(s).detach().float()
         vnorm = v.norm().clamp_min(1e-12)
@@ -232,4 +248,25 @@ def persistence(
             cv[i, j] = cos_v.mean().cpu()
             cm[i, j] = cos_m.mean().cpu()
             nr[i, j] = (dh.norm(dim=-1) / vnorm).mean().cpu()
-    return Persistence(sources=sources, points=points, cos_vector=cv, cos_mean_shift=cm, norm_ratio=nr)
+            if p in refs:
+                r = refs[p].to(dh.device)[None]
+                cr[i, j] = torch.nn.functional.cosine_similarity(dh, r, dim=-1).mean().cpu()
+    return Persistence(sources=sources, points=points, cos_vector=cv, cos_mean_shift=cm, norm_ratio=nr,
+                       cos_reference=None if references is None else cr)
+
+
+def _references(references, points: list[str], d_model: int) -> dict[str, Tensor]:
+    """The reference vectors by residual point (fp32), checked."""
+    if references is None:
+        return {}
+    if isinstance(references, SteeredTransformer):
+        references = {h: references.vectors.direction(h) * references.scale for h in references.hook_names}
+    out = {}
+    for h, v in references.items():
+        if h not in points:
+            raise HookNameError(f"reference {h!r} is not a residual point of this model; points are {points[:3]}...")
+        v = torch.as_tensor(v).detach().float().reshape(-1) if torch.as_tensor(v).numel() == d_model else None
+        if v is None:
+            raise ShapeMismatchError(f"reference {h!r}: expected a vector [d_model]=[{d_model}].")
+        out[h] = v
+    return out
