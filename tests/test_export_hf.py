@@ -8,10 +8,10 @@ Llama / GPT-2 / GPT-NeoX models built in transformers and on the real TinyStorie
 from __future__ import annotations
 
 import json
-import tempfile
 
 import pytest
 import torch
+from hf_models import hf_model, tl_model
 
 import steer_lens as sl
 from steer_lens.errors import ConfigError, ShapeMismatchError
@@ -21,46 +21,11 @@ HOOKS = ["blocks.0.hook_mlp_out", "blocks.1.hook_attn_out", "blocks.1.hook_resid
 
 
 def _hf(family: str, seed: int = 0):
-    """A random 3-layer transformers model (as tests/test_lora.py builds them)."""
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        cls = LlamaForCausalLM
-    elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=V, n_embd=64, n_layer=3, n_head=4, n_positions=64)
-        cfg.n_ctx = 64
-        cls = GPT2LMHeadModel
-    else:
-        cfg = GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            intermediate_size=256, max_position_embeddings=64, rotary_pct=0.5)
-        cls = GPTNeoXForCausalLM
-    cfg.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    return cls(cfg).eval()
+    """A random 3-layer transformers model."""
+    return hf_model(family, n_layers=3, seed=seed, vocab=V)
 
 
-def _tl(hf, fold_ln: bool = False):
-    """The TransformerLens model of a Hugging Face model (TL's own config and weight conversion)."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lp
-
-    d = tempfile.mkdtemp()
-    hf.config.save_pretrained(d)
-    cfg = lp.get_pretrained_model_config(d, fold_ln=fold_ln, device="cpu", dtype=torch.float32)
-    cfg.tokenizer_name = None
-    m = HookedTransformer(cfg)
-    m.load_and_process_state_dict(lp.get_pretrained_state_dict(d, cfg, hf_model=hf), fold_ln=fold_ln,
-                                  center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return m.eval()
+_tl = tl_model  # the TransformerLens model of a Hugging Face model
 
 
 def _vecs(hooks, d: int, seed: int = 1) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_models import tl_model
 
 import steer_lens as sl
 
@@ -37,8 +38,6 @@ def test_random_model_leaves_the_global_rng_and_is_seeded():
 def test_lora_train_and_load_leave_the_global_rng():
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lp
 
     cfg = transformers.LlamaConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
@@ -46,15 +45,7 @@ def test_lora_train_and_load_leave_the_global_rng():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = transformers.LlamaForCausalLM(cfg).eval()
-    import tempfile
-
-    d = tempfile.mkdtemp()
-    hf.config.save_pretrained(d)
-    tcfg = lp.get_pretrained_model_config(d, fold_ln=False, device="cpu", dtype=torch.float32)
-    tcfg.tokenizer_name = None
-    tl = HookedTransformer(tcfg)
-    tl.load_and_process_state_dict(lp.get_pretrained_state_dict(d, tcfg, hf_model=hf), fold_ln=False,
-                                   center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    tl = tl_model(hf)
     examples = [(torch.tensor([1, 5, 6]), torch.tensor([7, 7]))] * 4
     tc = sl.lora.LoraTrainConfig(rank=1, target_modules=("down_proj",), steps=2, batch_size=2, lr=1e-2)
     res = _unchanged(lambda: sl.lora.train_adapter(hf, examples, tc))

@@ -8,10 +8,10 @@ constancy 1 and frac 1). The real-model checks are in ``test_lora_real.py``.
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch
+from hf_models import hf_model, tl_model
 
 import steer_lens as sl
 from steer_lens.errors import (
@@ -35,45 +35,10 @@ TARGETS = {
 
 
 def _hf(family: str, seed: int = 0, **kw):
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
-        cls = LlamaForCausalLM
-    elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, **kw)
-        cfg.n_ctx = 64
-        cls = GPT2LMHeadModel
-    else:
-        cfg = GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=256, max_position_embeddings=64, rotary_pct=0.5, **kw)
-        cls = GPTNeoXForCausalLM
-    cfg.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    return cls(cfg).eval()
+    return hf_model(family, n_layers=2, seed=seed, vocab=V, **kw)
 
 
-def _tl(hf):
-    """The TransformerLens model of a Hugging Face model (TL's own config and weight conversion)."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lp
-
-    d = tempfile.mkdtemp()
-    hf.config.save_pretrained(d)
-    cfg = lp.get_pretrained_model_config(d, fold_ln=False, device="cpu", dtype=torch.float32)
-    cfg.tokenizer_name = None
-    m = HookedTransformer(cfg)
-    m.load_and_process_state_dict(lp.get_pretrained_state_dict(d, cfg, hf_model=hf), fold_ln=False,
-                                  center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return m.eval()
+_tl = tl_model  # the TransformerLens model of a Hugging Face model
 
 
 def _peft(hf, targets, *, r=2, alpha=4, random_init=True, seed=1, **kw):

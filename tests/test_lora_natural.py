@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 
 import numpy as np
 import pytest
 import torch
+from hf_models import hf_model, tl_model
 
 import steer_lens as sl
 from steer_lens.errors import ConfigError, EmptyInputError
@@ -26,28 +26,10 @@ V = 101
 
 
 def _hf_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return hf_model("llama", n_layers=2, seed=seed, vocab=V)
 
 
-def _tl(hf):
-    """The TransformerLens model of a Hugging Face model (TL's own config and weight conversion)."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lp
-
-    d = tempfile.mkdtemp()
-    hf.config.save_pretrained(d)
-    cfg = lp.get_pretrained_model_config(d, fold_ln=False, device="cpu", dtype=torch.float32)
-    cfg.tokenizer_name = None
-    m = HookedTransformer(cfg)
-    m.load_and_process_state_dict(lp.get_pretrained_state_dict(d, cfg, hf_model=hf), fold_ln=False,
-                                  center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return m.eval()
+_tl = tl_model  # the TransformerLens model of a Hugging Face model
 
 
 def _peft(hf, targets, *, r, layer, seed=1):
@@ -154,7 +136,7 @@ def test_rank1_natural_vector_points_like_mean_delta_and_is_longer(pair):
 
 
 def test_pc1_helper_closed_forms():
-    from steer_lens.lora.comparison import _pc1_times_mean_norm
+    from steer_lens.lora.natural import _pc1_times_mean_norm
 
     u = torch.tensor([0.6, 0.0, -0.8])
     c = torch.tensor([1.0, -3.0, -2.0, 0.5])  # mean c < 0: the vector points along -u

@@ -8,10 +8,10 @@ the SAE's selection, and properties (training lowers the MSE; a fixed seed gives
 from __future__ import annotations
 
 import copy
-import tempfile
 
 import pytest
 import torch
+from hf_models import hf_model, tl_model
 
 import steer_lens as sl
 from steer_lens.errors import ConfigError, EmptyInputError, NonFiniteError, ShapeMismatchError
@@ -26,23 +26,8 @@ PAPER_ORDER = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj"
 
 def _llama_pair():
     """A 2-layer random Llama (GQA, gated MLP) in Hugging Face and TransformerLens, same weights."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as lp
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg).eval()
-    d = tempfile.mkdtemp()
-    hf.config.save_pretrained(d)
-    tcfg = lp.get_pretrained_model_config(d, fold_ln=False, device="cpu", dtype=torch.float32)
-    tcfg.tokenizer_name = None
-    tl = HookedTransformer(tcfg)
-    tl.load_and_process_state_dict(lp.get_pretrained_state_dict(d, tcfg, hf_model=hf), fold_ln=False,
-                                   center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return hf, tl.eval()
+    hf = hf_model("llama", n_layers=2, seed=0, vocab=V)
+    return hf, tl_model(hf)
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,9 @@ from steer_lens.lora.comparison import (
     compare,
     effective_vectors,
     mean_delta_vector,
-    natural_vector,
     prepare_texts,
 )
+from steer_lens.lora.natural import natural_vector
 from steer_lens.lora.state_sae import (
     LoraActivationState,
     LoraStateSAE,
