@@ -222,7 +222,7 @@ def _memory_child(kind, device, which, batch, pos, q):
         if which == "plain":
             model(toks).logsumexp(-1).mean().backward()
         elif which == "vector":
-            steered(toks).logsumexp(-1).mean().backward()
+            steered(toks, grad=True).logsumexp(-1).mean().backward()
         elif which == "lora":
             model(input_ids=toks).logits.logsumexp(-1).mean().backward()
         elif which == "forward":

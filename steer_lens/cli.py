@@ -4,7 +4,12 @@ Subcommands:
 
 * ``steer-lens demo``: the end-to-end demo (:func:`steer_lens.demo.run_demo`).
 * ``steer-lens train sft``: train a vector by SFT on a data file, write the vector folder and metrics.
-* ``steer-lens train rl``: train a vector by RL (RLOO / GRPO / REINFORCE) with a built-in reward.
+* ``steer-lens train rl``: train a vector by RL (RLOO / GRPO / REINFORCE) with a built-in reward
+  (``--reward contains:dog``) or a Python one (``--reward module:function``,
+  ``--reward path/to/file.py:function``; :func:`steer_lens.cli_rl.load_reward`).
+
+Training commands write every metric per step to ``OUT/metrics.jsonl``; the progress bar shows four
+(:func:`steer_lens.train.loop.progress_fields`).
 * ``steer-lens export VECTOR_DIR --format gguf|hf --out PATH``: a saved vector folder as a llama.cpp
   control vector or a Hugging Face checkpoint with biases (:mod:`steer_lens.export`).
 * ``steer-lens import FILE.gguf --model NAME --out VECTOR_DIR``: a llama.cpp / repeng control vector

@@ -1,20 +1,33 @@
-"""The ``steer-lens train rl`` command: train a steering vector by RL with a built-in reward.
+"""The ``steer-lens train rl`` command: train a steering vector by RL with a built-in or Python reward.
 
 Example::
 
     steer-lens train rl --reward contains:dog --layer 1 --steps 100 --out runs/dog
+    steer-lens train rl --reward my_rewards:likes_dogs --out runs/dog          # an importable module
+    steer-lens train rl --reward path/to/rewards.py:likes_dogs --out runs/dog  # a Python file
 
 writes ``runs/dog/vector/`` (load it with ``SteeredTransformer.load``) and ``runs/dog/metrics.jsonl``
-(one line of metrics per step: reward, KL, entropy, tokens/s, held-out loss ...).
+(one line of metrics per step: reward, KL, entropy, tokens/s, held-out loss ...); the progress bar
+shows four of them (:func:`steer_lens.train.loop.progress_fields`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
+import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_rl_arguments", "run_rl_command"]
+from steer_lens.errors import ConfigError
+
+__all__ = ["BUILTIN_REWARDS", "add_rl_arguments", "load_reward", "run_rl_command"]
+
+BUILTIN_REWARDS = ("contains", "regex", "boxed", "exact_answer", "math")
+"""``--reward KIND:ARG`` kinds parsed by :func:`steer_lens.train.rewards.from_spec`; any other
+``A:B`` is a Python reward ``module:function`` or ``path/to/file.py:function``."""
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +46,9 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
                    help="parameterisation: one vector per hook, token-gated, or low rank shared across hooks")
     p.add_argument("--rank", type=int, default=1, help="rank of --vectors lowrank")
     p.add_argument("--reward", required=True,
-                   help="contains:WORD, regex:PATTERN or boxed:ANSWER (the \\boxed{} answer)")
+                   help="contains:WORD, regex:PATTERN, boxed:ANSWER (the \\boxed{} answer), math:ANSWER, or a "
+                   "Python reward: module:function or path/to/file.py:function, called as "
+                   "fn(prompts, completions) -> one number per completion")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several; default: 'Once upon a time')")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line")
@@ -63,6 +78,81 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for vector/ and metrics.jsonl")
 
 
+def load_reward(spec: str) -> Any:
+    """The reward of ``--reward SPEC``: a built-in ``KIND:ARG`` or a Python callable.
+
+    ``KIND`` in :data:`BUILTIN_REWARDS` goes to :func:`steer_lens.train.rewards.from_spec`
+    (``contains:dog``, ``regex:PATTERN``, ``boxed:42``, ``math:1/2``). Anything else is
+    ``TARGET:NAME``, split at the last colon: ``TARGET`` ending in ``.py`` is a file, loaded as a module
+    (as ``runpy`` would; its folder need not be importable); otherwise it is a dotted module name
+    imported with the current directory on ``sys.path`` first (as ``uvicorn module:app`` does).
+    ``NAME`` may be dotted (``rewards:Scorer.score``). The object must be callable as
+    ``reward(prompts: list[str], completions: list[str]) -> [batch]`` numbers (the
+    :class:`~steer_lens.train.rewards.Reward` protocol); what it returns is checked during training.
+
+    Raises:
+        ConfigError: no colon, a file that does not exist, a module that cannot be imported (the
+            import error is named), a missing name, or an object that is not callable (or is a class).
+    """
+    from steer_lens.train.rewards import from_spec
+
+    kind, sep, _ = spec.partition(":")
+    if not sep or kind in BUILTIN_REWARDS:
+        return from_spec(spec)
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(
+            f"reward: expected module:function or path/to/file.py:function, got {spec!r}."
+        )
+    module = _reward_module(target, spec)
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(
+                f"reward: {target!r} has no attribute {name!r} (looked up for --reward {spec!r}). Fix: name a "
+                f"function defined there, e.g. {target}:my_reward."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj) or isinstance(obj, type):
+        what = "a class" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        raise ConfigError(
+            f"reward: {target}:{name} is {what}, not a reward function. Fix: point --reward at a function (or an "
+            "instance with __call__) taking (prompts: list[str], completions: list[str]) and returning one "
+            "number per completion."
+        )
+    return obj
+
+
+def _reward_module(target: str, spec: str) -> Any:
+    """Import the module of a Python ``--reward`` (a ``.py`` file or a dotted module name)."""
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"reward: the file {target!r} of --reward {spec!r} does not exist.")
+            mod_name = f"steer_lens_reward_{path.stem}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module  # dataclasses and pickling look the module up by name
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
+            return module
+        cwd = str(Path.cwd())
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
+        return importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # ImportError, SyntaxError, or whatever the module raised on import
+        raise ConfigError(
+            f"reward: could not import {target!r} for --reward {spec!r}: {type(e).__name__}: {e}. Fix: give an "
+            "importable module (run from the folder that holds it, or set PYTHONPATH) or a path to a .py file."
+        ) from e
+
+
 def run_rl_command(args: argparse.Namespace) -> int:
     """Run ``steer-lens train rl`` with parsed ``args``; returns the exit code (0 on success).
 
@@ -71,11 +161,10 @@ def run_rl_command(args: argparse.Namespace) -> int:
     """
     import steer_lens as sl
     from steer_lens.hook_sites import HookSite
-    from steer_lens.train.rewards import from_spec
     from steer_lens.train.rl import RLConfig, rl
     from steer_lens.vectors import GatedVectors, LowRankVectors
 
-    reward = from_spec(args.reward)
+    reward = load_reward(args.reward)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()

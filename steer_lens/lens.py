@@ -49,6 +49,14 @@ _COSINE_EPS = 1e-12
 _TABLE_K = 10
 """Lens tokens per layer and position whose strings a :class:`LayerLogitLens` keeps (``to_pandas(k<=10)``)."""
 
+_REPR_K = 5
+"""Tokens per side that the short reprs (``print(lens)``) show."""
+
+
+def _scored(tokens: Sequence[str], values: Tensor) -> str:
+    """``'dog' 1.23, 'cat' 0.98`` for the reprs (the first :data:`_REPR_K` entries)."""
+    return ", ".join(f"{t!r} {float(v):.3g}" for t, v in zip(tokens[:_REPR_K], values[:_REPR_K].tolist(), strict=False))
+
 
 def _labels(model, ids: Sequence[int]) -> list[str]:
     """Vocabulary labels: the token strings, or ``<id>`` for a model without a tokenizer."""
@@ -123,6 +131,13 @@ class TokenScores(Result):
     def _summary(self) -> str:
         return f"<b>TokenScores</b> of <code>{self.name}</code> ({self.unit})"
 
+    def _line(self) -> str:
+        return f"top [{_scored(self.top_tokens, self.top_values)}]; bottom [{_scored(self.bottom_tokens, self.bottom_values)}]"
+
+    def __repr__(self) -> str:
+        """Name, unit, vocabulary size and the first top / bottom tokens with their scores (no tensors)."""
+        return f"TokenScores({self.name!r}, {self.unit} over {self.scores.shape[0]} tokens: {self._line()})"
+
 
 def _ranked(df, k: int):
     return df[df["rank"] <= k].reset_index(drop=True)
@@ -152,7 +167,11 @@ def _token_scores(model, name: str, scores: Tensor, k: int, unit: str, dot: Tens
 class DirectionLogitLens(Result):
     """Result of :func:`direction_lens`: per direction, the tokens it promotes and suppresses.
 
-    Indexing by name gives one :class:`TokenScores` (``lens["f12"]``); iterating yields them in order.
+    A read-only container keyed by name: ``lens["f12"]`` is one :class:`TokenScores`,
+    ``lens.keys()`` the names, ``lens.items()`` / ``lens.values()`` / ``lens.get(name)`` and
+    ``name in lens`` as for a dict. Iterating yields the :class:`TokenScores` in order (as since the
+    first release; use ``lens.keys()`` for the names). ``print(lens)`` shows the first tokens of
+    each direction, never the full score tensors.
 
     Attributes:
         mode: ``"raw"``, ``"norm"``, ``"cosine"`` or ``"effect"``.
@@ -170,6 +189,31 @@ class DirectionLogitLens(Result):
 
     def __len__(self) -> int:
         return len(self.per_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.per_name
+
+    def keys(self):
+        """The direction names (hook names for a vector lens), in order."""
+        return self.per_name.keys()
+
+    def values(self):
+        """The :class:`TokenScores`, in order."""
+        return self.per_name.values()
+
+    def items(self):
+        """``(name, TokenScores)`` pairs, in order."""
+        return self.per_name.items()
+
+    def get(self, name: str, default: TokenScores | None = None) -> TokenScores | None:
+        """The :class:`TokenScores` of ``name``, or ``default`` when there is none."""
+        return self.per_name.get(name, default)
+
+    def __repr__(self) -> str:
+        """Mode, unit and per name the first top / bottom tokens with their scores (no tensors)."""
+        unit = next(iter(self.per_name.values())).unit if self.per_name else "-"
+        rows = "".join(f"\n  {n}: {ts._line()}" for n, ts in self.per_name.items())
+        return f"{type(self).__name__}(mode={self.mode!r}, unit={unit!r}, {len(self)} direction(s)){rows}"
 
     @property
     def scores(self) -> Float[Tensor, "n d_vocab"]:
@@ -197,12 +241,13 @@ class DirectionLogitLens(Result):
         return f"<b>{type(self).__name__}</b> ({self.mode}) of {list(self.per_name)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # the short repr of DirectionLogitLens
 class VectorLogitLens(DirectionLogitLens):
     """Result of :func:`vector_logit_lens`: per hook, the tokens a vector promotes and suppresses.
 
     ``lens[hook]`` is the :class:`TokenScores` of the vector at ``hook`` (``lens["all"]`` for
-    ``mode="effect"``).
+    ``mode="effect"``); ``lens.keys()`` are the hook names (see :class:`DirectionLogitLens` for the
+    dict-like methods).
 
     Attributes:
         mode: ``"raw"``, ``"norm"``, ``"cosine"`` or ``"effect"``.
@@ -301,6 +346,15 @@ class LayerLogitLens(Result):
 
     def _summary(self) -> str:
         return f"<b>LayerLogitLens</b> of {len(self.str_tokens)} tokens, {len(self.labels)} layers (last position)"
+
+    def __repr__(self) -> str:
+        """Shapes, layer labels, the top-1 lens token per layer at the last position and the KL there."""
+        kl = self.kl[:, -1]
+        return (f"LayerLogitLens({len(self.str_tokens)} tokens, layers {self.labels[0]}..{self.labels[-1]} "
+                f"({len(self.labels)}), logits {list(self.steered_logits.shape)}; last position "
+                f"{self.str_tokens[-1]!r}: steered top-1 {self.top_tokens('steered')}, base top-1 "
+                f"{self.top_tokens('base')}, KL(steered||base) max {float(kl.max()):.3g} nats at "
+                f"{self.labels[int(kl.argmax())]})")
 
     _html_rows = 64
 

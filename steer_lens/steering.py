@@ -7,6 +7,15 @@ model's own ``hooks()`` context manager, which removes them when the call ends, 
 Between calls the wrapped model is exactly the model it was: run it directly (``steered.model``) or
 use ``with steered.disabled():`` for the base run.
 
+**Gradients.** Like a frozen TransformerLens model, a call records no autograd graph unless asked:
+outside training the vectors enter as constants, so ``steered(tokens)``, ``run_with_cache``,
+``generate`` and the analyses return tensors with ``requires_grad=False`` and hold no graph. To get
+gradients into the vectors run the call inside ``with steered.gradients():`` (or pass ``grad=True``);
+torch's own switches apply inside it (``torch.no_grad()`` still wins). The trainers
+(``sl.train.sft``, ``rl``, ``one_shot``) do this for you. A call whose activations already require
+grad (a float input that requires grad, a hook that makes a leaf, as attribution patching does) keeps
+the vectors on that graph too.
+
 At hook ``h`` the activation becomes ``act + scale * mask[b, t] * delta_h(act)`` where ``delta_h`` is
 the vector (cast to the activation's dtype) and ``mask`` selects positions:
 
@@ -67,9 +76,11 @@ class SteeredTransformer(nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
 
     Calling it like the model (``steered(tokens)``) returns logits ``[batch, pos, d_vocab]`` with the
-    vectors on; gradients flow into the vectors, never into the model: its parameters are frozen
-    (``requires_grad=False``) only while a steered call runs and restored as they were when it ends
-    (also on an exception), so the user's model is left as it was found. Steering applies only in the
+    vectors on and, like a frozen TransformerLens model, no autograd graph (``requires_grad=False``).
+    Inside ``with steered.gradients():`` (or with ``grad=True``) gradients flow into the vectors,
+    never into the model: its parameters are frozen (``requires_grad=False``) only while a steered
+    call runs and restored as they were when it ends (also on an exception), so the user's model is
+    left as it was found. Steering applies only in the
     thread that runs the call: another thread using the same model meanwhile sees it unsteered. The wrapped model is not registered as a submodule: ``steered.parameters()`` are the
     vectors only, so an optimiser over them holds no state for the model.
 
@@ -99,6 +110,8 @@ class SteeredTransformer(nn.Module):
         >>> logits = steered(tokens)              # vectors on
         >>> with steered.disabled():
         ...     base = steered(tokens)            # the same call, vectors off
+        >>> with steered.gradients():             # record the graph into the vectors
+        ...     steered(tokens).logsumexp(-1).sum().backward()
     """
 
     def __init__(
@@ -139,6 +152,7 @@ class SteeredTransformer(nn.Module):
         self._scale = float(scale)
         self._positions = positions
         self._enabled = True
+        self._grad = False  # see gradients()
         self._active: frozenset[str] | None = None  # see only_hooks
         self._ctx = PositionContext()
         self.training_config: dict[str, Any] | None = None
@@ -209,6 +223,11 @@ class SteeredTransformer(nn.Module):
         """Whether calls add the vectors (see :meth:`disabled`)."""
         return self._enabled
 
+    @property
+    def records_gradients(self) -> bool:
+        """Whether calls record the autograd graph into the vectors now (inside :meth:`gradients`)."""
+        return self._grad
+
     # -- hooks ----------------------------------------------------------------------------------
     def _hook_fn(self, hook_name: str):
         owner = threading.get_ident()  # steering is confined to the thread that made the hooks
@@ -216,7 +235,11 @@ class SteeredTransformer(nn.Module):
         def hook(act: Tensor, hook) -> Tensor:
             if threading.get_ident() != owner:
                 return act
-            delta = self.vectors.delta(hook_name, act)
+            if self._grad or act.requires_grad:
+                delta = self.vectors.delta(hook_name, act)
+            else:  # inference: the vectors are constants, so no graph is recorded (see gradients())
+                with torch.no_grad():
+                    delta = self.vectors.delta(hook_name, act).detach()  # (the plain kind returns the parameter)
             if self._scale != 1.0:
                 delta = delta * self._scale
             mask = self._ctx.mask(self._positions, act.shape[0], act.shape[1], act.device)
@@ -305,6 +328,29 @@ class SteeredTransformer(nn.Module):
             self._enabled = prev
 
     @contextlib.contextmanager
+    def gradients(self, enabled: bool = True) -> Iterator[SteeredTransformer]:
+        """Context manager: calls inside it record the autograd graph into the vectors (for training).
+
+        Outside it a call treats the vectors as constants: with the model's parameters frozen during
+        the call, the outputs of ``steered(tokens)``, :meth:`run_with_cache`, :meth:`run_with_hooks`
+        and of the analyses do not require grad and hold no graph, as ``model(tokens)`` of a frozen
+        TransformerLens model. Inside it torch's grad mode decides (``torch.no_grad()`` still turns
+        recording off). The trainers (``sl.train.sft``, ``rl``, ``one_shot``) enter it themselves;
+        ``enabled=False`` turns recording off again inside an outer ``gradients()``.
+
+        Example:
+            >>> with steered.gradients():
+            ...     loss = -steered(tokens).log_softmax(-1)[0, -1, token_id]
+            ...     loss.backward()                 # steered.vectors[hook].grad is set
+        """
+        prev = self._grad
+        self._grad = bool(enabled)
+        try:
+            yield self
+        finally:
+            self._grad = prev
+
+    @contextlib.contextmanager
     def scaled(self, scale: float) -> Iterator[SteeredTransformer]:
         """Context manager: use ``scale`` for the calls inside it, then restore the previous scale."""
         self._check_scale(scale)
@@ -327,6 +373,7 @@ class SteeredTransformer(nn.Module):
         tokens: Int[Tensor, "batch pos"] | str | list[str],
         *args: Any,
         prompt_lengths: Int[Tensor, " batch"] | Sequence[int] | None = None,
+        grad: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run the model with the vectors on; arguments as ``HookedTransformer.forward``.
@@ -335,10 +382,13 @@ class SteeredTransformer(nn.Module):
             tokens: token ids ``[batch, pos]`` (or text, tokenized by the model).
             prompt_lengths: per sequence, how many leading tokens are prompt (for
                 ``positions="prompt"/"generated"``); default: all tokens are prompt.
+            grad: record the autograd graph into the vectors for this call (as inside
+                :meth:`gradients`); by default the output does not require grad.
             *args, **kwargs: passed to the model (``return_type``, ``attention_mask`` ...).
 
         Returns:
-            What the model returns: logits ``[batch, pos, d_vocab]`` by default.
+            What the model returns: logits ``[batch, pos, d_vocab]`` by default (no graph unless
+            ``grad=True`` or inside :meth:`gradients`).
 
         Raises:
             ConfigError: token ids that are not integers or lie outside ``[0, d_vocab)``.
@@ -346,27 +396,40 @@ class SteeredTransformer(nn.Module):
         """
         if isinstance(tokens, Tensor) and not tokens.is_floating_point():  # (float: residual input)
             check_token_ids(tokens, self.model.cfg)
-        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model(tokens, *args, **kwargs)
 
+    def _grad_call(self, grad: bool) -> contextlib.AbstractContextManager:
+        if not isinstance(grad, bool):
+            raise ConfigError(f"grad: expected True or False, got {grad!r}.")
+        return self.gradients() if grad else contextlib.nullcontext()
+
     def run_with_cache(
-        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, **kwargs: Any
+        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, grad: bool = False,
+        **kwargs: Any,
     ) -> tuple[Any, Any]:
         """``model.run_with_cache`` with the vectors on: the cache holds steered activations.
 
-        At a steered hook the cached value already includes the vector.
+        At a steered hook the cached value already includes the vector. The output records no graph
+        unless ``grad=True`` or inside :meth:`gradients` (the cache is detached, as TransformerLens
+        keeps it).
 
         Returns:
             ``(output, ActivationCache)`` as TransformerLens returns them.
         """
-        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model.run_with_cache(*args, **kwargs)
 
     def run_with_hooks(
-        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, **kwargs: Any
+        self, *args: Any, prompt_lengths: Sequence[int] | Tensor | None = None, grad: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        """``model.run_with_hooks`` with the vectors on (user hooks at a steered hook see it steered)."""
-        with self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        """``model.run_with_hooks`` with the vectors on (user hooks at a steered hook see it steered).
+
+        No graph into the vectors unless ``grad=True`` or inside :meth:`gradients`; a user hook that
+        makes a leaf requiring grad gets its gradient as with the bare model.
+        """
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
             return self.model.run_with_hooks(*args, **kwargs)
 
     # -- tokenization -----------------------------------------------------------------------------
@@ -571,8 +634,31 @@ class SteeredTransformer(nn.Module):
         steered.training_config = saved.training
         return steered
 
-    def extra_repr(self) -> str:
-        return (
-            f"model={self.info.name!r}, hooks={list(self.hook_names)}, scale={self._scale}, "
-            f"positions={self._positions if isinstance(self._positions, str) else 'mask'}"
-        )
+    def _vector_rows(self) -> list[tuple[str, str, float]]:
+        """``(hook, shape, norm)`` per vector, for the reprs."""
+        with torch.no_grad():
+            norms = self.vectors.norms()
+            return [(h, "[" + ", ".join(str(d) for d in self.vectors.direction(h).shape) + "]", float(norms[h]))
+                    for h in self.hook_names]
+
+    def _positions_label(self) -> str:
+        return repr(self._positions) if isinstance(self._positions, str) else f"mask{list(self._positions.shape)}"
+
+    def __repr__(self) -> str:
+        """A short summary: model, kind, scale, positions, and per hook the vector's shape and norm."""
+        head = (f"SteeredTransformer(model={self.info.name!r}, {type(self.vectors).__name__} "
+                f"({self.vectors.kind}), scale={self._scale:g}, positions={self._positions_label()}"
+                + ("" if self._enabled else ", disabled"))
+        rows = [f"  {h}: {shape}, norm {n:.4g}" for h, shape, n in self._vector_rows()]
+        return head + (":\n" + "\n".join(rows) + "\n)" if rows else ")")
+
+    def _repr_html_(self) -> str:
+        """Jupyter view: the summary line and a table of hooks, vector shapes and norms."""
+        import html
+
+        body = "".join(f"<tr><td><code>{html.escape(h)}</code></td><td>{shape}</td><td>{n:.4g}</td></tr>"
+                       for h, shape, n in self._vector_rows())
+        return (f"<b>SteeredTransformer</b> on <code>{html.escape(self.info.name)}</code>: "
+                f"{type(self.vectors).__name__}, scale {self._scale:g}, positions "
+                f"{html.escape(self._positions_label())}<table><tr><th>hook</th><th>shape</th>"
+                f"<th>norm</th></tr>{body}</table>")

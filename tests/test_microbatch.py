@@ -72,7 +72,7 @@ def _full_batch_rl_loss(steered, config):
     gen = _generation()
     p = gen.prompt_len
     lengths = torch.full((gen.tokens.shape[0],), p)
-    logits = steered(gen.tokens, attention_mask=gen.attention_mask, prompt_lengths=lengths)
+    logits = steered(gen.tokens, attention_mask=gen.attention_mask, prompt_lengths=lengths, grad=True)
     logp_all = (logits[:, p - 1 : -1] / config.temperature).log_softmax(-1)
     logp = logp_all.gather(-1, gen.tokens[:, p:, None])[..., 0]
     with torch.no_grad(), steered.disabled():
@@ -235,7 +235,7 @@ def _full_batch_sft_loss(steered, objective):
         s, count = 0.0, 0
         for prompt, target in rows:
             toks = torch.tensor([prompt + target])
-            logp = steered(toks)[0].log_softmax(-1)
+            logp = steered(toks, grad=True)[0].log_softmax(-1)
             for t in range(len(prompt), toks.shape[1]):
                 lp = logp[t - 1, toks[0, t]]
                 s = s - (lp if name == "promotion" else torch.log1p(-lp.exp()))

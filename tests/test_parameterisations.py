@@ -97,7 +97,7 @@ def test_gate_value_formula_and_gradients(tiny):
     torch.testing.assert_close(vec.gate_of(HOOKS[0], act), expected)
     torch.testing.assert_close(vec.delta(HOOKS[0], act), expected[..., None] * torch.ones(D))
     steered = sl.SteeredTransformer(tiny, HOOKS[:1], vectors=vec)
-    steered(_tokens()).logsumexp(-1).sum().backward()
+    steered(_tokens(), grad=True).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vec.parameters())
 
 
@@ -135,7 +135,7 @@ def test_sft_trains_both_kinds(tiny, kind):
     opt = torch.optim.Adam([p for ps, _ in vec.lr_groups(None) for p in ps], lr=0.05)
     for _ in range(15):
         opt.zero_grad()
-        loss = -steered(toks)[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None]).mean()
+        loss = -steered(toks, grad=True)[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None]).mean()
         loss.backward()
         opt.step()
     assert -float(loss.detach()) > float(base) + 0.1

@@ -105,7 +105,7 @@ def test_gradient_equals_hand_reinforce_estimate(tiny):
         seq = tokens[i, P - pl : P + cl][None]
         v = steered.vectors[HOOK]
         v.grad = None
-        logits = steered(seq)
+        logits = steered(seq, grad=True)
         lp = logits[0, pl - 1 : -1].log_softmax(-1).gather(-1, seq[0, pl:, None]).sum()
         lp.backward()
         ref += -adv[i] * v.grad / n
@@ -355,7 +355,7 @@ def test_tempered_rloo_loss_equals_sinii_formula(tiny_llama):
     for i, (pl, cl) in enumerate(zip(pls, cls, strict=True)):
         a = rewards[i] - (rewards.sum() - rewards[i]) / (len(rewards) - 1)
         seq = tokens[i, P - pl : P + cl][None]
-        lp = (steered(seq)[0, pl - 1 : -1] / T).log_softmax(-1).gather(-1, seq[0, pl:, None]).sum()
+        lp = (steered(seq, grad=True)[0, pl - 1 : -1] / T).log_softmax(-1).gather(-1, seq[0, pl:, None]).sum()
         ref = ref - a * lp / n
     ref.backward()
     ref_grad = v.grad.clone()

@@ -54,7 +54,8 @@ def test_vector_gets_gradients_model_does_not(tiny_model):
 
     flags = [p.requires_grad for p in tiny_model.parameters()]
     s = sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pre"])
-    s(_tokens(tiny_model)).logsumexp(-1).sum().backward()
+    with s.gradients():  # steered calls record a graph only when asked (issue 16 item 9)
+        s(_tokens(tiny_model)).logsumexp(-1).sum().backward()
     g = s.vectors["blocks.1.hook_resid_pre"].grad
     assert g is not None and g.abs().sum() > 0
     # no gradient reaches the model, and its requires_grad flags are as the user left them (issue 15)
@@ -405,7 +406,7 @@ def test_per_head_vector_trains_saves_and_loads(tiny_model, tmp_path):
     hook = "blocks.0.attn.hook_z"
     s = sl.SteeredTransformer(tiny_model, [hook], init="random", init_norm=2.0)
     toks = _tokens(tiny_model)
-    s(toks).logsumexp(-1).sum().backward()
+    s(toks, grad=True).logsumexp(-1).sum().backward()
     assert s.vectors[hook].grad.shape == (tiny_model.cfg.n_heads, tiny_model.cfg.d_head)
     again = sl.SteeredTransformer.load(s.save(tmp_path / "z"), tiny_model)
     assert torch.equal(again.vectors[hook], s.vectors[hook])

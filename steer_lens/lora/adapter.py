@@ -147,6 +147,14 @@ class LoraModule:
         """``ΔW = scaling · B · A`` in the Hugging Face ``nn.Linear`` layout ``[d_out, d_in]``."""
         return self.scaling * (self.B.double() @ self.A.double()).float()
 
+    def _line(self) -> str:
+        return (f"{self.name} ({self.hf_name}): rank {self.rank}, A {list(self.A.shape)}, B {list(self.B.shape)}, "
+                f"scaling {self.scaling:.4g}, |dW|_F {float(self.delta_weight().norm()):.4g}")
+
+    def __repr__(self) -> str:
+        """Names, rank, the A/B shapes, the scaling and ‖ΔW‖_F (never the tensors)."""
+        return f"LoraModule({self._line()})"
+
     def tl_deltas(self, cfg: Any) -> dict[str, Tensor]:
         """ΔW in TransformerLens's parameter names and layouts.
 
@@ -284,6 +292,20 @@ class LoraAdapter:
 
         norms = torch.tensor([float(m.delta_weight().norm()) for m in self.modules])
         return bar(norms, self.names, title="LoRA update size per module", y_title="‖ΔW‖_F")
+
+    def __repr__(self) -> str:
+        """Base model, architecture, the LoRA settings and one line per module (shapes, scaling,
+        ‖ΔW‖_F); never the A/B tensors or the whole peft config."""
+        c = self.peft_config
+        targets = c.get("target_modules")
+        settings = ", ".join(
+            f"{k}={v!r}" for k, v in (("r", c.get("r")), ("lora_alpha", c.get("lora_alpha")),
+                                      ("use_rslora", c.get("use_rslora")), ("target_modules", targets))
+            if v is not None
+        )
+        rows = "".join(f"\n  {m._line()}" for m in self.modules)
+        return (f"LoraAdapter(base={self.base_model_name!r}, {self.architecture}, adapter={self.adapter_name!r}, "
+                f"{len(self.modules)} module(s){', ' + settings if settings else ''}){rows}")
 
     def _repr_html_(self) -> str:
         return (

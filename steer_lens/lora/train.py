@@ -27,9 +27,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from steer_lens._utils import device_of
+from steer_lens._utils import device_of, unwrap
 from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
 from steer_lens.lora._common import import_peft
+from steer_lens.models import model_info
 from steer_lens.train.data import (
     collate_rows,
     epoch_order,
@@ -138,6 +139,15 @@ class LoraTrainResult:
         from steer_lens.plotting import metric_panels
 
         return metric_panels({"loss": self.losses}, title="LoRA training (peft)")
+
+    def __repr__(self) -> str:
+        """Steps, time, first and final loss and the LoRA settings (never the model or the tensors)."""
+        c = self.config
+        first = f"{float(self.losses[0]):.4f} -> " if len(self.losses) > 1 else ""
+        last = f"{float(self.losses[-1]):.4f}" if len(self.losses) else "-"
+        return (f"LoraTrainResult({len(self.losses)} steps in {self.seconds:.1f} s, loss {first}{last} nats/token; "
+                f"rank {c.get('rank')}, alpha {c.get('alpha')}, target_modules {c.get('target_modules')}, "
+                f"layers {c.get('layers')}; peft_model={type(self.peft_model).__name__})")
 
     def _repr_html_(self) -> str:
         return (
@@ -288,7 +298,12 @@ def train_adapter(
 
     Args:
         model_name_or_hf_model: a Hugging Face model name (loaded with ``AutoModelForCausalLM`` in fp32,
-            with its tokenizer) or a ``transformers`` causal LM (copied; the input is never modified).
+            with its tokenizer), a ``transformers`` causal LM (copied; the input is never modified), or
+            the TransformerLens ``HookedTransformer`` (or a SteeredTransformer's model) the adapter will be
+            compared on: its Hugging Face model is loaded by the name :func:`steer_lens.load_model`
+            recorded (with its GGUF file, if any), checked to hold the same weights (``W_E``), and its
+            tokenizer and device are used. peft trains Hugging Face modules, so a model with no such
+            name (a random or locally converted model) needs the ``transformers`` model itself.
         examples: texts, ``(prompt, completion)`` pairs or dicts with ``prompt`` / ``completion``; pairs of
             1-D token tensors (prompt with BOS) work without a tokenizer.
         config: :class:`LoraTrainConfig` (default: rank 4 on every ``down_proj``).
@@ -302,7 +317,10 @@ def train_adapter(
     Raises:
         EmptyInputError: no examples or an empty completion.
         SequenceTooLongError: an example longer than the model's context.
-        ConfigError: a malformed example or config, or text examples without a tokenizer.
+        ConfigError: a malformed example or config, or text examples without a tokenizer; a
+            HookedTransformer whose Hugging Face model cannot be loaded by its recorded name, holds other
+            weights, or was loaded with processed weights (``fold_ln``, centring); any other object
+            that is not a ``transformers`` model.
         TrainingDivergedError: the loss or a gradient became NaN or inf (the LoRA weights are restored
             to the last finite step, and checkpointed when ``checkpoint_dir`` is set).
         IncompatibleVectorError: ``resume=True`` with a checkpoint of other LoRA parameters.
@@ -352,6 +370,16 @@ def _hf_model(model_name_or_hf_model: str | Any, tokenizer: Any, device: Any) ->
         hf = AutoModelForCausalLM.from_pretrained(model_name_or_hf_model, dtype=torch.float32)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(model_name_or_hf_model)
+    elif _is_hooked(model_name_or_hf_model):
+        tl = unwrap(model_name_or_hf_model)
+        hf = _hf_of_hooked(tl)
+        tokenizer = tokenizer if tokenizer is not None else getattr(tl, "tokenizer", None)
+        device = device if device is not None else device_of(tl)
+    elif not hasattr(model_name_or_hf_model, "config"):
+        raise ConfigError(
+            f"model_name_or_hf_model: expected a Hugging Face model name, a transformers causal LM or a "
+            f"HookedTransformer, got {type(model_name_or_hf_model).__name__}."
+        )
     else:
         hf = copy.deepcopy(model_name_or_hf_model)
     if tokenizer is not None and hasattr(tokenizer, "cfg") and hasattr(tokenizer, "tokenizer"):
@@ -359,6 +387,59 @@ def _hf_model(model_name_or_hf_model: str | Any, tokenizer: Any, device: Any) ->
     if device is not None:
         hf = hf.to(device)
     return hf, tokenizer
+
+
+def _is_hooked(model: Any) -> bool:
+    """A TransformerLens model (or a wrapper of one): ``cfg`` and the hook API, no Hugging Face ``config``."""
+    model = unwrap(model)
+    return hasattr(model, "cfg") and callable(getattr(model, "run_with_hooks", None)) and not hasattr(model, "config")
+
+
+def _hf_of_hooked(model: Any) -> Any:
+    """The Hugging Face model a HookedTransformer was converted from, loaded by its recorded name (fp32).
+
+    Raises:
+        ConfigError: processed weights; the name cannot be loaded; the loaded model's architecture or
+            embedding matrix differs from the HookedTransformer's.
+    """
+    from transformers import AutoModelForCausalLM
+
+    info = model_info(model)
+    fix = ("Fix: pass the transformers model the HookedTransformer was made from "
+           "(train_adapter(AutoModelForCausalLM.from_pretrained(name), ...)) or its hub name.")
+    if any(info.processing().values()):
+        raise ConfigError(
+            f"model_name_or_hf_model: the HookedTransformer's weights were processed ({info.processing()}), so "
+            "a LoRA trained on its Hugging Face weights would not compare with it. Fix: load it with "
+            "steer_lens.load_model's defaults (no fold_ln / centring)."
+        )
+    kw: dict[str, Any] = {"gguf_file": info.gguf_file} if info.gguf_file else {}
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(info.name, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model_name_or_hf_model: peft trains Hugging Face modules, and the Hugging Face model of this "
+            f"HookedTransformer (recorded name {info.name!r}) could not be loaded ({str(e).splitlines()[0]}). {fix}"
+        ) from e
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config  # GGUF weights are dequantised on load: plain tensors
+    _check_same_weights(model, hf, info.name, fix)
+    return hf
+
+
+def _check_same_weights(model: Any, hf: Any, name: str, fix: str) -> None:
+    """Raise unless ``hf`` is ``model``'s architecture with the same token embedding (to fp16 precision)."""
+    arch = getattr(model.cfg, "original_architecture", None)
+    w_hf = hf.get_input_embeddings().weight.detach().float().cpu()
+    w_tl = model.W_E.detach().float().cpu()
+    same = (not arch or arch == type(hf).__name__) and w_hf.shape == w_tl.shape
+    if same:
+        same = bool(torch.allclose(w_hf, w_tl, rtol=1e-3, atol=1e-3 * float(w_tl.abs().max())))
+    if not same:
+        raise ConfigError(
+            f"model_name_or_hf_model: the Hugging Face model loaded as {name!r} ({type(hf).__name__}) does not "
+            f"hold this HookedTransformer's weights ({arch}; its W_E differs). {fix}"
+        )
 
 
 def _lora_model(peft: Any, hf: Any, config: LoraTrainConfig) -> Any:

@@ -20,6 +20,7 @@ nothing inside a step does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,24 +28,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens.errors import ConfigError, TrainingDivergedError
+from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
 from steer_lens.train.trainable import Trainable, as_trainable
 from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 __all__ = [
     "OptimConfig",
+    "RunState",
     "TrainResult",
     "accumulate_gradients",
     "check_micro_batch_size",
     "is_int",
     "load_checkpoint",
     "micro_batches",
+    "progress_fields",
     "require",
     "run_loop",
     "save_checkpoint",
@@ -163,7 +166,9 @@ class OptimConfig:
         checkpoint_every: save every this many steps (0: only at the end or on interruption).
         resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one.
         log_path: JSONL file receiving one line of metrics per step (``None``: none).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar with at most four fields (:func:`progress_fields`:
+            ``loss``, ``reward``, ``kl``, ``heldout_loss``, else ``grad_norm``); every metric goes to
+            ``log_path`` and the result's ``metrics``.
     """
 
     steps: int = 200
@@ -330,22 +335,48 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+@runtime_checkable
+class RunState(Protocol):
+    """What an objective carries from step to step beyond the weights and the optimiser (optional).
+
+    An objective whose steps depend on more than the step index, the seed and the weights (RL: the
+    batch of rollouts in flight for ``ppo_epochs > 1``, REINFORCE's moving baseline) passes such an
+    object to :func:`run_loop` as ``state``; it is saved with every checkpoint
+    (``run_state.safetensors`` and ``state.json["run_state"]``) and loaded on ``resume=True``, so a
+    resumed run equals an uninterrupted one bit for bit on the CPU.
+    """
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, json_meta)`` describing the state now (tensors are saved with safetensors)."""
+        ...
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned."""
+        ...
+
+
 def save_checkpoint(
     folder: Path, step: int, target: Trainable, opt: torch.optim.Optimizer, history: dict[str, list[float]],
-    resid_rms: dict[str, float], config: dict[str, Any],
+    resid_rms: dict[str, float], config: dict[str, Any], state: RunState | None = None,
 ) -> None:
     """Write ``folder/step-NNNNNN/`` (weights, ``optimizer.safetensors``, ``state.json``), then ``latest.json``.
 
     Every file is written atomically and the pointer last, so an interrupted save leaves the previous
-    checkpoint intact; the newest two checkpoints are kept.
+    checkpoint intact; the newest two checkpoints are kept. With ``state`` (a :class:`RunState`) its
+    tensors go to ``run_state.safetensors`` and its metadata to ``state.json["run_state"]``.
     """
     sub = folder / f"step-{step:06d}"
     target.save(sub)
     opt_tensors, opt_meta = _optimizer_to_files(opt)
     atomic_save_safetensors(sub / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(0)})
+    run_meta = None
+    if state is not None:
+        run_tensors, run_meta = state.checkpoint_state()
+        atomic_save_safetensors(sub / "run_state.safetensors",
+                                {k: v.contiguous() for k, v in run_tensors.items()} or {"_empty": torch.zeros(0)})
     atomic_write_json(sub / "state.json", {
         "step": step, "optimizer": opt_meta, "history": history, "resid_rms": resid_rms,
-        "config": config, **target.identity(),
+        "config": config, **target.identity(), **({"run_state": run_meta} if state is not None else {}),
     })
     atomic_write_json(folder / "latest.json", {"step": step, "folder": sub.name})
     olds = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != sub.name)
@@ -355,24 +386,39 @@ def save_checkpoint(
         old.rmdir()
 
 
-def load_checkpoint(folder: Path, target: Trainable, opt: torch.optim.Optimizer) -> tuple[int, dict, dict] | None:
+def load_checkpoint(
+    folder: Path, target: Trainable, opt: torch.optim.Optimizer, state: RunState | None = None,
+) -> tuple[int, dict, dict] | None:
     """Load the latest checkpoint in ``folder`` into ``target`` and ``opt``: ``(step, history, resid_rms)``.
 
+    With ``state`` (a :class:`RunState`) the run state saved beside the weights is loaded into it.
     Returns ``None`` when ``folder`` holds no checkpoint.
 
     Raises:
-        IncompatibleVectorError: the checkpoint was made for other hooks / parameters.
+        IncompatibleVectorError: the checkpoint was made for other hooks / parameters, or ``state``
+            is given and the checkpoint holds no run state (it was made by an older version or by
+            another objective).
     """
     latest = folder / "latest.json"
     if not latest.exists():
         return None
+    run_state = state
     sub = folder / read_json(latest)["folder"]
-    state = read_json(sub / "state.json")
-    target.load(sub, state, folder)
+    saved = read_json(sub / "state.json")
+    target.load(sub, saved, folder)
     tensors = {k: v for k, v in load_safetensors(sub / "optimizer.safetensors").items() if k != "_empty"}
+    if run_state is not None:
+        if "run_state" not in saved or not (sub / "run_state.safetensors").exists():
+            raise IncompatibleVectorError(
+                f"{sub}: this checkpoint holds no run state (rollouts in flight, baselines), so resuming "
+                "from it would not continue the same run. Fix: start a fresh run (resume=False) or "
+                "point checkpoint_dir at a checkpoint written by this version for this objective."
+            )
+        run_tensors = {k: v for k, v in load_safetensors(sub / "run_state.safetensors").items() if k != "_empty"}
+        run_state.load_checkpoint_state(run_tensors, saved["run_state"])
     _optimizer_from_files(opt, {k: v.to(target.device) if not k.endswith(".step") else v
-                                for k, v in tensors.items()}, state["optimizer"])
-    return int(state["step"]), state["history"], state["resid_rms"]
+                                for k, v in tensors.items()}, saved["optimizer"])
+    return int(saved["step"]), saved["history"], saved["resid_rms"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,8 +428,8 @@ class _Run:
     """One run of :func:`run_loop`: the optimiser, history, log file and checkpoints of a target."""
 
     def __init__(self, target: Trainable, config: OptimConfig, resid_rms: dict[str, float],
-                 objective: str, all_config: dict[str, Any]) -> None:
-        self.target, self.config, self.resid_rms = target, config, resid_rms
+                 objective: str, all_config: dict[str, Any], state: RunState | None = None) -> None:
+        self.target, self.config, self.resid_rms, self.state = target, config, resid_rms, state
         self.objective, self.all_config = objective, all_config
         relative = config.lr_units == "relative"
         self.groups = target.param_groups(config.lr, resid_rms if relative else None)
@@ -398,7 +444,7 @@ class _Run:
         """Load the latest checkpoint when ``resume`` is set; open the JSONL log. Returns the first step."""
         start = 0
         if self.ckpt_dir is not None and self.config.resume:
-            loaded = load_checkpoint(self.ckpt_dir, self.target, self.opt)
+            loaded = load_checkpoint(self.ckpt_dir, self.target, self.opt, self.state)
             if loaded is not None:
                 start, self.history, self.resid_rms = loaded
                 logger.info("resumed from %s at step %d", self.ckpt_dir, start)
@@ -411,7 +457,7 @@ class _Run:
         """Save a checkpoint at ``step`` when the run has a ``checkpoint_dir``."""
         if self.ckpt_dir is not None:
             save_checkpoint(self.ckpt_dir, step, self.target, self.opt, self.history, self.resid_rms,
-                            self.all_config)
+                            self.all_config, self.state)
 
     def gradient(self, step: int, step_fn: StepFn) -> tuple[list[str], Tensor]:
         """Warm-up lr, the step's loss and backward pass: ``(names, values)`` with ``values[-1]`` = finite."""
@@ -420,8 +466,9 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = g["initial_lr"] * warm
         self.opt.zero_grad(set_to_none=True)
-        loss, metrics = step_fn(step)
-        loss.backward()
+        with _recording(self.target):  # steered calls record the graph into the vectors only in here
+            loss, metrics = step_fn(step)
+            loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros((), device=loss.device)
@@ -470,6 +517,7 @@ def run_loop(
     resid_rms: dict[str, float],
     objective: str = "sft",
     extra_config: dict[str, Any] | None = None,
+    state: RunState | None = None,
 ) -> TrainResult:
     """Optimise ``steered.vectors`` (or any :class:`~steer_lens.train.trainable.Trainable`) with AdamW.
 
@@ -485,6 +533,8 @@ def run_loop(
         resid_rms: per-hook residual RMS (from :func:`typical_resid_rms`) for relative lrs.
         objective: a name for logs and the result.
         extra_config: the objective's own settings, saved with checkpoints and the vectors.
+        state: what the objective carries between steps (a :class:`RunState`), saved with every
+            checkpoint and restored on resume (RL passes its rollouts and estimator state).
 
     Returns:
         A :class:`TrainResult`; the weights are left at their final values, and
@@ -503,7 +553,7 @@ def run_loop(
 
     target = as_trainable(steered)
     all_config = {"optim": config.to_dict(), **(extra_config or {}), "objective": objective}
-    run = _Run(target, config, resid_rms, objective, all_config)
+    run = _Run(target, config, resid_rms, objective, all_config, state)
     start = run.resume()
     good = target.snapshot()
     t0 = time.perf_counter()
@@ -516,8 +566,8 @@ def run_loop(
                 raise run.diverged(step, values)
             run.update()
             good = target.snapshot()
-            row = run.record(step, names, values)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if not k.startswith("norm/")}, refresh=False)
+            run.record(step, names, values)
+            bar.set_postfix(progress_fields(run.history), refresh=False)
             bar.update(1)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 run.checkpoint(step + 1)
@@ -545,6 +595,33 @@ def run_loop(
         seconds=time.perf_counter() - t0,
         objective=objective,
     )
+
+
+PROGRESS_FIELDS: tuple[str, ...] = ("loss", "reward", "kl", "heldout_loss", "grad_norm")
+"""The metrics the progress bar shows, in this order, at most :data:`PROGRESS_MAX` of those logged."""
+
+PROGRESS_MAX = 4
+"""At most this many fields on the progress bar (the rest are in ``log_path`` / ``TrainResult.metrics``)."""
+
+
+def progress_fields(history: dict[str, list[float]]) -> dict[str, str]:
+    """The progress bar's fields: the first :data:`PROGRESS_MAX` of :data:`PROGRESS_FIELDS` that were
+    logged, each at its last finite value (so ``heldout_loss`` stays shown between evaluations), as
+    3-significant-digit strings. Every other metric is left to the JSONL log."""
+    out: dict[str, str] = {}
+    for name in PROGRESS_FIELDS:
+        last = next((v for v in reversed(history.get(name, [])) if not math.isnan(v)), None)
+        if last is not None:
+            out[name] = f"{last:.3g}"
+        if len(out) == PROGRESS_MAX:
+            break
+    return out
+
+
+def _recording(target: Trainable) -> contextlib.AbstractContextManager:
+    """``steered.gradients()`` of a wrapper's vectors (its calls record no graph outside it), else a no-op."""
+    steered = getattr(target, "steered", None)
+    return steered.gradients() if hasattr(steered, "gradients") else contextlib.nullcontext()
 
 
 def _append_row(history: dict[str, list[float]], row: dict[str, float]) -> None:

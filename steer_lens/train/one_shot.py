@@ -278,10 +278,11 @@ def one_shot(steered, examples: Sequence[OneShotExample], config: OneShotConfig 
     with torch.no_grad():
         init = torch.randn(vector.shape, generator=gen)
         vector.copy_((cfg.starting_norm * init / init.norm()).to(vector.device))
-    per_item, losses, iters = _optimise(steered, items, vector, cfg)
-    out_iters = 0
-    if cfg.do_output_constr:
-        out_iters = _output_constrained(steered, items, vector, per_item, cfg)
+    with steered.gradients():  # steered calls record the graph into the vector only inside it
+        per_item, losses, iters = _optimise(steered, items, vector, cfg)
+        out_iters = 0
+        if cfg.do_output_constr:
+            out_iters = _output_constrained(steered, items, vector, per_item, cfg)
     completion_losses = [{"promote": [], "suppress": []} for _ in examples]
     for item, value in zip(items, per_item, strict=True):
         completion_losses[item.example]["suppress" if item.suppress else "promote"].append(value)

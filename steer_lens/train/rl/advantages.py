@@ -44,6 +44,7 @@ __all__ = [
     "AdvantageSpec",
     "Reinforce",
     "advantage_names",
+    "estimator_state",
     "get_advantage",
     "grpo_advantages",
     "register_advantage",
@@ -234,7 +235,30 @@ class Reinforce:
         self.decay = float(config.baseline_decay)
         self.baseline: Tensor | None = None
 
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The baseline (saved with RL checkpoints, so a resumed run continues with it)."""
+        return {"baseline": None if self.baseline is None else self.baseline.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        """Restore :meth:`state_dict`'s baseline."""
+        b = state.get("baseline")
+        self.baseline = None if b is None else b.clone()
+
     def __call__(self, rewards: Float[Tensor, "groups k"]) -> Float[Tensor, "groups k"]:
         """Advantages of one batch (all groups share the baseline); updates the baseline."""
         adv, self.baseline = reinforce_advantages(rewards.reshape(-1), self.baseline, self.decay)
         return adv.view_as(rewards)
+
+
+def estimator_state(estimator: Any) -> dict[str, Tensor | None] | None:
+    """A copy of a stateful estimator's state (its ``state_dict()``), or ``None`` for a stateless one.
+
+    A stateful estimator (a class registered with :func:`register_advantage`) that defines
+    ``state_dict()`` / ``load_state_dict(state)`` (tensor or ``None`` values) is checkpointed with
+    :func:`~steer_lens.train.rl.rl`'s runs and resumed exactly; without them its state starts afresh
+    on ``resume=True``.
+    """
+    if not hasattr(estimator, "state_dict") or not hasattr(estimator, "load_state_dict"):
+        return None
+    return {k: None if v is None else v.detach().clone() for k, v in estimator.state_dict().items()}
+

@@ -39,7 +39,8 @@ def completion_logprobs(
 
     ``tokens[:, prompt_len + t]`` is scored from the logits at position ``prompt_len + t - 1``;
     left padding is masked by ``attention_mask`` (positions are those of the unpadded sequences).
-    Run it under ``steered.disabled()`` for the base model's log-probabilities.
+    Run it under ``steered.disabled()`` for the base model's log-probabilities. The forward records
+    the graph into the vectors (``steered.gradients()``) unless torch's grad mode is off.
 
     Args:
         steered: the :class:`~steer_lens.SteeredTransformer`.
@@ -61,7 +62,8 @@ def completion_logprobs(
     """
     batch = tokens.shape[0]
     lengths = torch.full((batch,), prompt_len, device=tokens.device)
-    logits = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths)
+    with steered.gradients():  # a training forward: the policy's log-probs carry the vectors' graph
+        logits = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths)
     logits = logits[:, prompt_len - 1 : -1].float()
     if temperature != 1.0:
         logits = logits / temperature

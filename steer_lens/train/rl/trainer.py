@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError
-from steer_lens.steering import SteeredTransformer
+from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train.loop import (
     TrainResult,
     accumulate_gradients,
@@ -28,7 +28,7 @@ from steer_lens.train.loop import (
     typical_resid_rms,
 )
 from steer_lens.train.rewards import reward_name
-from steer_lens.train.rl.advantages import AdvantageEstimator, get_advantage
+from steer_lens.train.rl.advantages import AdvantageEstimator, estimator_state, get_advantage
 from steer_lens.train.rl.config import RLConfig
 from steer_lens.train.rl.loss import completion_logprobs, policy_loss
 from steer_lens.train.rl.rollout import Rollout, collect_rollout, prompt_items, prompt_order, sample
@@ -66,17 +66,75 @@ class RLState:
     old_logp: Tensor | None = None
 
     def rollout_for(self, step: int) -> Rollout:
-        """The batch of rollouts optimisation step ``step`` uses (sampled when the batch changes)."""
+        """The batch of rollouts optimisation step ``step`` uses (sampled when the batch changes).
+
+        If sampling, scoring or weighing fails, the estimator's state is put back as it was, so a
+        resumed run does not count the failed batch in REINFORCE's baseline.
+        """
         r = step // self.config.ppo_epochs
         if self.rollout is None or self.rollout_index != r:
             per = self.config.prompts_per_step
-            self.rollout = collect_rollout(
-                self.steered, self.items, self.texts, self.order[r * per : (r + 1) * per],
-                reward=self.reward, estimator=self.estimator, config=self.config, rollout=r,
-            )
+            before = estimator_state(self.estimator)
+            try:
+                self.rollout = collect_rollout(
+                    self.steered, self.items, self.texts, self.order[r * per : (r + 1) * per],
+                    reward=self.reward, estimator=self.estimator, config=self.config, rollout=r,
+                )
+            except BaseException:
+                if before is not None:
+                    self.estimator.load_state_dict(before)
+                raise
             self.rollout_index = r
             self.old_logp = None
         return self.rollout
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The rollout in flight, the PPO reference log-probs and the estimator's state (a ``RunState``).
+
+        Saved with every checkpoint of :func:`rl` so that ``resume=True`` continues with the very
+        batch of rollouts an uninterrupted run would use (``ppo_epochs > 1``) and REINFORCE's baseline
+        as it was; see :class:`~steer_lens.train.loop.RunState`.
+        """
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {"rollout_index": self.rollout_index, "rollout": None}
+        est = estimator_state(self.estimator)
+        if est is not None:
+            meta["estimator"] = {k: None if v is None else "tensor" for k, v in est.items()}
+            tensors.update({f"estimator.{k}": v for k, v in est.items() if v is not None})
+        ro = self.rollout
+        if ro is not None:
+            g = ro.generation
+            tensors.update({"tokens": g.tokens, "attention_mask": g.attention_mask,
+                            "completion_mask": g.completion_mask, "rewards": ro.rewards,
+                            "advantages": ro.advantages})
+            if ro.ref_logp is not None:
+                tensors["ref_logp"] = ro.ref_logp
+            if self.old_logp is not None:
+                tensors["old_logp"] = self.old_logp
+            meta["rollout"] = {"prompt_len": g.prompt_len, "prompts": g.prompts, "completions": g.completions,
+                               "sample_seconds": ro.sample_seconds, "reward_prompts": list(ro.prompts),
+                               "reward_completions": list(ro.completions)}
+        return {k: v.detach().cpu() for k, v in tensors.items()}, meta
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` saved (tensors moved to the model's device)."""
+        dev = self.steered.device
+        t = {k: v.to(dev) for k, v in tensors.items()}
+        if "estimator" in meta and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict({k: t.get(f"estimator.{k}") for k in meta["estimator"]})
+        self.rollout_index = int(meta["rollout_index"])
+        m = meta.get("rollout")
+        if m is None:
+            self.rollout, self.old_logp = None, None
+            return
+        g = Generation(tokens=t["tokens"], attention_mask=t["attention_mask"], completion_mask=t["completion_mask"],
+                       prompt_len=int(m["prompt_len"]), prompts=m["prompts"], completions=m["completions"])
+        self.rollout = Rollout(
+            generation=g, rewards=t["rewards"], advantages=t["advantages"], ref_logp=t.get("ref_logp"),
+            sample_seconds=float(m["sample_seconds"]), prompts=tuple(m["reward_prompts"]),
+            completions=tuple(m["reward_completions"]),
+        )
+        self.old_logp = t.get("old_logp")
 
     def step(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss and metrics of optimisation step ``step`` (the ``step_fn`` of ``run_loop``).
@@ -198,17 +256,20 @@ def rl(
             f"reward: expected a callable f(prompts, completions), got {type(reward).__name__}."
         )
     items, texts = prompt_items(prompts)
-    # relative learning rates: residual scale from one unsteered rollout of (some of) the prompts
-    with steered.disabled():
-        probe = sample(steered, items[: min(len(items), config.prompts_per_step)], config, seed=config.seed)
-    resid_rms = typical_resid_rms(steered, probe.tokens, probe.attention_mask)
+    resid_rms: dict[str, float] = {}
+    if config.lr_units == "relative":
+        # relative learning rates: residual scale from one unsteered rollout of (some of) the prompts
+        # (absolute learning rates, as the papers' recipes use, need no probe)
+        with steered.disabled():
+            probe = sample(steered, items[: min(len(items), config.prompts_per_step)], config, seed=config.seed)
+        resid_rms = typical_resid_rms(steered, probe.tokens, probe.attention_mask)
     state = RLState(
         steered=steered, items=items, texts=texts, order=prompt_order(len(items), config), reward=reward,
         estimator=get_advantage(config.algorithm).make(config), config=config,
     )
     result = run_loop(
         steered, state.step, config, resid_rms=resid_rms, objective="rl",
-        extra_config={"rl": {"reward": reward_name(reward), "n_prompts": len(items)}},
+        extra_config={"rl": {"reward": reward_name(reward), "n_prompts": len(items)}}, state=state,
     )
     last = state.rollout
     return RLResult(
