@@ -123,8 +123,15 @@ class LoraTrainResult:
     metrics: dict[str, Float[Tensor, " steps"]] = field(default_factory=dict)
 
     def save(self, folder) -> None:
-        """Save the adapter with peft (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        self.peft_model.save_pretrained(str(folder))
+        """Save the adapter with peft (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        The folder is written as a whole (:func:`~steer_lens.vectors.io.atomic_folder`): an interrupted
+        save leaves the old folder, never new weights beside an old config.
+        """
+        from steer_lens.vectors.io import atomic_folder
+
+        with atomic_folder(folder) as tmp:
+            self.peft_model.save_pretrained(str(tmp))
 
     def to_pandas(self):
         """The loss per step as a ``pandas.DataFrame``."""

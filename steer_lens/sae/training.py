@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from steer_lens.results import Result
 from steer_lens.sae._core import ModelLike, check_nonempty, hook_width, iter_batches, run_kwargs, sae_lens
 from steer_lens.sae.corpus import sample_corpus
 from steer_lens.sae.evaluation import SAEQuality, evaluate
-from steer_lens.vectors.io import atomic_write_json
+from steer_lens.vectors.io import atomic_folder, atomic_write_json
 
 __all__ = ["SAEQuality", "SAETrainConfig", "TrainedSAE", "evaluate", "load", "sample_corpus", "train"]
 
@@ -222,14 +221,10 @@ class TrainedSAE(Result):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save in sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``, loadable with
-        :func:`load` or ``SAE.load_from_disk``) plus ``steer_lens_quality.json``; each file is written
-        to a temporary name and moved into place."""
+        :func:`load` or ``SAE.load_from_disk``) plus ``steer_lens_quality.json``. The folder is
+        written as a whole (:func:`~steer_lens.vectors.io.atomic_folder`): an interrupted save leaves
+        the old folder, never new weights beside an old config."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path) as tmp:
-            w, c = self.sae.save_model(tmp)
-            os.replace(w, path / Path(w).name)
-            os.replace(c, path / Path(c).name)
         info = {
             "config": self.config.to_dict(),
             "quality": None if self.quality is None else self.quality.to_dict(),
@@ -238,7 +233,9 @@ class TrainedSAE(Result):
             "seconds": self.seconds,
             "n_training_tokens": self.n_training_tokens,
         }
-        atomic_write_json(path / QUALITY_FILE, info)
+        with atomic_folder(path) as tmp:
+            self.sae.save_model(tmp)
+            atomic_write_json(tmp / QUALITY_FILE, info)
         return path
 
     def to_pandas(self):

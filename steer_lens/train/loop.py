@@ -36,7 +36,13 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
 from steer_lens.train.trainable import Trainable, as_trainable
-from steer_lens.vectors.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from steer_lens.vectors.io import (
+    atomic_folder,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+)
 
 __all__ = [
     "OptimConfig",
@@ -366,18 +372,19 @@ def save_checkpoint(
     tensors go to ``run_state.safetensors`` and its metadata to ``state.json["run_state"]``.
     """
     sub = folder / f"step-{step:06d}"
-    target.save(sub)
     opt_tensors, opt_meta = _optimizer_to_files(opt)
-    atomic_save_safetensors(sub / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(0)})
     run_meta = None
-    if state is not None:
-        run_tensors, run_meta = state.checkpoint_state()
-        atomic_save_safetensors(sub / "run_state.safetensors",
-                                {k: v.contiguous() for k, v in run_tensors.items()} or {"_empty": torch.zeros(0)})
-    atomic_write_json(sub / "state.json", {
-        "step": step, "optimizer": opt_meta, "history": history, "resid_rms": resid_rms,
-        "config": config, **target.identity(), **({"run_state": run_meta} if state is not None else {}),
-    })
+    with atomic_folder(sub, carry_over=False) as tmp:  # a step folder rewritten in place stays whole
+        target.save(tmp)
+        atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors or {"_empty": torch.zeros(0)})
+        if state is not None:
+            run_tensors, run_meta = state.checkpoint_state()
+            atomic_save_safetensors(tmp / "run_state.safetensors",
+                                    {k: v.contiguous() for k, v in run_tensors.items()} or {"_empty": torch.zeros(0)})
+        atomic_write_json(tmp / "state.json", {
+            "step": step, "optimizer": opt_meta, "history": history, "resid_rms": resid_rms,
+            "config": config, **target.identity(), **({"run_state": run_meta} if state is not None else {}),
+        })
     atomic_write_json(folder / "latest.json", {"step": step, "folder": sub.name})
     olds = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != sub.name)
     for old in olds[:-1]:
