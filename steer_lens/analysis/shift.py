@@ -189,7 +189,7 @@ class ActivationShift(Result):
     mean_residual_change: Float[Tensor, " d_in"] = field(repr=False)
     mean_error_change: Float[Tensor, " d_in"] = field(repr=False)
     str_tokens: list[list[str]] = field(repr=False)
-    token_shift: list[Float[Tensor, "pos d_sae"]] = field(repr=False)
+    token_shift: list[Float[Tensor, "_pos d_sae"]] = field(repr=False)
 
     _html_rows = 10
 
