@@ -15,11 +15,14 @@ what differs from the paper on purpose or by necessity.
   MLP output with cross-entropy on the answer token (the LoRA's own natural vector is
   :func:`steer_lens.lora.natural_vector`).
 
-The Ward et al. 2025 recipe (rank-1 LoRA SAEs) lands with its method; see the papers issue.
+* :func:`ward2025` - "Rank-1 LoRAs Encode Interpretable Reasoning Signals" (Ward, Riechers & Shai
+  2025), repositories jnward/reasoning-lora-interp and its training submodule jnward/s1_peft: a rank-1
+  LoRA on all 7 projections of every layer, then a BatchTopK SAE on its concatenated activation state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +32,7 @@ from steer_lens.train.one_shot import OneShotConfig
 from steer_lens.train.rl import RLConfig
 from steer_lens.train.supervised import SFTConfig
 
-__all__ = ["Recipe", "dunefsky2025", "sinii2025", "wang2025"]
+__all__ = ["Recipe", "dunefsky2025", "sinii2025", "wang2025", "ward2025"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Recipe:
         differs: what this recipe does differently from the paper, and why.
         steering: the paper's ``SteeredTransformer`` settings (initialisation, positions), used by
             :meth:`steered` unless overridden there.
+        extra: further configs of the paper's pipeline, e.g. ``{"sae": LoraStateSAEConfig(...)}`` for
+            :func:`ward2025`.
     """
 
     paper: str
@@ -52,6 +57,7 @@ class Recipe:
     sources: dict[str, str] = field(default_factory=dict)
     differs: tuple[str, ...] = ()
     steering: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def steered(self, model, **kwargs: Any):
         """A :class:`~steer_lens.SteeredTransformer` on ``model`` at the recipe's hooks.
@@ -253,5 +259,98 @@ def wang2025(model, *, n_train: int, layer: int | None = None) -> Recipe:
             "the paper's model is Gemma-3-12B-it, whose MLP output is before its post-MLP norm; TransformerLens's "
             "hook_mlp_out on Gemma is after ln2_post, so on Gemma models this hook is not the paper's site",
             "the paper also reports the LoRA's natural vector (steer_lens.lora.natural_vector), not trained here",
+        ),
+    )
+
+
+_WARD_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def ward2025(model, *, n_train: int, layers: list[int] | None = None) -> Recipe:
+    """A rank-1 LoRA on every projection, then a BatchTopK SAE on its activation state (Ward et al. 2025).
+
+    As ``0_train_lora.sh`` of jnward/reasoning-lora-interp (at 9b103c4), which runs ``train/sft_lora.sh``
+    and ``train/sft_lora.py`` of its submodule jnward/s1_peft (at 925f7c2): peft LoRA of rank 1 with
+    ``lora_alpha=16`` and rsLoRA scaling (``alpha / sqrt(r)`` = 16) on ``q/k/v/o_proj`` and
+    ``gate/up/down_proj`` of every layer, no dropout, no bias; AdamW at lr 1e-3 (betas 0.9, 0.95, weight
+    decay 1e-4), 16 sequences per optimiser step (1 per device × gradient accumulation), 5 epochs, a 5%
+    linear warm-up then cosine decay to 0, the loss on the assistant's response only (trl's
+    ``DataCollatorForCompletionOnlyLM``), on s1K-1.1 (1000 DeepSeek-R1 reasoning traces, ``block_size``
+    20000). transformers' default gradient clipping (``max_grad_norm=1``) applies: the script does not
+    set it. The SAE on the ``n_layers × 7`` per-token scalars has the settings of
+    ``3_lora_sae/3.0_train_sae.py`` (:class:`~steer_lens.lora.LoraStateSAEConfig`'s defaults, in
+    ``extra["sae"]``).
+
+    Sources (``sh`` = s1_peft ``train/sft_lora.sh``, ``py`` = s1_peft ``train/sft_lora.py``):
+
+    * sh l.19-20: ``rank=1``, ``alpha=16`` (l.36: alpha stays 16 for any rank); py l.133 ``use_rslora=True``;
+    * py l.62: the 7 target modules; l.65-124: every layer unless a layer range is given;
+    * py l.130, l.132: ``lora_dropout=0.0``, ``bias="none"``;
+    * sh l.7-8: lr 1e-3, ``min_lr=0``; l.113 cosine schedule; l.106 ``warmup_ratio=0.05``;
+    * sh l.10: weight decay 1e-4; l.116-117: Adam betas 0.9, 0.95;
+    * sh l.9: 5 epochs; l.11-15: batch 16 = micro-batch 1 × accumulation; l.104 s1K-1.1; l.6 block 20000;
+    * py l.184-198: loss on tokens after ``<|im_start|>assistant\\n`` only;
+    * sh l.109: bf16; l.140 gradient checkpointing (memory only).
+
+    Args:
+        model: the TransformerLens model (its ``cfg.n_layers`` gives the layers; it must have a gated MLP,
+            i.e. ``gate_proj``, and separate q/k/v projections, as Llama/Qwen/SmolLM2).
+        n_train: training sequences; ``steps = 5 · max(1, n_train // 16)`` (transformers' steps per epoch
+            with 16 sequences per step), warm-up ``ceil(0.05 · steps)``.
+        layers: layers to adapt (default: all, as the paper).
+
+    Returns:
+        A :class:`Recipe` whose ``config`` is a :class:`~steer_lens.lora.LoraTrainConfig` (train with
+        ``sl.lora.train_adapter(model, examples, recipe.config)``) and whose ``extra["sae"]`` is the
+        :class:`~steer_lens.lora.LoraStateSAEConfig` for :func:`~steer_lens.lora.train_lora_state_sae`.
+        ``hooks`` is empty: nothing is steered.
+
+    Raises:
+        ConfigError: ``n_train < 1``; a layer outside ``[0, n_layers)``; a model without a gated MLP.
+    """
+    from steer_lens.lora.state_sae import LoraStateSAEConfig
+    from steer_lens.lora.train import LoraTrainConfig
+
+    n_layers = int(model.cfg.n_layers)
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+        raise ConfigError(f"n_train: expected the number of training sequences (an int >= 1), got {n_train!r}.")
+    if layers is not None:
+        layers = [int(x) for x in layers]
+        if not layers or any(not 0 <= x < n_layers for x in layers):
+            raise ConfigError(f"layers: expected layer indices in [0, {n_layers}), got {layers!r}.")
+    if not getattr(model.cfg, "gated_mlp", False):
+        raise ConfigError("model: the paper adapts gate_proj/up_proj/down_proj, but this model has no gated MLP. "
+                          "Fix: use a Llama-style model (Qwen2.5, Llama, SmolLM2) or set target_modules yourself.")
+    steps = 5 * max(1, n_train // 16)
+    sh, py = "s1_peft train/sft_lora.sh", "s1_peft train/sft_lora.py"
+    sae = "reasoning-lora-interp 3_lora_sae/3.0_train_sae.py"
+    return Recipe(
+        paper="Ward, Riechers & Shai 2025, Rank-1 LoRAs Encode Interpretable Reasoning Signals",
+        hooks=(),
+        config=LoraTrainConfig(
+            rank=1, alpha=16.0, use_rslora=True, target_modules=_WARD_MODULES,
+            layers=None if layers is None else tuple(layers), lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.95),
+            grad_clip=1.0, steps=steps, warmup_steps=math.ceil(0.05 * steps), batch_size=16,
+        ),
+        extra={"sae": LoraStateSAEConfig()},
+        sources={
+            "rank 1, lora_alpha 16": f"{sh}, l.19-20 and l.36", "rsLoRA scaling alpha/sqrt(r)": f"{py}, l.133",
+            "q/k/v/o/gate/up/down_proj of every layer": f"{py}, l.62 and l.65-124",
+            "lora_dropout 0, bias none": f"{py}, l.130 and l.132",
+            "AdamW lr 1e-3, betas (0.9, 0.95), weight decay 1e-4": f"{sh}, l.7, l.10, l.116-117",
+            "16 sequences per step, 5 epochs": f"{sh}, l.9, l.11-15",
+            "warm-up 5% of steps": f"{sh}, l.106", "grad-norm clip 1 (transformers default)": f"{sh}, l.97-120",
+            "loss on the assistant response only": f"{py}, l.184-198",
+            "data: simplescaling/s1K-1.1_tokenized, block 20000": f"{sh}, l.104 and l.6",
+            "SAE: k 16, lr 5e-4, batch 512, 8x, AuxK 1/32, seed 42": f"{sae}, l.239-244",
+            "SAE: 100 warm-up steps, dead after 1e6 tokens, one epoch": f"{sae}, l.269-271 and l.366",
+        },
+        differs=(
+            "learning rate: linear warm-up then constant; the paper decays it by a cosine to 0 (sh l.8, l.113)",
+            "fp32 on the CPU, not bf16 with FSDP on 8 GPUs; no gradient checkpointing",
+            "the data are yours: the paper's s1K-1.1 traces are up to 20000 tokens, far beyond a CPU",
+            "the paper's model is Qwen2.5-32B-Instruct (64 layers); on another model the state has n_layers x 7 "
+            "columns and the SAE 8x as many latents",
+            "steps count optimiser steps of batch_size sequences, drawn by steer_lens's seeded permutations",
         ),
     )

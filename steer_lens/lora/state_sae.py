@@ -27,11 +27,14 @@ top examples in ``3_lora_sae/3.1_collect_sae_features.py:61-114``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +60,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_INFO_FILE = "lora_state_sae.json"
 
 # Column order within a layer, as the paper stores it: gate, up, down, q, k, v, o
 # (2.0_extract_lora_activations.py:170-175 with adapter_types from 3.0_train_sae.py:248).
@@ -328,6 +333,46 @@ class LoraStateSAE(Result):
         """
         acts = self.encode(states, mode=mode)
         return self.sae.decode(acts.to(self.sae.W_dec.device, self.sae.dtype)).float().cpu()
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Save to ``folder``: sae-lens's files (``cfg.json`` + ``sae_weights.safetensors``, loadable with
+        ``SAE.load_from_disk``) plus ``lora_state_sae.json`` (columns, config, decoder norms, statistics).
+        Written as a whole (:func:`~steer_lens.vectors.io.atomic_folder`). Returns the folder."""
+        from steer_lens.vectors.io import atomic_folder, atomic_write_json
+
+        info = {"modules": list(self.modules), "config": self.config.to_dict(),
+                "decoder_norms": self.decoder_norms.tolist(), "mse": self.mse, "fvu": self.fvu, "l0": self.l0,
+                "dead_latents": self.dead_latents, "seconds": self.seconds,
+                "n_training_tokens": self.n_training_tokens}
+        with atomic_folder(folder) as tmp:
+            self.sae.save_model(tmp)
+            atomic_write_json(tmp / _INFO_FILE, info)
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, device: str = "cpu") -> LoraStateSAE:
+        """Load what :meth:`save` wrote.
+
+        Raises:
+            FileNotFoundError: ``folder`` lacks ``lora_state_sae.json`` or sae-lens's files.
+            ShapeMismatchError: the SAE's ``d_in`` differs from the saved columns.
+        """
+        folder = Path(folder)
+        if not (folder / _INFO_FILE).exists() or not (folder / "cfg.json").exists():
+            raise FileNotFoundError(f"{str(folder)!r} has no {_INFO_FILE} and cfg.json; expected a folder "
+                                    "written by LoraStateSAE.save.")
+        info = json.loads((folder / _INFO_FILE).read_text())
+        sae = sae_lens().SAE.load_from_disk(str(folder), device=device)
+        sae.eval()
+        for p in sae.parameters():
+            p.requires_grad_(False)
+        if int(sae.cfg.d_in) != len(info["modules"]):
+            raise ShapeMismatchError(f"{str(folder)!r}: the SAE reads {sae.cfg.d_in} inputs but "
+                                     f"{len(info['modules'])} columns were saved; the folder is inconsistent.")
+        return cls(sae=sae, modules=tuple(info["modules"]), config=LoraStateSAEConfig(**info["config"]),
+                   decoder_norms=torch.tensor(info["decoder_norms"], dtype=torch.float32), mse=info["mse"],
+                   fvu=info["fvu"], l0=info["l0"], dead_latents=info["dead_latents"], seconds=info["seconds"],
+                   n_training_tokens=info["n_training_tokens"])
 
     def to_pandas(self):
         """One row: d_in, d_sae, k, tokens, MSE, FVU, L0, dead latents, seconds."""

@@ -1,7 +1,9 @@
 """Training data shared by every objective that learns from examples (SFT of vectors, LoRA training).
 
 One example format: a text (every token after BOS is a target), a ``(prompt, completion)`` pair, or a
-dict ``{"prompt", "completion", "suppress"}``; one right-padded :class:`Batch`; one seeded data order
+dict ``{"prompt", "completion", "suppress"}``, each part a text or token ids (a 1-D tensor or a list of
+ints, for models without a tokenizer; a whole example given as ids is one sequence whose first token,
+the BOS, is the prompt); one right-padded :class:`Batch`; one seeded data order
 (epochs of permutations); one masked next-token loss. :mod:`steer_lens.train.supervised` and
 :mod:`steer_lens.lora.train` both use these, so the two trainings see the same batches of the same
 tokens.
@@ -9,6 +11,7 @@ tokens.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +22,13 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError
 
-__all__ = ["Batch", "Example", "collate_rows", "epoch_order", "masked_nll", "next_token_logprobs",
-           "normalise_example"]
+__all__ = ["Batch", "Example", "TokenIds", "collate_rows", "epoch_order", "is_token_ids", "masked_nll",
+           "next_token_logprobs", "normalise_example", "token_ids"]
 
-Example = str | tuple[str, str] | Mapping[str, str]
+TokenIds = Tensor | Sequence[int]
+"""Token ids of one sequence: a 1-D integer tensor (or ``[1, pos]``) or a list / tuple of ints."""
+
+Example = str | TokenIds | tuple[str | TokenIds, str | TokenIds] | Mapping[str, str | TokenIds]
 
 
 @dataclass(frozen=True)
@@ -42,26 +48,73 @@ class Batch:
     prompt_lengths: Int[Tensor, " batch"]
 
 
-def normalise_example(example: Any, i: int) -> tuple[Any, Any, Any]:
-    """``(prompt, completion, suppress)`` of one example, as given (texts or token tensors).
+def is_token_ids(x: object) -> bool:
+    """Whether ``x`` is token ids of one sequence: an integer tensor, or a non-empty list / tuple of ints."""
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, list | tuple) and x:
+        return all(not isinstance(t, bool | Tensor) and hasattr(t, "__index__") for t in x)
+    return False
 
-    A text is ``("", text, None)``; a pair ``(prompt, completion, None)``; a dict reads ``prompt``
-    (default ``""``), ``completion`` (default ``""``) and ``suppress`` (default ``None``).
+
+def token_ids(x: object, what: str = "tokens") -> list[int] | None:
+    """The ids of ``x`` as a list of ints, or ``None`` when ``x`` is a text.
+
+    Args:
+        x: a text, a 1-D integer tensor (or ``[1, pos]``), or a list / tuple of ints.
+        what: the argument's name, for the message.
 
     Raises:
-        ConfigError: not a text, a pair or a dict, or a dict with neither ``completion`` nor ``suppress``.
+        ConfigError: neither a text nor token ids (e.g. a float tensor or a ``[2, pos]`` tensor).
+    """
+    if isinstance(x, str):
+        return None
+    if isinstance(x, Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.ndim > 2 or (
+                x.ndim == 2 and x.shape[0] != 1):
+            raise ConfigError(f"{what}: expected a text or the token ids of one sequence (an integer tensor "
+                              f"[pos]), got a {x.dtype} tensor of shape {list(x.shape)}.")
+        return x.reshape(-1).tolist()
+    if isinstance(x, list | tuple) and (not x or is_token_ids(x)):
+        return [operator.index(t) for t in x]
+    raise ConfigError(f"{what}: expected a text or token ids (a 1-D integer tensor or a list of ints), "
+                      f"got {type(x).__name__}.")
+
+
+def _ids_or_text(x: Any) -> Any:
+    """Token ids as a ``torch.long`` tensor (lists of ints included); texts and ``None`` as given."""
+    return torch.tensor(token_ids(x), dtype=torch.long) if is_token_ids(x) else x
+
+
+def normalise_example(example: Any, i: int) -> tuple[Any, Any, Any]:
+    """``(prompt, completion, suppress)`` of one example: texts as given, token ids as ``torch.long`` tensors.
+
+    A text is ``("", text, None)``; token ids of one sequence (a tensor or a list of ints) are
+    ``(ids[:1], ids[1:], None)``: the first token (the BOS) is the prompt, every later token a target,
+    as for a text; a pair ``(prompt, completion, None)``; a dict reads ``prompt`` (default ``""``),
+    ``completion`` (default ``""``) and ``suppress`` (default ``None``). Lists of ints inside a pair
+    or a dict become tensors.
+
+    Raises:
+        ConfigError: not a text, token ids, a pair or a dict, or a dict with neither ``completion`` nor
+            ``suppress``.
     """
     if isinstance(example, str):
         return "", example, None
+    if is_token_ids(example):
+        ids = torch.tensor(token_ids(example, f"example {i}"), dtype=torch.long)
+        return ids[:1], ids[1:], None
     if isinstance(example, tuple | list) and len(example) == 2:
-        return example[0], example[1], None
+        return _ids_or_text(example[0]), _ids_or_text(example[1]), None
     if isinstance(example, Mapping):
         if "completion" not in example and "suppress" not in example:
             raise ConfigError(f"example {i}: a dict needs 'completion' (and/or 'suppress'), got keys "
                               f"{sorted(example)}.")
-        return example.get("prompt", ""), example.get("completion", ""), example.get("suppress")
+        return (_ids_or_text(example.get("prompt", "")), _ids_or_text(example.get("completion", "")),
+                _ids_or_text(example.get("suppress")))
     raise ConfigError(
-        f"example {i}: expected a text, a (prompt, completion) pair or a dict, got {type(example).__name__}."
+        f"example {i}: expected a text, token ids, a (prompt, completion) pair or a dict, got "
+        f"{type(example).__name__}."
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "readable_folder",
+    "remove_stale_siblings",
 ]
 
 
@@ -104,6 +105,37 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Remove the half-written sibling folders a killed :func:`atomic_folder` left beside ``path``.
+
+    A save writes into ``.<name>.<pid>-<random>.tmp``; a process killed by SIGKILL (or a power cut)
+    cannot remove it. Such a sibling is removed when the process id in its name no longer exists;
+    siblings of live processes (a save running in parallel) and names in any other form are kept.
+
+    Returns:
+        The removed folders.
+    """
+    path = Path(path)
+    removed = []
+    for sib in path.parent.glob(f".{path.name}.*-*.tmp"):
+        pid = sib.name[len(path.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and sib.is_dir():
+            shutil.rmtree(sib, ignore_errors=True)
+            removed.append(sib)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, *, carry_over: bool = True) -> Iterator[Path]:
     """Context manager: write a folder as a whole. Yields an empty sibling folder to write into.
@@ -113,7 +145,8 @@ def atomic_folder(path: str | os.PathLike, *, carry_over: bool = True) -> Iterat
     vectors survive; ``carry_over=False`` replaces the folder whole, e.g. a checkpoint whose old shards
     must not outlive it), then the two are swapped atomically (``renameat2`` exchange on
     Linux; elsewhere two renames, between which :func:`readable_folder` finds the old folder). On an
-    exception (or an interrupt) the sibling is removed and ``path`` is untouched.
+    exception (or an interrupt) the sibling is removed and ``path`` is untouched. Siblings left by a
+    process that was killed outright are removed by the next save (:func:`remove_stale_siblings`).
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a folder.
@@ -122,7 +155,8 @@ def atomic_folder(path: str | os.PathLike, *, carry_over: bool = True) -> Iterat
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{str(path)!r} exists and is not a folder; save to a folder path.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp"))
     try:
         yield tmp
         if path.exists() and carry_over:
