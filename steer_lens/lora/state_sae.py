@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, EmptyInputError, NonFiniteError, ShapeMismatchError
 from steer_lens.lora._common import check_hooks
 from steer_lens.lora.adapter import LoraAdapter, LoraModule, merged_model, validate
@@ -232,6 +233,7 @@ class LoraStateSAEConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("expansion", "k", "dead_tokens", "batch_size", "epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from steer_lens._utils import device_of, unwrap
+from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, EmptyInputError, ModelNotAvailableError
 from steer_lens.models import check_hook_names, model_info
 from steer_lens.results import Result
@@ -160,6 +161,7 @@ class SAETrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.architecture not in ("topk", "standard"):
             raise ConfigError(f"architecture: expected 'topk' or 'standard', got {self.architecture!r}.")
         for name in ("d_sae", "training_tokens", "batch_size", "buffer_size", "text_batch_size",

@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, IncompatibleVectorError, TrainingDivergedError
 from steer_lens.train.trainable import Trainable, as_trainable
 from steer_lens.vectors.io import (
@@ -193,6 +194,7 @@ class OptimConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         require(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an int >= 1")
         require(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive finite float")
         require(self.lr_units in ("relative", "absolute"), "lr_units", self.lr_units,
@@ -203,6 +205,7 @@ class OptimConfig:
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "None or > 0")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
         require(self.max_norm is None or self.max_norm > 0, "max_norm", self.max_norm, "None or > 0")
+        require(0 <= self.seed < 2**63, "seed", self.seed, "an int in [0, 2**63)")
         require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an int >= 0")
         require(not self.resume or self.checkpoint_dir is not None, "resume", self.resume,
                "False unless checkpoint_dir is set (resume reads checkpoint_dir)")

@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steer_lens._utils import Prompt
+from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, EmptyInputError, MissingDependencyError
 
 __all__ = ["OneShotConfig", "OneShotExample", "OneShotResult", "completion_loss", "one_shot"]
@@ -105,6 +106,7 @@ class OneShotConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("lr", "temperature", "starting_norm"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
