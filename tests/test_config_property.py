@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 
 import pytest
@@ -39,7 +40,7 @@ objects = st.builds(object)
 def _admits(tp) -> set[str]:
     """The kinds of value an annotation admits: int, float, bool, str, none, seq."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return set().union(*(_admits(a) for a in args))
     if tp is type(None):
         return {"none"}
@@ -51,6 +52,8 @@ def _admits(tp) -> set[str]:
         return {"seq"}
     if origin is not None and getattr(origin, "__name__", "") in ("Sequence",):
         return {"seq"}
+    if origin is None and isinstance(tp, type) and tp is not typing.Any:
+        return {"class"}                                     # e.g. a Tensor: only instances of it
     return {"any"}
 
 

@@ -25,6 +25,7 @@ from steer_lens.errors import HookNameError, ShapeMismatchError
 from steer_lens.hook_sites import HookSite
 from steer_lens.results import Result
 from steer_lens.steering import SteeredTransformer
+from steer_lens.train.data import TokenIds
 
 __all__ = ["Persistence", "VectorStats", "persistence", "vector_stats"]
 
@@ -84,18 +85,22 @@ class VectorStats(Result):
         return f"<b>VectorStats</b> of {len(self.hooks)} vectors"
 
 
-def vector_stats(steered: SteeredTransformer, texts: str | Sequence[str] | None = None) -> VectorStats:
+def vector_stats(steered: SteeredTransformer,
+                 texts: str | TokenIds | Sequence[str | TokenIds] | None = None) -> VectorStats:
     """Per-hook norms and pairwise cosine similarities of the steering vectors.
 
     With ``texts``, also the median per-token residual norm at each hook on them (base model, BOS
     and padding left out), so norms can be read relative to the stream they are added to (the
     "small vectors" of Sinii et al. 2025). For gated vectors the norms are those before the gate.
+    ``texts`` may be token ids instead (a ``[n, pos]`` tensor, 1-D tensors or lists of ints, BOS
+    first), e.g. for a model without a tokenizer.
 
     Returns:
-        A :class:`VectorStats`.
+        A :class:`VectorStats` (norms in residual units, ``[n_hooks]``; cosines ``[n_hooks, n_hooks]``).
 
     Raises:
-        EmptyInputError: ``texts`` is an empty list.
+        EmptyInputError: ``texts`` is an empty list or holds an empty sequence.
+        ConfigError: text for a model without a tokenizer, or ``texts`` neither text nor token ids.
         ShapeMismatchError: a vector is not ``[d_model]`` (e.g. a per-head vector at ``attn.hook_z``).
     """
     steered.vectors.require_residual_width("vector_stats")
@@ -185,7 +190,7 @@ def _order(hook: str) -> tuple[int, int]:
 @torch.no_grad()
 def persistence(
     steered: SteeredTransformer,
-    texts: str | Sequence[str],
+    texts: str | TokenIds | Sequence[str | TokenIds],
     *,
     sources: Sequence[str] | None = None,
     references: Mapping[str, Tensor] | SteeredTransformer | None = None,
@@ -202,7 +207,8 @@ def persistence(
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer` with vectors at residual-stream hooks.
-        texts: evaluation texts (one or several).
+        texts: evaluation texts (one or several), or token ids (a ``[n, pos]`` tensor, 1-D tensors
+            or lists of ints, BOS first) for a model without a tokenizer.
         sources: the hooks to add one at a time (default: all).
         references: vectors trained *in isolation* for target points, ``{hook: [d_model]}`` or a
             wrapper holding them (e.g. one-layer-at-a-time vectors): then ``cos_reference`` compares
@@ -216,7 +222,8 @@ def persistence(
         HookNameError: a source is not a steered residual-stream hook, or a reference is not a
             residual point of the model.
         ShapeMismatchError: a reference that is not ``[d_model]``.
-        EmptyInputError: no texts.
+        EmptyInputError: no texts, or an empty sequence.
+        ConfigError: text for a model without a tokenizer, or ``texts`` neither text nor token ids.
     """
     sources = list(sources) if sources is not None else list(steered.hook_names)
     for s in sources:
