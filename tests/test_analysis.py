@@ -110,6 +110,30 @@ def test_combination_gain_with_known_accuracies(tiny):
         A.combination_gain(s, lambda st: float("nan"))
 
 
+def test_combination_gain_with_a_jointly_trained_reference(tiny):
+    # Sinii et al.: singles and pairs from isolated vectors, acc_all from the jointly trained model
+    hooks = [H0, H1]
+    isolated, joint = _steered(tiny, hooks), _steered(tiny, hooks)
+    calls = []
+
+    def evaluate(st):
+        calls.append(st)
+        if st is joint:
+            return 0.9                                       # the joint run is better than any combination
+        return 0.0 if not st.enabled else {1: 0.2, 2: 0.5}[len(st.fwd_hooks())]
+
+    g = A.combination_gain(isolated, evaluate, joint=joint)
+    assert g.all == 0.9 and sum(c is joint for c in calls) == 1
+    assert float(g.gain[0, 1]) == pytest.approx((0.5 - 0.2) / (0.9 - 0.2))      # the paper's formula
+    g2 = A.combination_gain(isolated, evaluate, joint=0.8)
+    assert g2.all == 0.8 and float(g2.gain[0, 1]) == pytest.approx((0.5 - 0.2) / (0.8 - 0.2))
+    n_calls = len(calls)
+    for bad in (float("nan"), float("inf")):            # (wrong types are caught by the signature)
+        with pytest.raises(ConfigError, match="joint"):
+            A.combination_gain(isolated, evaluate, joint=bad)
+    assert len(calls) == n_calls                             # refused before any evaluation
+
+
 def test_transfer_to_model_with_same_width(tiny):
     other = sl.random_model("llama", n_layers=3, d_model=D, n_heads=4, d_vocab=50, n_ctx=32, seed=9)
     s = _steered(tiny, [H1])

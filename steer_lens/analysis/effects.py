@@ -16,6 +16,7 @@ Effects" (Sinii et al. 2025).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ class CombinationGain(Result):
         hooks: hook names.
         single: ``[n]`` ``acc_i`` with only hook ``i``'s vector on.
         pair: ``[n, n]`` ``acc_ij`` with hooks ``i`` and ``j`` on (diagonal = ``single``).
-        all: ``acc_all`` with every vector on.
+        all: ``acc_all``: every vector on, or the jointly trained reference (``joint``).
         base: accuracy with no vector.
         gain: ``[n, n]`` ``(acc_ij - max(acc_i, acc_j)) / (acc_all - max(acc_i, acc_j))``; NaN on the
             diagonal and where the denominator is 0.
@@ -96,7 +97,12 @@ def pair_gain(acc_i: float, acc_j: float, acc_ij: float, acc_all: float) -> floa
     return float("nan") if den == 0 else (acc_ij - best) / den
 
 
-def combination_gain(steered: SteeredTransformer, evaluate: Callable[..., object]) -> CombinationGain:
+def combination_gain(
+    steered: SteeredTransformer,
+    evaluate: Callable[..., object],
+    *,
+    joint: SteeredTransformer | float | None = None,
+) -> CombinationGain:
     """Evaluate every single hook, every pair and all hooks, and the gain of each pair.
 
     ``evaluate(steered) -> float`` is called with the vectors switched on selectively
@@ -105,21 +111,34 @@ def combination_gain(steered: SteeredTransformer, evaluate: Callable[..., object
     pair recovers all of what the full set adds over its better member and 0 when the pair adds
     nothing (Sinii et al. 2025).
 
+    **The paper's reference.** Sinii et al. take the singles and pairs from vectors trained *one layer
+    at a time* and ``acc_all`` from the model whose vectors at all layers were trained *jointly*. Put
+    the isolated vectors in ``steered`` (e.g. one wrapper whose vector at each hook is that hook's
+    isolated run, :func:`copy_vectors`) and pass the jointly trained wrapper as ``joint``: then
+    ``acc_all = evaluate(joint)`` (a float is used as given). Without ``joint``, ``acc_all`` is
+    ``steered`` with all its vectors on, which is the paper's definition only when ``steered``'s
+    vectors were themselves trained jointly.
+
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer` with at least two hooks.
         evaluate: the accuracy (or any metric, larger is better), e.g. ``lambda s: sampled_rate(s, ...)``.
+        joint: the jointly trained all-hook wrapper (or its accuracy) for ``acc_all``; see above.
 
     Returns:
         A :class:`CombinationGain`.
 
     Raises:
-        ConfigError: fewer than two hooks.
+        ConfigError: fewer than two hooks, or ``joint`` neither a wrapper nor a finite number.
         MetricError: ``evaluate`` returned a non-number or a non-finite value.
     """
     hooks = list(steered.hook_names)
     n = len(hooks)
     if n < 2:
         raise ConfigError(f"combination_gain needs vectors at >= 2 hooks, got {hooks}.")
+    number_ok = isinstance(joint, int | float) and not isinstance(joint, bool) and math.isfinite(joint)
+    if not (joint is None or number_ok or isinstance(joint, SteeredTransformer)):
+        raise ConfigError(f"joint: expected a SteeredTransformer (the jointly trained vectors) or its finite "
+                          f"accuracy, got {joint!r}.")
     single = torch.zeros(n)
     pair = torch.full((n, n), float("nan"))
     for i, h in enumerate(hooks):
@@ -129,7 +148,10 @@ def combination_gain(steered: SteeredTransformer, evaluate: Callable[..., object
     for i, j in itertools.combinations(range(n), 2):
         with steered.only_hooks([hooks[i], hooks[j]]):
             pair[i, j] = pair[j, i] = number(evaluate, steered)
-    acc_all = number(evaluate, steered)
+    if joint is None:
+        acc_all = number(evaluate, steered)
+    else:
+        acc_all = number(evaluate, joint) if isinstance(joint, SteeredTransformer) else float(joint)
     with steered.disabled():
         base = number(evaluate, steered)
     gain = torch.full((n, n), float("nan"))
