@@ -164,7 +164,7 @@ def sample_tokens(
     alive: list[Tensor] = []
     # matmul_layout: TransformerLens copies W_U.T and the attention weights on every forward; one decode
     # step per token makes those copies most of the step on large vocabularies (same logits either way)
-    with matmul_layout(steered.model), steered.steering(prompt_end=prompt_end):
+    with matmul_layout(steered.model), steered.steering(prompt_end=prompt_end, tokens=tokens):
         logits = steered.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
         for i in range(max_new_tokens):
             nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen)
@@ -175,14 +175,14 @@ def sample_tokens(
                 finished = finished | (nxt == eos)
             if i == max_new_tokens - 1 or (eos is not None and i % 8 == 7 and bool(finished.all())):
                 break
-            steered.set_offset(plen + i, prompt_end)
+            steered.set_offset(plen + i, prompt_end, tokens=nxt[:, None])
             if cache is not None:
                 logits = steered.model(
                     nxt[:, None], attention_mask=torch.ones_like(nxt)[:, None], past_kv_cache=cache
                 )[:, -1]
             else:
-                steered.set_offset(0, prompt_end)
                 full = torch.cat([tokens, torch.stack(new_tokens, 1)], 1)
+                steered.set_offset(0, prompt_end, tokens=full)
                 full_mask = torch.cat([attn, torch.stack(alive, 1).long() * 0 + 1], 1)
                 logits = steered.model(full, attention_mask=full_mask)[:, -1]
     new = torch.stack(new_tokens, 1)

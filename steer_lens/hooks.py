@@ -94,10 +94,13 @@ class PositionContext:
         offset: absolute position of the pass's first input token (``> 0`` while decoding with a
             key/value cache).
         prompt_end: ``[batch]`` absolute index where each sequence's prompt ends (``None``: all prompt).
+        tokens: ``[batch, pos]`` the token ids of this pass when the caller knows them (``None``
+            otherwise), for vector kinds that select by token (:class:`~steer_lens.vectors.SelectedVectors`).
     """
 
     offset: int = 0
     prompt_end: Tensor | None = None
+    tokens: Tensor | None = None
     _mask_cache: dict = field(default_factory=dict)
 
     def mask(self, positions: PositionSpec, batch: int, pos: int, device) -> Float[Tensor, "batch pos"] | None:

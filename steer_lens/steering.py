@@ -235,11 +235,12 @@ class SteeredTransformer(nn.Module):
         def hook(act: Tensor, hook) -> Tensor:
             if threading.get_ident() != owner:
                 return act
-            if self._grad or act.requires_grad:
-                delta = self.vectors.delta(hook_name, act)
-            else:  # inference: the vectors are constants, so no graph is recorded (see gradients())
-                with torch.no_grad():
-                    delta = self.vectors.delta(hook_name, act).detach()  # (the plain kind returns the parameter)
+            by_token = getattr(self.vectors, "delta_in", None)  # kinds that select by the pass's tokens
+            grad = self._grad or act.requires_grad
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                delta = self.vectors.delta(hook_name, act) if by_token is None else by_token(hook_name, act, self._ctx)
+            if not grad:  # inference: the vectors are constants, so no graph is recorded (see gradients())
+                delta = delta.detach()  # (the plain kind returns the parameter itself)
             if self._scale != 1.0:
                 delta = delta * self._scale
             mask = self._ctx.mask(self._positions, act.shape[0], act.shape[1], act.device)
@@ -262,7 +263,8 @@ class SteeredTransformer(nn.Module):
         return [(h, self._hook_fn(h)) for h in self.hook_names if self._active is None or h in self._active]
 
     @contextlib.contextmanager
-    def steering(self, *, offset: int = 0, prompt_end: Tensor | None = None) -> Iterator[SteeredTransformer]:
+    def steering(self, *, offset: int = 0, prompt_end: Tensor | None = None,
+                 tokens: Tensor | None = None) -> Iterator[SteeredTransformer]:
         """Context manager: the vectors are on for direct calls of ``steered.model`` inside it.
 
         For code that drives the model itself (a decoding loop, a patching sweep): the hooks are
@@ -273,25 +275,27 @@ class SteeredTransformer(nn.Module):
             offset: absolute position of the first input token of the next pass.
             prompt_end: ``[batch]`` absolute index where each prompt ends (for
                 ``positions="prompt"/"generated"``); ``None``: every token is prompt.
+            tokens: ``[batch, pos]`` token ids of the next pass, for kinds that select by token.
         """
         prev = self._ctx
-        self._ctx = PositionContext(offset=offset, prompt_end=prompt_end)
+        self._ctx = PositionContext(offset=offset, prompt_end=prompt_end, tokens=_ids_or_none(tokens))
         try:
             with frozen_parameters(self.model), self.model.hooks(fwd_hooks=self.fwd_hooks()):
                 yield self
         finally:
             self._ctx = prev
 
-    def set_offset(self, offset: int, prompt_end: Tensor | None = None) -> None:
+    def set_offset(self, offset: int, prompt_end: Tensor | None = None, tokens: Tensor | None = None) -> None:
         """Inside :meth:`steering`: the next pass's first input token is at absolute position ``offset``.
 
         A decoding loop with a key/value cache calls it before each one-token step, so that masks
         over absolute positions (``positions="generated"``, an explicit mask) stay aligned.
-        ``prompt_end`` keeps the current value when ``None``.
+        ``prompt_end`` keeps the current value when ``None``; ``tokens`` are the next pass's token ids
+        (for kinds that select by token; ``None``: unknown).
         """
         if prompt_end is None:
             prompt_end = self._ctx.prompt_end
-        self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end)
+        self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end, tokens=_ids_or_none(tokens))
 
     @contextlib.contextmanager
     def only_hooks(self, hooks: Sequence[str]) -> Iterator[SteeredTransformer]:
@@ -396,7 +400,7 @@ class SteeredTransformer(nn.Module):
         """
         if isinstance(tokens, Tensor) and not tokens.is_floating_point():  # (float: residual input)
             check_token_ids(tokens, self.model.cfg)
-        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths), tokens=tokens):
             return self.model(tokens, *args, **kwargs)
 
     def _grad_call(self, grad: bool) -> contextlib.AbstractContextManager:
@@ -417,7 +421,8 @@ class SteeredTransformer(nn.Module):
         Returns:
             ``(output, ActivationCache)`` as TransformerLens returns them.
         """
-        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths),
+                                                  tokens=args[0] if args else kwargs.get("input")):
             return self.model.run_with_cache(*args, **kwargs)
 
     def run_with_hooks(
@@ -429,7 +434,8 @@ class SteeredTransformer(nn.Module):
         No graph into the vectors unless ``grad=True`` or inside :meth:`gradients`; a user hook that
         makes a leaf requiring grad gets its gradient as with the bare model.
         """
-        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths)):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths),
+                                                  tokens=args[0] if args else kwargs.get("input")):
             return self.model.run_with_hooks(*args, **kwargs)
 
     # -- tokenization -----------------------------------------------------------------------------
@@ -662,3 +668,10 @@ class SteeredTransformer(nn.Module):
                 f"{type(self.vectors).__name__}, scale {self._scale:g}, positions "
                 f"{html.escape(self._positions_label())}<table><tr><th>hook</th><th>shape</th>"
                 f"<th>norm</th></tr>{body}</table>")
+
+
+def _ids_or_none(tokens: Any) -> Tensor | None:
+    """``tokens`` when it is a ``[batch, pos]`` integer tensor (the ids of a pass), else ``None``."""
+    if isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.is_floating_point():
+        return tokens
+    return None
