@@ -20,6 +20,7 @@ from steer_lens.errors import SteerLensError
 from steer_lens.hook_sites import HookSite
 from steer_lens.models import load_model, model_info, random_model
 from steer_lens.steering import SteeredTransformer
+from steer_lens.tokens import WordTokens, word_tokens
 from steer_lens.vectors import GatedVectors, LowRankVectors, SteeringVectors
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "SteerLensError",
     "SteeredTransformer",
     "SteeringVectors",
+    "WordTokens",
     "__version__",
     "analysis",
     "errors",
@@ -46,6 +48,7 @@ __all__ = [
     "sae",
     "train",
     "vectors",
+    "word_tokens",
 ]
 
 _LAZY = {"export", "train", "lens", "patching", "sae", "lora", "analysis", "errors", "metrics", "plotting", "recipes", "cli"}

@@ -77,9 +77,35 @@ def steering_hooks(model_or_steered: Any) -> list[tuple[str, Any]]:
     return model_or_steered.fwd_hooks() if is_steered(model_or_steered) else []
 
 
-def token_strings(model: Any, tokens: Tensor | Sequence[int]) -> list[str] | list[list[str]]:
-    """Token ids ``[pos]`` or ``[batch, pos]`` as one string per token (``tokenizer.decode([id])``).
+_DECODE_WINDOW = 4
+"""Tokens of left context decoded with each token by :func:`token_pieces`."""
 
+
+def token_pieces(tokenizer: Any, row: Sequence[int]) -> list[str]:
+    """Each token's text *as it appears inside the sequence*, so that ``"".join(pieces)`` reads right.
+
+    ``tokenizer.decode([id])`` alone drops the leading space of SentencePiece-style tokens
+    (``'▁home'`` decodes to ``'home'`` at the start of a decode), which made contexts read
+    ``'carried it backhome'``. Here token ``i``'s piece is ``decode(row[s:i+1])`` minus its prefix
+    ``decode(row[s:i])`` with ``s = i - 4`` (a few tokens of left context, so the cost stays linear);
+    the first token, or a tokenizer whose decode is not prefix-stable there, falls back to
+    ``decode([id])``.
+    """
+    out = []
+    for i, t in enumerate(row):
+        s = max(0, i - _DECODE_WINDOW)
+        if i == 0:
+            out.append(tokenizer.decode([t]))
+            continue
+        a, b = tokenizer.decode(list(row[s:i])), tokenizer.decode(list(row[s : i + 1]))
+        out.append(b[len(a):] if b.startswith(a) else tokenizer.decode([t]))
+    return out
+
+
+def token_strings(model: Any, tokens: Tensor | Sequence[int]) -> list[str] | list[list[str]]:
+    """Token ids ``[pos]`` or ``[batch, pos]`` as one string per token, as each reads in its sequence.
+
+    Pieces keep their spaces (:func:`token_pieces`), so joining a window of them reads like the text.
     Without a tokenizer each token is its id as a string, so labels always exist.
     """
     ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
@@ -88,7 +114,7 @@ def token_strings(model: Any, tokens: Tensor | Sequence[int]) -> list[str] | lis
     def one(row: list[int]) -> list[str]:
         if tokenizer is None:
             return [str(t) for t in row]
-        return [tokenizer.decode([t]) for t in row]
+        return token_pieces(tokenizer, row)
 
     if ids and isinstance(ids[0], list):
         return [one(r) for r in ids]

@@ -12,6 +12,7 @@ built.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,9 @@ def metric_panels(metrics: Mapping[str, Tensor], *, title: str = "", x_title: st
     return fig
 
 
+_INDEXED = re.compile(r"^\d+: ")
+
+
 def heatmap(values: Tensor, *, x_labels: Sequence[str], y_labels: Sequence[str], title: str = "",
             x_title: str = "", y_title: str = "", colorbar_title: str = "", zmid: float | None = 0.0,
             text: Sequence[Sequence[str]] | None = None, colorscale: str = "RdBu",
@@ -73,14 +77,15 @@ def heatmap(values: Tensor, *, x_labels: Sequence[str], y_labels: Sequence[str],
     Args:
         values: ``[rows, columns]``.
         x_labels, y_labels: one label per column / row (columns are prefixed by their index when
-            ``index_x``, so repeated tokens stay apart).
+            ``index_x``, so repeated tokens stay apart; a label that already starts with ``"<n>: "``,
+            e.g. a position, is kept as it is).
         text: a label printed in each cell (e.g. the top token), ``[rows][columns]``.
         colorscale, zmid, zmin, zmax: plotly's colour settings (``zmid=None`` for a sequential scale).
     """
     import plotly.graph_objects as go
 
     v = values.detach().float().cpu()
-    x = [f"{i}: {s}" for i, s in enumerate(x_labels)] if index_x else list(x_labels)
+    x = [s if _INDEXED.match(str(s)) else f"{i}: {s}" for i, s in enumerate(x_labels)] if index_x else list(x_labels)
     cell = {"text": [list(r) for r in text], "texttemplate": "%{text}"} if text is not None else {}
     fig = go.Figure(go.Heatmap(z=v.tolist(), x=x, y=list(y_labels), colorscale=colorscale, zmid=zmid,
                                zmin=zmin, zmax=zmax, colorbar={"title": colorbar_title}, **cell))

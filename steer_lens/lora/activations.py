@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens._utils import token_strings
 from steer_lens.errors import ConfigError
 from steer_lens.lens import direction_lens
 from steer_lens.lora._common import check_hooks
@@ -201,12 +202,7 @@ def adapter_activations(
             a = (x @ m.A.to(x.device, x.dtype).T).float().cpu()
             acts[m.name].extend(a[i, :n] for i, n in enumerate(lens))
         tokens.extend(toks[i, :n].cpu() for i, n in enumerate(lens))
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        str_tokens = tuple(tuple(tok.convert_ids_to_tokens(t.tolist())) for t in tokens)
-        str_tokens = tuple(tuple(tok.convert_tokens_to_string([s]) for s in row) for row in str_tokens)
-    else:
-        str_tokens = tuple(tuple(str(i) for i in t.tolist()) for t in tokens)
+    str_tokens = tuple(tuple(token_strings(model, t.tolist())) for t in tokens)   # pieces keep their spaces
     lens_out = {}
     for m in lora.modules:
         if m.writes_residual:

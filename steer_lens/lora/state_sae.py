@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from steer_lens._utils import token_pieces
 from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, EmptyInputError, NonFiniteError, ShapeMismatchError
 from steer_lens.lora._common import check_hooks
@@ -189,7 +190,7 @@ def lora_activation_state(
         pos_idx.append(torch.arange(p, device=keep.device).expand(b, p)[keep].cpu())
         for i, n in enumerate(real.sum(1).tolist()):
             ids = toks[i, :n].tolist()
-            str_tokens.append(tuple(tok.decode([t]) for t in ids) if tok is not None else tuple(map(str, ids)))
+            str_tokens.append(tuple(token_pieces(tok, ids)) if tok is not None else tuple(map(str, ids)))
         t0 += b
     states = torch.cat(rows)
     if states.shape[0] == 0:
