@@ -1,7 +1,8 @@
 """Activation, attribution and path patching, batched, for models and their steering vectors.
 
 * :func:`activation_patch`: exact activation patching (the same numbers as TransformerLens's
-  ``patching.get_act_patch_*``), many sites per forward pass.
+  ``patching.get_act_patch_*``), many sites per forward pass; :func:`activation_patch_block_every`
+  (``get_act_patch_block_every``: ``resid_pre``, ``attn_out``, ``mlp_out`` in one result).
 * :func:`steering_patch`: which sites carry a steering vector's effect (denoising / noising).
 * :func:`attribution_patch`: the first-order estimate of every site at once (Nanda 2023;
   Kramár et al. 2024, AtP), and :func:`vector_attribution`, the vector's effect per position.
@@ -9,19 +10,38 @@
   patterns), with the last-block variants of "Small Vectors, Big Effects" (Sinii et al. 2025).
 * :class:`Strategy` / :func:`choose_strategy`: which work a sweep skips (``strategy=`` of the sweeps).
 * Metrics: :func:`logit_diff`, :func:`logprob`, :func:`kl_to`, :func:`prob_change`.
+* Noise: :func:`noise_floor` / :func:`is_within_noise` (a metric gap below rounding noise) and the
+  :class:`NoisyMetricWarning` the analyses issue for one.
 """
 
 from __future__ import annotations
 
 from steer_lens.metrics import Metric, MetricFn, kl_to, logit_diff, logprob, prob_change
-from steer_lens.patching.activation import HOOKS, activation_patch, steering_patch
+from steer_lens.patching.activation import (
+    BLOCK_EVERY_HOOKS,
+    HOOKS,
+    activation_patch,
+    activation_patch_block_every,
+    steering_patch,
+)
 from steer_lens.patching.attribution import attribution_patch, vector_attribution
-from steer_lens.patching.path import path_patch
-from steer_lens.patching.results import PatchResult, PathPatchResult, VectorAttribution
+from steer_lens.patching.path import path_patch, per_token_kl
+from steer_lens.patching.results import (
+    NOISE_ULPS,
+    NoisyMetricWarning,
+    PatchResult,
+    PathPatchResult,
+    VectorAttribution,
+    is_within_noise,
+    noise_floor,
+)
 from steer_lens.patching.strategy import STRATEGIES, Strategy, choose_strategy
 
 __all__ = [
+    "BLOCK_EVERY_HOOKS",
     "HOOKS",
+    "NOISE_ULPS",
+    "NoisyMetricWarning",
     "STRATEGIES",
     "Metric",
     "MetricFn",
@@ -30,12 +50,16 @@ __all__ = [
     "Strategy",
     "VectorAttribution",
     "activation_patch",
+    "activation_patch_block_every",
     "attribution_patch",
     "choose_strategy",
+    "is_within_noise",
     "kl_to",
     "logit_diff",
     "logprob",
+    "noise_floor",
     "path_patch",
+    "per_token_kl",
     "prob_change",
     "steering_patch",
     "vector_attribution",

@@ -10,6 +10,7 @@ against the model before anything runs); the checks (tokens, metric, ``align``, 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,16 +95,92 @@ class _Plan:
         return [self.index["pos"][(s // inner) % size] for s in range(self.n_sites)]
 
 
-def _short_hook(hook: str) -> str:
-    if hook in HOOKS:
-        return hook
-    for short, (_, pattern) in HOOKS.items():  # accept "hook_resid_pre" or "attn.hook_z"
-        if hook == pattern.split(".", 2)[-1] or (hook.endswith("hook_" + short) and "{" not in hook):
-            return short
+_FULL_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _parse_hook(hook: str) -> tuple[str, int | None]:
+    """(short hook name, layer or None) of a hook kind or a full hook name.
+
+    Accepted: a short name (``"resid_pre"``, ``"z"``), its hook-point tail (``"hook_resid_pre"``,
+    ``"attn.hook_z"``, ``"hook_z"``: every layer), and a full name of one layer
+    (``"blocks.3.hook_resid_pre"``, ``"blocks.2.attn.hook_z"``: what
+    ``transformer_lens.utils.get_act_name(kind, layer)`` returns), which means that layer only.
+
+    Raises:
+        HookNameError: anything else (the message lists the kinds).
+    """
+    if isinstance(hook, str):
+        if hook in HOOKS:
+            return hook, None
+        full = _FULL_NAME.fullmatch(hook)
+        tail, layer = (full.group(2), int(full.group(1))) if full else (hook, None)
+        for short, (_, pattern) in HOOKS.items():
+            if tail == pattern.split(".", 2)[-1] or (layer is None and tail == "hook_" + short):
+                return short, layer
     raise HookNameError(
-        f"hook: expected one of {sorted(HOOKS)} (a hook kind; the layer is a site axis), got {hook!r}. "
-        "Fix: pass e.g. hook='resid_pre' and restrict layers with layers=[...]."
+        f"hook: expected one of the hook kinds {sorted(HOOKS)} (every layer; restrict with "
+        "layers=[...]) or a full hook name of one layer such as 'blocks.0.hook_resid_pre' or "
+        f"'blocks.2.attn.hook_z' (as transformer_lens.utils.get_act_name returns), got {hook!r}."
     )
+
+
+def _layers(hook: str, named: int | None, layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    """The layers swept: ``layers`` (default all), or the one layer a full hook name names."""
+    if named is not None:
+        if not 0 <= named < n_layers:
+            raise ConfigError(f"hook: {hook!r} names layer {named}; this model has layers [0, {n_layers}).")
+        if layers is not None and [int(x) for x in layers] != [named]:
+            raise ConfigError(
+                f"layers: hook {hook!r} names layer {named} only, but layers={list(layers)}. Fix: pass the "
+                "hook kind (e.g. hook='resid_pre') with layers=[...], or the full name without layers."
+            )
+        return (named,)
+    if layers is None:
+        return tuple(range(n_layers))
+    layer_t = tuple(int(x) for x in layers)
+    bad = [x for x in layer_t if not 0 <= x < n_layers]
+    if bad or not layer_t:
+        raise ConfigError(f"layers: expected indices in [0, {n_layers}), got {list(layers)}.")
+    return layer_t
+
+
+def _n_heads(model, short: str, kind: str) -> int:
+    """Heads per layer of a head or pattern hook (key/value heads for ``k``/``v`` with GQA), else 0."""
+    if kind == "resid":
+        return 0
+    kv = getattr(model.cfg, "n_key_value_heads", None)
+    if (
+        kind == "head"
+        and short in ("k", "v")
+        and kv is not None
+        and not getattr(model.cfg, "ungroup_grouped_query_attention", False)
+    ):
+        return int(kv)
+    return int(model.cfg.n_heads)
+
+
+def _axis_index(
+    model, short: str, axis: str, *, pos: int, n_heads: int, heads: Sequence[int] | None,
+    positions: Sequence[int] | None,
+) -> tuple[int, ...]:
+    """The indices swept along one non-layer site axis (``pos`` or ``head``), checked."""
+    if axis == "pos":
+        sel = tuple(range(pos)) if positions is None else tuple(int(p) for p in positions)
+        bad = [p for p in sel if not 0 <= p < pos]
+        if bad or not sel:
+            raise ConfigError(
+                f"positions: expected indices in [0, {pos}) (the corrupted length), got {bad or []}."
+            )
+        return sel
+    sel = tuple(range(n_heads)) if heads is None else tuple(int(h) for h in heads)
+    bad = [h for h in sel if not 0 <= h < n_heads]
+    if bad or not sel:
+        what = "key/value heads" if short in ("k", "v") and n_heads != model.cfg.n_heads else "heads"
+        raise ConfigError(
+            f"heads: hook {short!r} has {n_heads} {what} per layer; expected indices in "
+            f"[0, {n_heads}), got {list(heads) if heads is not None else []}."
+        )
+    return sel
 
 
 def _plan(
@@ -116,10 +193,13 @@ def _plan(
     heads: Sequence[int] | None,
     positions: Sequence[int] | None,
 ) -> _Plan:
-    """Validate the site specification against the model (before anything runs)."""
-    short = _short_hook(hook)
+    """Validate the site specification against the model (before anything runs).
+
+    ``hook`` is a hook kind (every layer, or ``layers``) or a full hook name of one layer
+    (:func:`_parse_hook`).
+    """
+    short, named = _parse_hook(hook)
     kind, pattern = HOOKS[short]
-    n_layers = int(model.cfg.n_layers)
     if by is None:
         by_t = _DEFAULT_BY[kind]
     else:
@@ -131,48 +211,14 @@ def _plan(
             f"{sorted(allowed - {'layer'})}, got {tuple(by_t)}. Examples: ('layer', 'pos'), ('layer',), "
             "('layer', 'head'), ('layer', 'pos', 'head')."
         )
-    if layers is None:
-        layer_t = tuple(range(n_layers))
-    else:
-        layer_t = tuple(int(x) for x in layers)
-        bad = [x for x in layer_t if not 0 <= x < n_layers]
-        if bad or not layer_t:
-            raise ConfigError(f"layers: expected indices in [0, {n_layers}), got {list(layers)}.")
+    layer_t = _layers(hook, named, layers, int(model.cfg.n_layers))
     names = {layer: pattern.format(layer) for layer in layer_t}
     check_hook_names(model, list(names.values()))
-    if kind == "head":
-        n_heads = int(model.cfg.n_heads)
-        kv = getattr(model.cfg, "n_key_value_heads", None)
-        if (
-            short in ("k", "v")
-            and kv is not None
-            and not getattr(model.cfg, "ungroup_grouped_query_attention", False)
-        ):
-            n_heads = int(kv)
-    elif kind == "pattern":
-        n_heads = int(model.cfg.n_heads)
-    else:
-        n_heads = 0
-    index: dict[str, tuple[int, ...]] = {}
-    for a in by_t[1:]:
-        if a == "pos":
-            sel = tuple(range(pos)) if positions is None else tuple(int(p) for p in positions)
-            bad = [p for p in sel if not 0 <= p < pos]
-            if bad or not sel:
-                raise ConfigError(
-                    f"positions: expected indices in [0, {pos}) (the corrupted length), got {bad or []}."
-                )
-            index[a] = sel
-        else:
-            sel = tuple(range(n_heads)) if heads is None else tuple(int(h) for h in heads)
-            bad = [h for h in sel if not 0 <= h < n_heads]
-            if bad or not sel:
-                what = "key/value heads" if short in ("k", "v") and n_heads != model.cfg.n_heads else "heads"
-                raise ConfigError(
-                    f"heads: hook {short!r} has {n_heads} {what} per layer; expected indices in "
-                    f"[0, {n_heads}), got {list(heads) if heads is not None else []}."
-                )
-            index[a] = sel
+    n_heads = _n_heads(model, short, kind)
+    index = {
+        a: _axis_index(model, short, a, pos=pos, n_heads=n_heads, heads=heads, positions=positions)
+        for a in by_t[1:]
+    }
     if positions is not None and "pos" not in by_t:
         raise ConfigError("positions: only meaningful when 'pos' is in by; add it or drop positions.")
     if heads is not None and "head" not in by_t:

@@ -20,7 +20,7 @@ from steer_lens.models import matmul_layout
 from steer_lens.patching._last_query import _Deferred, _resolve, _Tiled
 from steer_lens.patching._runner import _final_logits, _Runner
 from steer_lens.patching._sites import _AXIS_DIM, _labels, _Plan
-from steer_lens.patching.results import PatchResult
+from steer_lens.patching.results import PatchResult, warn_if_noisy
 from steer_lens.patching.strategy import Strategy, choose_strategy
 
 # hooks whose value at position p changes the output of its block at position p only (not resid_pre,
@@ -349,8 +349,13 @@ def _finish(
     tokens: Tensor,
     kind: str,
     metric,
+    what: str = "activation_patch",
+    names: tuple[str, str] = ("clean", "corrupted"),
+    **extra,
 ) -> PatchResult:
-    # one read-back for everything
+    """The :class:`PatchResult` of a sweep (one read-back), with its noise floor; warns
+    (:class:`NoisyMetricWarning`) when the two reference metrics differ by rounding noise only.
+    ``extra``: further fields of the result (``vector_hooks``, ``before_vector``)."""
     flat = torch.cat(
         [values.reshape(-1).double(), clean_m.reshape(1).double(), corrupted_m.reshape(1).double()]
     )
@@ -361,6 +366,9 @@ def _finish(
             "metric finite, e.g. use log-probabilities instead of log of probabilities that can be 0."
         )
     vals = host[:-2].view(values.shape).to(values.dtype)
+    clean, corrupted = float(host[-2]), float(host[-1])
+    dtype = getattr(model.cfg, "dtype", torch.float32)
+    floor = warn_if_noisy(clean, corrupted, dtype, what=what, names=names)
     return PatchResult(
         values=vals,
         axes=plan.by,
@@ -368,6 +376,8 @@ def _finish(
         hook=plan.hook,
         kind=kind,
         metric_name=getattr(metric, "name", getattr(metric, "__name__", "metric")),
-        clean_metric=float(host[-2]),
-        corrupted_metric=float(host[-1]),
+        clean_metric=clean,
+        corrupted_metric=corrupted,
+        noise_floor=floor,
+        **extra,
     )

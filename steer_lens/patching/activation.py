@@ -55,9 +55,12 @@ This module holds the public functions; the site plan and the input checks are i
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -75,12 +78,13 @@ from steer_lens.patching._sites import (
     _plan,
     _prepare,
     _steer_limits,
+    _unwrap,
 )
 from steer_lens.patching._sweep import _chunk, _finish, _sweep  # noqa: F401
-from steer_lens.patching.results import PatchResult
+from steer_lens.patching.results import NoisyMetricWarning, PatchResult, warn_if_noisy
 from steer_lens.patching.strategy import Strategy
 
-__all__ = ["HOOKS", "activation_patch", "steering_patch"]
+__all__ = ["BLOCK_EVERY_HOOKS", "HOOKS", "activation_patch", "activation_patch_block_every", "steering_patch"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +126,13 @@ def activation_patch(
         corrupted_tokens: ``[batch, pos]`` input that is run and patched.
         metric: logits ``[batch, pos, d_vocab]`` -> scalar (a TransformerLens metric works unchanged;
             ``[batch]`` outputs are averaged), or a :class:`~steer_lens.patching.Metric`.
-        hook: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (sites by layer
-            and position), ``z``, ``q``, ``k``, ``v``, ``result`` (per head), ``pattern``,
-            ``attn_scores`` (per head; ``pos`` is the destination position).
+        hook: a hook kind, swept over every layer (or ``layers``): ``resid_pre``, ``resid_mid``,
+            ``resid_post``, ``attn_out``, ``mlp_out`` (sites by layer and position), ``z``, ``q``, ``k``,
+            ``v``, ``result`` (per head), ``pattern``, ``attn_scores`` (per head; ``pos`` is the
+            destination position); or a full hook name of **one layer**, e.g. ``"blocks.3.hook_resid_pre"``
+            or ``transformer_lens.utils.get_act_name("z", 2)``: that layer only (a ``[1, ...]`` result,
+            the same numbers as that row of the all-layer sweep). For ``resid_pre``, ``attn_out`` and
+            ``mlp_out`` in one result see :func:`activation_patch_block_every`.
         by: site axes, ``"layer"`` first: ``("layer", "pos")`` (default for residual hooks),
             ``("layer",)``, ``("layer", "head")`` (default for head hooks), ``("layer", "pos", "head")``,
             ``("layer", "head", "pos")``. Result axes follow this order.
@@ -145,10 +153,15 @@ def activation_patch(
 
     Raises:
         HookNameError: unknown hook, or not in this model (e.g. ``resid_mid`` with parallel attention).
-        ConfigError: bad ``by``, a layer/head/position index out of range, ``max_batch`` below the batch,
+        ConfigError: bad ``by``, a layer/head/position index out of range (also the layer of a full hook
+            name), ``layers`` that disagree with a full hook name, ``max_batch`` below the batch,
             a ``strategy`` this run does not allow (e.g. ``"suffix"`` with a metric of every position).
         ShapeMismatchError: clean and corrupted shapes differ (and no ``align``), bad ``align``.
         MetricError: the metric returns the wrong shape, or NaN/inf.
+
+    Warns:
+        NoisyMetricWarning: the clean and corrupted metrics differ by less than the dtype's noise floor
+            (:func:`~steer_lens.patching.noise_floor`); the result is marked ``within_noise``.
     """
     base, hooks, clean_tokens, corrupted_tokens, plan = _prepare(
         model, clean_tokens, corrupted_tokens, metric, hook, by,
@@ -186,6 +199,64 @@ def activation_patch(
     )
 
 
+BLOCK_EVERY_HOOKS = ("resid_pre", "attn_out", "mlp_out")
+"""The hooks of :func:`activation_patch_block_every` (as TransformerLens's ``get_act_patch_block_every``)."""
+
+
+def activation_patch_block_every(
+    model,
+    clean_tokens: Int[Tensor, "clean_batch clean_pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: MetricFn | Metric,
+    *,
+    hooks: Sequence[str] = BLOCK_EVERY_HOOKS,
+    **kwargs,
+) -> PatchResult:
+    """Activation patching of ``resid_pre``, ``attn_out`` and ``mlp_out`` in one result: TransformerLens's
+    ``patching.get_act_patch_block_every``.
+
+    One :func:`activation_patch` sweep per hook, stacked along a leading ``"hook"`` axis.
+
+    Args:
+        model, clean_tokens, corrupted_tokens, metric: as :func:`activation_patch`.
+        hooks: the hook kinds stacked (default ``("resid_pre", "attn_out", "mlp_out")``); they must give
+            sites of one shape (e.g. all residual-stream hooks).
+        **kwargs: the other keywords of :func:`activation_patch` (``by``, ``layers``, ``positions``,
+            ``align``, ``max_batch``, ``memory_budget``, ``strategy``, ``progress``).
+
+    Returns:
+        :class:`~steer_lens.patching.PatchResult` with ``values`` ``[len(hooks), n_layers, pos]`` (by
+        default; metric's units), axes ``("hook", *by)``, ``hook`` the hooks joined by ``", "``.
+
+    Raises:
+        ConfigError: no hooks, or hooks whose sites differ in shape; and as :func:`activation_patch`
+            (``HookNameError``, ``ShapeMismatchError``, ``MetricError``). Warns
+            :class:`~steer_lens.patching.NoisyMetricWarning` once when the clean–corrupted gap is noise.
+    """
+    if isinstance(hooks, str) or not hooks:
+        raise ConfigError(f"hooks: expected a non-empty sequence of hook kinds, got {hooks!r}.")
+    with warnings.catch_warnings():  # one warning for the stacked result, not one per hook
+        warnings.simplefilter("ignore", NoisyMetricWarning)
+        parts = [activation_patch(model, clean_tokens, corrupted_tokens, metric, h, **kwargs) for h in hooks]
+    first = parts[0]
+    bad = [
+        (p.hook, p.axes, list(p.values.shape))
+        for p in parts
+        if p.values.shape != first.values.shape or p.axes != first.axes
+    ]
+    if bad:
+        raise ConfigError(
+            f"hooks: expected hooks with sites of one shape, got {first.hook!r} {first.axes} "
+            f"{list(first.values.shape)} and {bad}. Fix: stack residual-stream hooks only."
+        )
+    dtype = getattr(_unwrap(model)[0].cfg, "dtype", torch.float32)
+    warn_if_noisy(first.clean_metric, first.corrupted_metric, dtype, what="activation_patch_block_every")
+    return replace(
+        first, values=torch.stack([p.values for p in parts]), axes=("hook", *first.axes),
+        labels={"hook": [p.hook for p in parts], **first.labels}, hook=", ".join(p.hook for p in parts),
+    )
+
+
 def steering_patch(
     steered,
     tokens: Int[Tensor, "batch pos"],
@@ -214,6 +285,15 @@ def steering_patch(
     :func:`activation_patch`. For ``"denoise"`` the result's ``clean_metric`` is the steered metric and
     ``corrupted_metric`` the base one; for ``"noise"`` the other way round.
 
+    **Which hooks see the vector.** A hook point holds the activation at that point of the forward
+    pass, so a vector added at ``blocks.L.hook_X`` is seen by that hook (the patch runs after the
+    vector) and every hook that fires later, never by earlier ones. In particular
+    ``blocks.{L-1}.hook_resid_post`` fires *before* ``blocks.L.hook_resid_pre`` adds the vector: the two
+    carry the same tensor in an unhooked run, but at ``resid_post`` of layer ``L-1`` the steered and base
+    activations are equal and that row is the baseline (up to ~1e-16 of rounding). The result names the
+    vector's hooks (``vector_hooks``) and the swept layers that come before all of them
+    (``before_vector``); sweep ``hook="resid_pre"`` to see a ``resid_pre`` vector at its own layer.
+
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
         tokens: ``[batch, pos]`` input (both runs).
@@ -222,10 +302,15 @@ def steering_patch(
         mode: ``"denoise"`` or ``"noise"``.
 
     Returns:
-        :class:`~steer_lens.patching.PatchResult` (``kind`` is the mode).
+        :class:`~steer_lens.patching.PatchResult` (``kind`` is the mode; ``vector_hooks``,
+        ``before_vector`` and ``noise_floor`` set).
 
     Raises:
         ConfigError: ``steered`` is not a SteeredTransformer, bad mode; and as :func:`activation_patch`.
+
+    Warns:
+        NoisyMetricWarning: the steered and base metrics differ by rounding noise only (the vector does
+            not move this metric); the result is marked ``within_noise``.
     """
     from steer_lens.steering import SteeredTransformer
 
@@ -257,4 +342,36 @@ def steering_patch(
         progress=progress,
         **_steer_limits(steered),
     )
-    return _finish(values, cm, km, plan=plan, model=model, tokens=tokens, kind=mode, metric=metric)
+    names = ("steered", "base") if mode == "denoise" else ("base", "steered")
+    vector_hooks = tuple(steered.hook_names)
+    return _finish(
+        values, cm, km, plan=plan, model=model, tokens=tokens, kind=mode, metric=metric,
+        what="steering_patch", names=names, vector_hooks=vector_hooks,
+        before_vector=_before_vector(model, tokens, plan, vector_hooks),
+    )
+
+
+def _firing_order(model, tokens: Tensor) -> dict[str, int]:
+    """The order in which the model's hook points fire (one 1-token forward pass, no hooks of the caller)."""
+    order: dict[str, int] = {}
+
+    def record(act, hook):
+        order.setdefault(hook.name, len(order))
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda name: True, record)]):
+        model(tokens[:1, :1])
+    return order
+
+
+def _before_vector(model, tokens: Tensor, plan, vector_hooks: Sequence[str]) -> tuple[int, ...]:
+    """The swept layers whose patched hook fires before every vector hook (so it never sees the vector).
+
+    A hook point holds the value *at that point of the forward pass*: ``blocks.L.hook_resid_post`` fires
+    before ``blocks.{L+1}.hook_resid_pre`` adds a vector, although both carry the same tensor without
+    hooks. At the vector's own hook the patch runs after the vector, so it sees it.
+    """
+    order = _firing_order(model, tokens)
+    first = min((order[h] for h in vector_hooks if h in order), default=None)
+    if first is None:
+        return ()
+    return tuple(layer for layer in plan.layers if order.get(plan.names[layer], first) < first)

@@ -36,7 +36,7 @@ from steer_lens.patching._sites import (
     _labels,
     _prepare,
 )
-from steer_lens.patching.results import PatchResult, VectorAttribution
+from steer_lens.patching.results import PatchResult, VectorAttribution, warn_if_noisy
 
 __all__ = ["attribution_patch", "vector_attribution"]
 
@@ -76,7 +76,8 @@ def attribution_patch(
         model: a ``HookedTransformer`` or ``SteeredTransformer`` (vectors on in both runs).
         clean_tokens, corrupted_tokens: ``[batch, pos]`` inputs of the same shape.
         metric: logits -> scalar (or ``[batch]``, averaged), as :func:`activation_patch`.
-        hook, by, layers, heads, positions: the sites, as :func:`activation_patch`.
+        hook, by, layers, heads, positions: the sites, as :func:`activation_patch` (a full hook name
+            such as ``"blocks.1.hook_resid_pre"`` means that layer only).
 
     Returns:
         :class:`~steer_lens.patching.PatchResult` with ``kind="attribution"``; ``values`` in the metric's
@@ -85,6 +86,10 @@ def attribution_patch(
     Raises:
         HookNameError, ConfigError, ShapeMismatchError: as :func:`activation_patch`.
         MetricError: the metric is not a differentiable scalar, or is non-finite.
+
+    Warns:
+        NoisyMetricWarning: the clean and corrupted metrics differ by rounding noise only (the result
+            is marked ``within_noise``).
     """
     base, hooks, clean_tokens, corrupted_tokens, plan = _prepare(
         model, clean_tokens, corrupted_tokens, metric, hook, by,
@@ -112,30 +117,16 @@ def attribution_patch(
                 "detach, or convert to numpy?). Fix: compute it with torch operations on the logits."
             )
         grads = torch.autograd.grad(value, [acts[n] for n in names], allow_unused=True)
-    per_layer = []
     with torch.no_grad():
-        dims = _AXIS_DIM[plan.kind]
-        for n, g in zip(names, grads, strict=True):
-            a = acts[n].detach()
-            if g is None:
-                g = torch.zeros_like(a)
-            prod = ((clean_acts[n] - a) * g).sum(0).sum(-1)  # [pos] | [pos, head] | [head, dest]
-            keep = [dims[ax] for ax in plan.by[1:]]
-            drop = tuple(d for d in range(prod.ndim) if d not in keep)
-            if drop:
-                prod = prod.sum(drop)
-            remaining = sorted(keep)  # axes of prod now, in activation order
-            prod = prod.permute([remaining.index(dims[ax]) for ax in plan.by[1:]]) if keep else prod
-            for i, ax in enumerate(plan.by[1:]):
-                prod = prod.index_select(i, torch.tensor(plan.index[ax], device=prod.device))
-            per_layer.append(prod)
-        values = torch.stack(per_layer)
+        values = _site_sums(plan, names, acts, grads, clean_acts)
         flat = torch.cat(
             [values.reshape(-1).double(), clean_m.reshape(1).double(), value.reshape(1).double()]
         )
         host = flat.cpu()
     if not torch.isfinite(host).all():
         raise MetricError("attribution_patch: the metric or its gradient is NaN or inf.")
+    clean, corrupted = float(host[-2]), float(host[-1])
+    dtype = getattr(base.cfg, "dtype", torch.float32)
     return PatchResult(
         values=host[:-2].view(values.shape).to(values.dtype),
         axes=plan.by,
@@ -143,9 +134,31 @@ def attribution_patch(
         hook=plan.hook,
         kind="attribution",
         metric_name=getattr(metric, "name", getattr(metric, "__name__", "metric")),
-        clean_metric=float(host[-2]),
-        corrupted_metric=float(host[-1]),
+        clean_metric=clean,
+        corrupted_metric=corrupted,
+        noise_floor=warn_if_noisy(clean, corrupted, dtype, what="attribution_patch"),
     )
+
+
+def _site_sums(plan, names: Sequence[str], acts: dict, grads, clean_acts: dict) -> Tensor:
+    """``Σ (a_clean - a_corrupted) · grad`` per site, ``[len(layers), *grid]`` (on the device)."""
+    per_layer = []
+    dims = _AXIS_DIM[plan.kind]
+    for n, g in zip(names, grads, strict=True):
+        a = acts[n].detach()
+        if g is None:
+            g = torch.zeros_like(a)
+        prod = ((clean_acts[n] - a) * g).sum(0).sum(-1)  # [pos] | [pos, head] | [head, dest]
+        keep = [dims[ax] for ax in plan.by[1:]]
+        drop = tuple(d for d in range(prod.ndim) if d not in keep)
+        if drop:
+            prod = prod.sum(drop)
+        remaining = sorted(keep)  # axes of prod now, in activation order
+        prod = prod.permute([remaining.index(dims[ax]) for ax in plan.by[1:]]) if keep else prod
+        for i, ax in enumerate(plan.by[1:]):
+            prod = prod.index_select(i, torch.tensor(plan.index[ax], device=prod.device))
+        per_layer.append(prod)
+    return torch.stack(per_layer)
 
 
 def vector_attribution(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import html
 import itertools
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -12,13 +15,126 @@ from torch import Tensor
 
 from steer_lens.results import Result
 
-__all__ = ["PatchResult", "PathPatchResult", "VectorAttribution"]
+__all__ = [
+    "NOISE_ULPS",
+    "NoisyMetricWarning",
+    "PatchResult",
+    "PathPatchResult",
+    "VectorAttribution",
+    "is_within_noise",
+    "noise_floor",
+    "warn_if_noisy",
+]
 
 _NOT_PATHS = ("all_paths", "frozen_patterns")
 
 
 def _fmt(x: float) -> str:
     return f"{x:+.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# numerical noise of a metric gap
+# ---------------------------------------------------------------------------------------------------
+NOISE_ULPS = 100.0
+"""Units of ``eps(dtype) · max(|metric|, 1)`` below which a metric gap counts as rounding noise."""
+
+
+class NoisyMetricWarning(UserWarning):
+    """The gap between the two reference runs of a patching analysis (clean vs corrupted, steered vs
+    base) is within the numerical noise of the model's dtype: effects, fractions and additivity
+    computed from it are rounding noise, not findings. The result is marked (``within_noise``)."""
+
+
+def noise_floor(scale: float, dtype: torch.dtype = torch.float32) -> float:
+    """The smallest metric gap that is not rounding noise: ``NOISE_ULPS · eps(dtype) · max(|scale|, 1)``.
+
+    Why this bound: a metric is computed from logits through a forward pass whose every matmul and
+    reduction rounds at ``eps(dtype)`` relative to the magnitudes involved. Metrics are made of values of
+    order ``max(|metric|, 1)`` (logits, log-probabilities, probabilities that sum to 1), so two runs
+    that differ only in batching or reduction order (the batched sweep vs one pass per site) disagree
+    by a few ``eps`` in that unit: measured ≤ 7·eps·scale (3.3e-6 on a logit difference of ~4, fp32,
+    TinyStories-656K vs TransformerLens). ``NOISE_ULPS = 100`` leaves a >10× margin over that, yet flags
+    the failure seen in practice (a ``prob_change`` of ~1e-6 on a token the model never predicts; fp32
+    floor 1.2e-5).
+
+    Args:
+        scale: the metric's magnitude (e.g. ``max(|clean|, |corrupted|)``), in the metric's units.
+        dtype: the precision the metric was computed in (the model's dtype); non-float dtypes use fp32.
+
+    Returns:
+        The floor, in the metric's units (fp32, scale ≤ 1: ``1.19e-5``; bf16: ``0.78``).
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        dtype = torch.float32
+    return NOISE_ULPS * torch.finfo(dtype).eps * max(abs(float(scale)), 1.0)
+
+
+def is_within_noise(gap: float, scale: float, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a metric gap ``|gap|`` (e.g. clean − corrupted, steered − base) is below
+    :func:`noise_floor` ``(scale, dtype)``: too small to be told apart from rounding.
+
+    Args:
+        gap: the difference of two metric values (metric's units).
+        scale: the metric's magnitude (e.g. the larger of the two values' absolute values).
+        dtype: the precision the metric was computed in.
+
+    Returns:
+        ``True`` when the gap is rounding noise (NaN gaps count as noise).
+    """
+    return not abs(float(gap)) >= noise_floor(scale, dtype)
+
+
+def warn_if_noisy(
+    first: float,
+    second: float,
+    dtype: torch.dtype,
+    *,
+    what: str,
+    names: tuple[str, str] = ("clean", "corrupted"),
+    stacklevel: int | None = None,
+) -> float:
+    """Warn (:class:`NoisyMetricWarning`) when ``first - second`` is within the noise floor of ``dtype``.
+
+    Args:
+        first, second: the two reference metrics (e.g. clean and corrupted; steered and base).
+        dtype: the precision of the runs (the model's dtype).
+        what: the analysis, for the message (e.g. ``"activation_patch"``).
+        names: the names of the two runs, for the message.
+        stacklevel: as :func:`warnings.warn`; default: the first caller outside steer_lens.
+
+    Returns:
+        The noise floor (:func:`noise_floor` at scale ``max(|first|, |second|)``), to store in the result.
+    """
+    scale = max(abs(first), abs(second))
+    floor = noise_floor(scale, dtype)
+    if is_within_noise(first - second, scale, dtype):
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(
+            f"{what}: the {names[0]} and {names[1]} metrics differ by {first - second:.3g}, within the "
+            f"{name} noise floor {floor:.3g} of a metric of this size: effects, normalized() fractions and "
+            "additivity are rounding noise, not findings (the result has within_noise=True). Fix: use a "
+            "metric with a real gap, e.g. logit_diff/logprob on tokens the model predicts rather than "
+            "prob_change on a token it never predicts, or a pair of inputs (or a vector) that changes it.",
+            NoisyMetricWarning,
+            stacklevel=stacklevel if stacklevel is not None else _caller_level(sys._getframe()),
+        )
+    return floor
+
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../steer_lens
+
+
+def _caller_level(frame) -> int:
+    """``stacklevel`` (1 = ``frame``, the one calling ``warnings.warn``) of the first frame outside
+    steer_lens and outside generated or type-checking wrappers (jaxtyping, beartype)."""
+    level = 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith((_PKG, "<")) or "jaxtyping" in name or "beartype" in name):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +153,13 @@ class PatchResult(Result):
         metric_name: name of the metric.
         clean_metric: metric of the clean run (source of the patched activations).
         corrupted_metric: metric of the corrupted run (the run that is patched).
+        noise_floor: the smallest ``|clean_metric - corrupted_metric|`` that is not rounding noise for
+            the model's dtype (:func:`noise_floor`; metric's units; ``0.0``: not computed).
+        vector_hooks: ``steering_patch`` only: the hooks where the steering vector is added.
+        before_vector: ``steering_patch`` only: the swept layers whose patched hook fires before every
+            vector hook (e.g. ``blocks.0.hook_resid_post`` for a vector at ``blocks.1.hook_resid_pre``):
+            there the steered and base activations are the same, so those values equal the baseline
+            up to rounding.
     """
 
     _rank_by = "effect"  # top(k): the k sites with the largest absolute effect
@@ -50,6 +173,15 @@ class PatchResult(Result):
     metric_name: str
     clean_metric: float
     corrupted_metric: float
+    noise_floor: float = 0.0
+    vector_hooks: tuple[str, ...] = ()
+    before_vector: tuple[int, ...] = ()
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the clean–corrupted (steered–base) gap is below :attr:`noise_floor`: the effects
+        are then rounding noise (a :class:`NoisyMetricWarning` was issued when the result was made)."""
+        return abs(self.clean_metric - self.corrupted_metric) < self.noise_floor
 
     @property
     def effect(self) -> Float[Tensor, "..."]:
@@ -62,10 +194,11 @@ class PatchResult(Result):
         """Fraction of the clean-vs-corrupted gap each patch recovers: ``effect / (clean - corrupted)``.
 
         ``1`` means the patch alone restores the clean metric, ``0`` means no effect. Returns NaN
-        everywhere when the two runs have the same metric.
+        everywhere when the two runs have the same metric or the gap is :attr:`within_noise`
+        (dividing by rounding noise gives arbitrary fractions).
         """
         gap = self.clean_metric - self.corrupted_metric
-        if gap == 0:
+        if gap == 0 or self.within_noise:
             return torch.full_like(self.effect, float("nan"))
         return self.effect / gap
 
@@ -160,18 +293,30 @@ class PatchResult(Result):
         tokens = [lab.split(": ", 1)[-1] for lab in self.labels["pos"]]
         return plotting.token_view(tokens, per_pos)
 
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.vector_hooks:
+            notes.append(f"vector at {', '.join(self.vector_hooks)}")
+        if self.before_vector:
+            notes.append(f"layers {list(self.before_vector)} are before the vector")
+        if self.within_noise:
+            notes.append(f"WITHIN NOISE (gap below {self.noise_floor:.2g})")
+        return notes
+
     def _summary(self) -> str:
+        notes = "".join(f"; {html.escape(n)}" for n in self._notes())
         return (
             f"<b>PatchResult</b> ({html.escape(self.kind)}, hook <code>{html.escape(self.hook)}</code>, "
             f"metric {html.escape(self.metric_name)}): axes {self.axes} shape {list(self.values.shape)}; "
-            f"clean {_fmt(self.clean_metric)}, corrupted {_fmt(self.corrupted_metric)}"
+            f"clean {_fmt(self.clean_metric)}, corrupted {_fmt(self.corrupted_metric)}{notes}"
         )
 
     def __repr__(self) -> str:
+        notes = "".join(f", {n}" for n in self._notes())
         return (
             f"PatchResult(kind={self.kind!r}, hook={self.hook!r}, axes={self.axes}, "
             f"shape={list(self.values.shape)}, clean={self.clean_metric:.4g}, "
-            f"corrupted={self.corrupted_metric:.4g})"
+            f"corrupted={self.corrupted_metric:.4g}{notes})"
         )
 
 
@@ -273,12 +418,24 @@ class PathPatchResult(Result):
             single path at once) and the frozen-pattern run ``"frozen_patterns"``.
         variants: the "Small Vectors, Big Effects" runs on the first block that reads the vector:
             ``{name: metric change}`` (``"skip_attention"``, ``"skip_layer"``, ``"attn_to_residual"``,
-            ``"attn_to_mlp"``, ``"attn_to_both"``, ``"knockout head H"``, ``"only head H"``).
+            ``"attn_to_mlp"``, ``"attn_to_both"``, ``"knockout head H"``, ``"only head H"``; with
+            ``variants="full"`` the routed ``"knockout head H -> all|residual|mlp"`` / ``"only head H ->
+            ..."`` instead of the last two, ``"knockout q head H"``, ``"knockout k kv-head G"``,
+            ``"knockout v kv-head G"``, ``"knockout v all heads"``, ``"knockout group G"`` and the
+            ``"only ..."`` of each). :meth:`to_pandas` splits the names into columns.
         total_effect: ``metric(steered) - metric(base)``.
         base_metric, steered_metric: the two reference runs.
         hook: the vector's hook.
         block: the block the variants act on (``None`` when no block reads the vector).
         metric_name: name of the metric.
+        head_effects: ``[layer, head]`` effects of the single head paths of the layers that read the vector.
+        variant_kl: ``{variant: [batch, pos] float64}`` per-token ``KL(p_ref || p_variant)`` (NaN at
+            padding), when ``path_patch(..., kl=...)``; else ``None``.
+        kl_reference: which run ``p_ref`` is: ``"paper"`` (the steered run; the ``skip_attention`` run for
+            the ``only ...`` variants), ``"steered"`` or ``"base"``; ``None`` without KL.
+        noise_floor: the metric's noise floor in the model's dtype (:func:`noise_floor`); when
+            ``|total_effect|`` is below it the result is :attr:`within_noise`, a
+            :class:`NoisyMetricWarning` was raised and :attr:`additivity` is NaN.
     """
 
     _rank_by = "effect"  # top(k): the k paths / variants with the largest absolute effect
@@ -293,6 +450,14 @@ class PathPatchResult(Result):
     block: int | None
     metric_name: str
     head_effects: Float[Tensor, "layer head"] | None = field(default=None)
+    variant_kl: dict[str, Float[Tensor, "batch pos"]] | None = field(default=None)
+    kl_reference: str | None = field(default=None)
+    noise_floor: float = field(default=0.0)
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the steered-minus-base metric gap is within the dtype's noise floor (effects are noise)."""
+        return abs(self.total_effect) <= self.noise_floor
 
     @property
     def path_sum(self) -> float:
@@ -301,11 +466,18 @@ class PathPatchResult(Result):
 
     @property
     def additivity(self) -> float:
-        """``path_sum / total_effect``: 1 when the paths add up to the whole effect (NaN if no effect)."""
-        return self.path_sum / self.total_effect if self.total_effect != 0 else float("nan")
+        """``path_sum / total_effect``: 1 when the paths add up to the whole effect (NaN if no effect, or
+        when the effect is within the noise floor: a ratio of float noise means nothing)."""
+        if self.total_effect == 0 or self.within_noise:
+            return float("nan")
+        return self.path_sum / self.total_effect
 
     def to_pandas(self):
-        """Table with one row per path and per variant: ``group``, ``name``, ``effect``, ``fraction``."""
+        """Table with one row per path and per variant: ``group``, ``name``, ``effect``, ``fraction``, and
+        for the variants the parts of the name: ``kind`` (``knockout`` / ``only``, or the whole-block
+        variant's name), ``part`` (``z``: the head's output, ``q`` / ``k`` / ``v``), ``unit`` (``head``,
+        ``kv-head``, ``group``, ``all heads``), ``head`` (query head or key-value head / group index),
+        ``route`` (``all`` / ``residual`` / ``mlp``) and ``kl`` (mean per-token KL, when computed)."""
         import pandas as pd
 
         tot = self.total_effect
@@ -313,15 +485,32 @@ class PathPatchResult(Result):
             {"group": "path", "name": k, "effect": v, "fraction": v / tot if tot else float("nan")}
             for k, v in self.effects.items()
         ]
+        kl = self.variant_kl or {}
         rows += [
-            {"group": "variant", "name": k, "effect": v, "fraction": v / tot if tot else float("nan")}
+            {"group": "variant", "name": k, "effect": v, "fraction": v / tot if tot else float("nan"),
+             **self._variant_parts(k), "kl": float(kl[k].nanmean()) if k in kl else float("nan")}
             for k, v in self.variants.items()
         ]
         rows.append({"group": "total", "name": "total", "effect": tot, "fraction": 1.0})
         rows.append(
             {"group": "total", "name": "sum of paths", "effect": self.path_sum, "fraction": self.additivity}
         )
-        return pd.DataFrame(rows)
+        df = pd.DataFrame(rows)
+        if "head" in df:
+            df["head"] = df["head"].astype("Int64")  # integers with <NA> for the rows without a head
+        return df
+
+    @staticmethod
+    def _variant_parts(name: str) -> dict:
+        """``kind``, ``part``, ``unit``, ``head``, ``route`` of a variant name (see :meth:`to_pandas`)."""
+        import re
+
+        m = re.fullmatch(r"(knockout|only) (?:([qkv]) )?(head|kv-head|group|all heads)(?: (\d+))?(?: -> (\w+))?", name)
+        if m is None:  # a whole-block variant: skip_attention, skip_layer, attn_to_*
+            return {"kind": name, "part": None, "unit": None, "head": None, "route": None}
+        kind, part, unit, head, route = m.groups()
+        return {"kind": kind, "part": part or "z", "unit": unit, "head": None if head is None else int(head),
+                "route": route or "all"}
 
     def plot(self, *, variants: bool = False):
         """Bar chart of path contributions (with the total and the sum of paths), or of the variants."""
