@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steer_lens._utils import check_token_ids
+from steer_lens._utils import check_token_ids, token_pieces
 from steer_lens.errors import ConfigError, EmptyInputError, HookNameError, MetricError, ShapeMismatchError
 from steer_lens.models import check_hook_names
 
@@ -289,7 +289,7 @@ def _labels(model, plan: _Plan, tokens: Tensor) -> dict[str, list[str]]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         try:
-            tok_strs = [tokenizer.decode([t]) for t in tokens[0].tolist()]
+            tok_strs = token_pieces(tokenizer, tokens[0].tolist())
         except Exception:  # pragma: no cover - exotic tokenizers
             tok_strs = None
     for a in plan.by[1:]:

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from steer_lens._utils import token_pieces
 from steer_lens.errors import ConfigError, MetricError, ShapeMismatchError
 from steer_lens.metrics import Metric, MetricFn, call_metric
 from steer_lens.patching._sites import (
@@ -234,7 +235,7 @@ def vector_attribution(
     tok_strs = None
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
-        tok_strs = [[tokenizer.decode([t]) for t in row] for row in tokens.tolist()]
+        tok_strs = [token_pieces(tokenizer, row) for row in tokens.tolist()]
     return VectorAttribution(
         values=flat[:-1].view(vals.shape).float(),
         hooks=tuple(names),
