@@ -512,3 +512,27 @@ def test_interrupted_training_leaves_the_model_and_rng_untouched():
     assert torch.equal(model(toks), before)
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_ablation_table_equals_the_closed_form_on_a_linear_toy():
+    # issue 16 item 2: top-n can remove more than the whole effect and "all" less; both are the closed form
+    # fraction(S) = sum_{i in S} attr_i / effect, exact for a metric linear at the hook (no final norm here)
+    model = _model("gpt2", normalization_type=None)
+    hook = "blocks.1.hook_resid_post"
+    d = int(model.cfg.d_model)
+    sae = _perfect_sae(model, hook=hook)                       # error term 0: "all" removes everything
+    steered = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_pre"], init="random", init_norm=3.0)
+    toks = _tokens(n=4)
+    sizes = (1, 2, 4, 8, 16, 32, 2 * d)
+    attr = sl.sae.attribute(steered, sae, toks, _last_logit_diff, ablation_sizes=sizes, n_random=0)
+    sign = 1.0 if attr.effect >= 0 else -1.0
+    ranked = torch.sort(sign * attr.attribution.double(), descending=True).values * sign
+    tops = {r["n"]: r for r in attr.ablation if r["kind"] == "top"}
+    for n, row in tops.items():
+        closed = float(ranked[:n].sum()) / attr.effect
+        assert row["linear_estimate"] == pytest.approx(closed, rel=1e-6, abs=1e-9)
+        assert row["fraction_removed"] == pytest.approx(closed, rel=1e-3, abs=1e-4)
+    all_row = next(r for r in attr.ablation if r["kind"] == "all")
+    assert all_row["fraction_removed"] == pytest.approx(1.0, abs=1e-3)
+    assert max(r["fraction_removed"] for r in tops.values()) > 1.05              # overshoot: not monotone
+    assert (ranked < 0).any()                                                    # ... from features pushing back

@@ -92,9 +92,14 @@ class Attribution(Result):
         attribution: ``[d_sae]`` per feature ``sum_{b,t} dm/df_i (f_i^steered - f_i^base)`` (mean per text).
         error_attribution: the same for the SAE's error term.
         mean_shift: ``[d_sae]`` mean activation shift per token (as :func:`steer_lens.analysis.activation_shift`).
-        ablation: rows ``{"n", "kind", "metric", "fraction_removed", "fraction_removed_std"}``: the
-            metric with the top-n (``kind="top"``), n random shifted (``"random"``, mean over draws), or
-            all (``"all"``) features' shift removed, and the fraction of ``effect`` removed.
+        ablation: rows ``{"n", "kind", "metric", "fraction_removed", "fraction_removed_std",
+            "linear_estimate"}``: the metric with the top-n (``kind="top"``), n random shifted
+            (``"random"``, mean over draws), or all (``"all"``) features' shift removed, the fraction of
+            ``effect`` removed, and its linear estimate ``sum_{i in set} attr_i / effect``. The fractions
+            need not grow with n: features whose attribution has the other sign (they push against the
+            effect) come late in the ranking, so the top-n can remove *more* than the whole effect, and
+            ``"all"`` removes ``1 - error_attribution / effect`` (to first order): whatever part of the
+            vector the SAE does not reconstruct stays in the error term, which is never ablated.
     """
 
     sae_hook: str
@@ -370,6 +375,8 @@ def _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed,
         n_texts += batch.tokens.shape[0]
     means = [float(t) / n_texts for t in totals]
     frac = [(mean_s - m) / effect if effect != 0 else math.nan for m in means]
+    attr64 = attribution.double().cpu()
+    linear = [float(attr64[s.cpu()].sum()) / effect if effect != 0 else math.nan for _, _, s in sets]
     rows: list[dict[str, Any]] = []
     for kind in ("top", "random", "all"):
         for n in ([*dict.fromkeys(sizes)] if kind != "all" else [d_sae]):
@@ -381,5 +388,6 @@ def _ablation(steered, sae, h, texts, metric, batch_size, sizes, n_random, seed,
                 "n": n, "kind": kind, "metric": sum(means[i] for i in idx) / len(idx),
                 "fraction_removed": float(fr.mean()),
                 "fraction_removed_std": float(fr.std()) if len(idx) > 1 else 0.0,
+                "linear_estimate": sum(linear[i] for i in idx) / len(idx),
             })
     return rows
