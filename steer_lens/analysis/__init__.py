@@ -13,12 +13,15 @@ result (:class:`~steer_lens.results.Result`: ``to_pandas``, ``top``, ``plot``, `
 * first token (:mod:`steer_lens.analysis.first_token`): :func:`first_token_concentration` (the
   largest probability increase per generated position, and of named tokens) and
   :func:`prefix_substitution` (the base model's metric with the boosted token prefixed);
-* gates (:mod:`steer_lens.analysis.gates`): :func:`gate_values`, the per-token gate of gated vectors.
+* gates (:mod:`steer_lens.analysis.gates`): :func:`gate_values`, the per-token gate of gated vectors;
+* direct logit attribution (:mod:`steer_lens.analysis.dla`): :func:`vector_dla`, per component
+  (embeddings, heads, MLPs, biases, the vector) in the base and the steered run.
 
 Subsets of vectors are switched on with :meth:`SteeredTransformer.only_hooks
 <steer_lens.SteeredTransformer.only_hooks>`; nothing is changed on the model or the vectors.
 """
 
+from steer_lens.analysis.dla import VectorDLA, vector_dla
 from steer_lens.analysis.effects import (
     CombinationGain,
     SampledRate,
@@ -49,6 +52,7 @@ __all__ = [
     "PrefixSubstitution",
     "SampledRate",
     "Transfer",
+    "VectorDLA",
     "VectorStats",
     "activation_shift",
     "combination_gain",
@@ -61,5 +65,6 @@ __all__ = [
     "prefix_substitution",
     "sampled_rate",
     "transfer",
+    "vector_dla",
     "vector_stats",
 ]
