@@ -62,6 +62,26 @@ class Generation:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_sampling_args(max_new_tokens: object, seed: object, top_k: object) -> None:
+    """Check the integer sampling arguments before anything runs.
+
+    Raises:
+        ConfigError: ``max_new_tokens`` not an int >= 1, ``seed`` not ``None`` or an int in
+            ``[0, 2**63)``, ``top_k`` not ``None`` or an int >= 1 (each message says the fix).
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}. Fix: e.g. max_new_tokens=40.")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed: expected None or an int in [0, 2**63), got {seed!r}. Fix: e.g. seed=0.")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k: expected None (no top-k filter) or an int >= 1, got {top_k!r}. "
+                          "Fix: top_k=None, or e.g. top_k=50.")
+
+
 def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen) -> Tensor:
     """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus)."""
     logits = logits.float()
@@ -138,8 +158,7 @@ def sample_tokens(
         SequenceTooLongError: prompt plus ``max_new_tokens`` exceeds ``n_ctx``.
     """
 
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: expected >= 1, got {max_new_tokens}.")
+    check_sampling_args(max_new_tokens, seed, top_k)
     if do_sample and not (temperature > 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
     if not (0 < top_p <= 1):

@@ -124,7 +124,15 @@ class PositionContext:
             n = min(m.shape[1], self.offset + pos)
             full[:, :n] = m[:, :n]
             out = full[:, self.offset :]
-            if out.shape[0] not in (1, batch) and batch % out.shape[0] == 0:
+            if out.shape[0] not in (1, batch):
+                if batch % out.shape[0] != 0:
+                    from steer_lens.errors import ConfigError
+
+                    raise ConfigError(
+                        f"positions: the explicit mask has {out.shape[0]} rows but this call runs {batch} "
+                        "sequences. Fix: give one row per sequence, one row for all ([pos] or [1, pos]), or "
+                        "a number of rows that divides the batch (repeated copies of the same sequences)."
+                    )
                 out = out.repeat(batch // out.shape[0], 1)
             out = out.expand(batch, pos)
         else:

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens._utils import token_strings, unwrap
+from steer_lens._utils import check_token_ids, token_strings, unwrap
 from steer_lens.errors import ConfigError, EmptyInputError, ShapeMismatchError
 from steer_lens.results import Result
 
@@ -525,6 +525,7 @@ def layer_logit_lens(steered, prompt: str | Int[Tensor, " pos"] | Int[Tensor, "1
     model = steered.model
     toks = steered.to_tokens(prompt)[None] if isinstance(prompt, str) else prompt.reshape(1, -1)
     toks = toks.to(steered.device)
+    check_token_ids(toks, model.cfg, "prompt")
     last_post = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def names(n: str) -> bool:

@@ -129,6 +129,9 @@ class SteeredTransformer(nn.Module):
         super().__init__()
         if isinstance(hooks, str):
             hooks = [hooks]
+        if not isinstance(hooks, Sequence) or not all(isinstance(h, str) for h in hooks):
+            raise ConfigError(f"hooks: expected a hook name or a list of hook names, got {hooks!r}. "
+                              "Fix: e.g. hooks=['blocks.1.hook_resid_pre'].")
         hooks = list(hooks)
         if not hooks:
             raise ConfigError("hooks: expected at least one hook name, got an empty list.")
@@ -398,6 +401,8 @@ class SteeredTransformer(nn.Module):
             ConfigError: token ids that are not integers or lie outside ``[0, d_vocab)``.
             SequenceTooLongError: more than ``n_ctx`` positions.
         """
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens)[None]
         if isinstance(tokens, Tensor) and not tokens.is_floating_point():  # (float: residual input)
             check_token_ids(tokens, self.model.cfg)
         with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths), tokens=tokens):

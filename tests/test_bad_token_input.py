@@ -81,3 +81,30 @@ def test_one_string_where_a_list_is_expected_is_refused(real_model):
     with pytest.raises(ConfigError, match="split into characters"):
         sl.train.SFTConfig(steps=1, eval_texts="Once upon a time")
     torch.testing.assert_close(steered.vectors.direction("blocks.1.hook_resid_pre"), before)  # no step taken
+
+
+# issue 15 item 5: the remaining raw errors, each now a named error raised before anything runs
+@pytest.mark.parametrize("kwargs", [
+    {"seed": "x"}, {"seed": 1.5}, {"seed": 2**70}, {"seed": -1},
+    {"top_k": 0}, {"top_k": -1},
+    {"max_new_tokens": 0},
+])
+def test_bad_sampling_arguments_are_config_errors(kwargs):
+    from steer_lens.generation import check_sampling_args
+
+    args = {"max_new_tokens": 5, "seed": None, "top_k": None, **kwargs}
+    with pytest.raises(ConfigError, match="Fix"):
+        check_sampling_args(**args)
+
+
+def test_long_text_and_mismatched_position_mask_are_named_errors():
+    import steer_lens as sl
+    from steer_lens.errors import SequenceTooLongError
+
+    model = sl.random_model("gpt2", n_layers=1, d_model=16, n_heads=2, d_vocab=20, n_ctx=8)
+    steered = sl.SteeredTransformer(model, ["blocks.0.hook_resid_pre"], init="random", init_norm=1.0)
+    with pytest.raises(SequenceTooLongError):
+        sl.lens.layer_logit_lens(steered, torch.arange(12) % 20)
+    masked = sl.SteeredTransformer(model, ["blocks.0.hook_resid_pre"], positions=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="rows"):
+        masked(torch.ones(2, 4, dtype=torch.long))
