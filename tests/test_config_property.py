@@ -17,6 +17,7 @@ import types
 import typing
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -107,3 +108,37 @@ def test_every_config_field_is_covered():
     covered = {(c.__name__, n) for c, n, _ in CASES}
     assert len(covered) >= 60                                # the six configs' typed fields
     assert ("RLConfig", "lr") in covered and ("SFTConfig", "eval_texts") in covered
+
+
+# the public constructor: values of the right type but outside what it accepts (wrong *types* are refused
+# by this suite's beartype check before the constructor runs, and by check_field_types for users)
+@pytest.fixture(scope="module")
+def small_model():
+    import steer_lens as sl
+
+    return sl.random_model("gpt2", n_layers=2, d_model=16, n_heads=2, d_vocab=20, n_ctx=8)
+
+
+_HOOK = "blocks.1.hook_resid_pre"
+bad_constructor_kwargs = st.one_of(
+    st.builds(lambda s: {"scale": s}, st.sampled_from([math.nan, math.inf, -math.inf])),
+    st.builds(lambda n: {"init": "random", "init_norm": n},
+              st.one_of(st.floats(max_value=0.0, allow_nan=False), st.sampled_from([math.nan, math.inf]))),
+    st.builds(lambda p: {"positions": p}, st.text(max_size=8).filter(lambda t: t not in ("all", "prompt", "generated"))),
+    st.builds(lambda h: {"hooks": [h]}, st.text(max_size=20).filter(lambda t: not t.startswith("blocks."))),
+    st.builds(lambda i: {"init": i}, st.text(max_size=8).filter(lambda t: t not in ("zeros", "random"))),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kwargs=bad_constructor_kwargs)
+def test_steered_transformer_refuses_bad_values_with_a_named_error(small_model, kwargs):
+    import steer_lens as sl
+
+    kwargs = {"hooks": [_HOOK], **kwargs}
+    hooks = kwargs.pop("hooks")
+    before = {n: p.detach().clone() for n, p in small_model.named_parameters()}
+    with pytest.raises(SteerLensError):
+        sl.SteeredTransformer(small_model, hooks, **kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in small_model.named_parameters())   # nothing changed
+    assert not any(h.fwd_hooks for h in small_model.hook_dict.values())                # no hook left
