@@ -136,3 +136,21 @@ def test_id_prompt_with_no_tokens_is_refused(bare):
                      sl.train.SFTConfig(steps=1, progress=False))
     with pytest.raises(EmptyInputError):
         sl.analysis.vector_stats(st, [[]])
+
+
+def test_gate_values_accept_token_ids_like_text():
+    import steer_lens as sl
+    from steer_lens.analysis import gate_values
+    from steer_lens.vectors import GatedVectors
+
+    model = sl.random_model("llama", n_layers=2, d_model=16, n_heads=4, d_vocab=30, n_ctx=16, seed=0)
+    hook = "blocks.1.hook_resid_pre"
+    vecs = GatedVectors([hook], 16, init="random", init_norm=1.0)
+    with torch.no_grad():
+        vecs.gate_w[hook.replace(".", "__")].normal_()
+    gated = sl.SteeredTransformer(model, [hook], vectors=vecs)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    g = gate_values(gated, ids)
+    ref = gate_values(gated, [ids[0].tolist()])                # a list of ints: the same sequence
+    assert torch.equal(g.gates[hook], ref.gates[hook]) and g.gates[hook].shape[-1] == 5
+    assert not torch.allclose(g.gates[hook], torch.ones_like(g.gates[hook]))   # the gate is not trivially 1

@@ -18,6 +18,7 @@ from steer_lens._utils import token_strings
 from steer_lens.analysis._common import text_tokens
 from steer_lens.errors import IncompatibleVectorError
 from steer_lens.results import Result
+from steer_lens.train.data import TokenIds
 from steer_lens.vectors import GatedVectors
 
 __all__ = ["GateValues", "gate_values"]
@@ -95,7 +96,7 @@ class GateValues(Result):
 
 
 @torch.no_grad()
-def gate_values(steered, texts: str | Sequence[str]) -> GateValues:
+def gate_values(steered, texts: str | TokenIds | Sequence[str | TokenIds]) -> GateValues:
     """The gate ``g_t`` per token of a :class:`~steer_lens.vectors.GatedVectors`-steered model on ``texts``.
 
     Runs one forward pass with the vectors on and records each hook's gate (token-wise adaptive
@@ -103,7 +104,9 @@ def gate_values(steered, texts: str | Sequence[str]) -> GateValues:
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer` whose ``vectors`` are ``GatedVectors``.
-        texts: one text or a list (tokenized with BOS, cut to ``n_ctx``, left-padded).
+        texts: one text or a list (tokenized with BOS, cut to ``n_ctx``, left-padded), or token ids
+            (a ``[n, pos]`` tensor, 1-D tensors or lists of ints, BOS first) for a model without a
+            tokenizer.
 
     Returns:
         A :class:`GateValues`.
