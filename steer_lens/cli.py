@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out")
     d.add_argument("--samples", type=int, default=64, help="continuations sampled to measure the rate")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--kl-coef", type=float, default=1.0,
+                   help="weight of the KL-to-base term on the model's own samples (0: off; default 1)")
+    d.add_argument("--kl-every", type=int, default=2, help="steps between KL terms (default 2)")
 
     t = sub.add_parser("train", help="train a steering vector")
     tsub = t.add_subparsers(dest="objective", required=True)
@@ -189,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             res = run_demo(model_name=args.model, word=args.word, layer=args.layer, hook=args.hook,
                            steps=args.steps, lr=args.lr, texts=args.texts, out=args.out, device=args.device,
-                           n_samples=args.samples, seed=args.seed)
+                           n_samples=args.samples, seed=args.seed, kl_coef=args.kl_coef, kl_every=args.kl_every)
             print(summary_text(res))
             return 0
         if args.command == "export":

@@ -65,3 +65,23 @@ def _sentences(texts):
     from steer_lens.demo import split_sentences
 
     return split_sentences(texts)
+
+
+def test_demo_cli_passes_the_kl_settings(monkeypatch):
+    import steer_lens.demo as demo
+    from steer_lens.cli import main
+
+    seen = {}
+
+    def fake_run_demo(**kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    with pytest.raises(SystemExit):
+        main(["demo", "--kl-coef", "0", "--kl-every", "3", "--device", "cpu"])
+    assert seen["kl_coef"] == 0.0 and seen["kl_every"] == 3
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["demo", "--device", "cpu"])
+    assert seen["kl_coef"] == 1.0 and seen["kl_every"] == 2          # run_demo's defaults
