@@ -88,8 +88,8 @@ def token_pieces(tokenizer: Any, row: Sequence[int]) -> list[str]:
     (``'▁home'`` decodes to ``'home'`` at the start of a decode), which made contexts read
     ``'carried it backhome'``. Here token ``i``'s piece is ``decode(row[s:i+1])`` minus its prefix
     ``decode(row[s:i])`` with ``s = i - 4`` (a few tokens of left context, so the cost stays linear);
-    the first token, or a tokenizer whose decode is not prefix-stable there, falls back to
-    ``decode([id])``.
+    the first token, a tokenizer whose decode is not prefix-stable there, or a token that adds
+    nothing to the windowed decode falls back to ``decode([id])``.
     """
     out = []
     for i, t in enumerate(row):
@@ -98,7 +98,7 @@ def token_pieces(tokenizer: Any, row: Sequence[int]) -> list[str]:
             out.append(tokenizer.decode([t]))
             continue
         a, b = tokenizer.decode(list(row[s:i])), tokenizer.decode(list(row[s : i + 1]))
-        out.append(b[len(a):] if b.startswith(a) else tokenizer.decode([t]))
+        out.append(b[len(a):] if b.startswith(a) and b != a else tokenizer.decode([t]))
     return out
 
 
