@@ -40,9 +40,9 @@ from steer_lens.lora.state_sae import (
     LoraStateSAE,
     LoraStateSAEConfig,
     lora_activation_state,
-    top_activating_examples,
     train_lora_state_sae,
 )
+from steer_lens.lora.state_sae_examples import top_activating_examples
 from steer_lens.lora.train import LoraTrainConfig, LoraTrainResult, backdoor_examples, train_adapter
 
 __all__ = [
