@@ -9,7 +9,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from steer_lens.errors import EmptyInputError, MetricError
+from steer_lens._utils import token_strings, unwrap
+from steer_lens.errors import ConfigError, EmptyInputError, MetricError
 from steer_lens.train.data import TokenIds, is_token_ids, token_ids
 
 __all__ = ["number", "text_tokens"]
@@ -65,3 +66,30 @@ def number(evaluate: Callable[..., object], steered) -> float:
     if not math.isfinite(value):
         raise MetricError(f"evaluate returned {value}; expected a finite number.")
     return value
+
+
+def single_token(model, token: str | int, what: str) -> tuple[str, int]:
+    """``(string, id)`` of one token given as a string (must tokenize to one token) or an id.
+
+    Shared by the analyses that take named tokens (first-token metrics, prefix substitution, DLA targets).
+
+    Raises:
+        ConfigError: an id outside the vocabulary, a string without a tokenizer, or a string that is
+            not exactly one token.
+    """
+    model = unwrap(model)
+    d_vocab = int(model.cfg.d_vocab)
+    if isinstance(token, bool) or not isinstance(token, int | str):
+        raise ConfigError(f"{what}: expected a token string or id, got {type(token).__name__}.")
+    if isinstance(token, int):
+        if not 0 <= token < d_vocab:
+            raise ConfigError(f"{what}: token id {token} is outside the vocabulary [0, {d_vocab}). "
+                              "Fix: pass an id below d_vocab.")
+        return token_strings(model, [token])[0], token  # type: ignore[return-value]
+    if getattr(model, "tokenizer", None) is None:
+        raise ConfigError(f"{what}: {token!r} is a string but the model has no tokenizer. Fix: pass the token id.")
+    ids = model.to_tokens(token, prepend_bos=False, truncate=False)[0].tolist()
+    if len(ids) != 1:
+        raise ConfigError(f"{what}: {token!r} is {len(ids)} tokens {ids}, expected exactly one. Fix: pass a "
+                          "single token (mind the leading space, e.g. ' To'; see sl.word_tokens) or its id.")
+    return token, int(ids[0])

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steer_lens._utils import token_strings, unwrap
-from steer_lens.analysis._common import text_tokens
+from steer_lens.analysis._common import single_token, text_tokens
 from steer_lens.errors import ConfigError
 from steer_lens.hook_sites import RESIDUAL_KINDS, HookSite
 from steer_lens.results import Result
@@ -208,20 +208,9 @@ def _check_vectors(steered) -> None:
 
 
 def _one_token(model, token, what: str) -> tuple[int, str]:
-    """``(id, text)`` of one token given as an id or a string of exactly one token."""
-    if isinstance(token, bool) or not isinstance(token, int | str):
-        raise ConfigError(f"{what}: expected a token string or id, got {type(token).__name__}.")
-    if isinstance(token, int):
-        if not 0 <= token < int(model.cfg.d_vocab):
-            raise ConfigError(f"{what}: token id {token} is outside the vocabulary [0, {model.cfg.d_vocab}).")
-        return token, repr(token_strings(model, [token])[0])
-    if getattr(model, "tokenizer", None) is None:
-        raise ConfigError(f"{what}: {token!r} is a string but the model has no tokenizer. Fix: pass the token id.")
-    ids = model.to_tokens(token, prepend_bos=False, truncate=False)[0].tolist()
-    if len(ids) != 1:
-        raise ConfigError(f"{what}: {token!r} is {len(ids)} tokens {ids}, expected exactly one. Fix: pass a "
-                          "single token (mind the leading space; see sl.word_tokens) or its id.")
-    return int(ids[0]), repr(token)
+    """``(id, repr of its text)`` of one token given as an id or a string of exactly one token."""
+    text, tid = single_token(model, token, what)
+    return tid, repr(text)
 
 
 def _targets(model, target, batch: int) -> tuple[list[tuple[int, int | None]], list[str]]:

@@ -41,8 +41,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from steer_lens._utils import is_conversation, token_strings, unwrap
-from steer_lens.analysis._common import number
+from steer_lens._utils import is_conversation, token_strings
+from steer_lens.analysis._common import number, single_token
 from steer_lens.errors import ConfigError, EmptyInputError
 from steer_lens.results import Result
 from steer_lens.steering import SteeredTransformer
@@ -217,31 +217,6 @@ class PrefixSubstitution(Result):
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def _token_id(model, token: str | int, what: str) -> tuple[str, int]:
-    """``(string, id)`` of one token given as a string (must tokenize to one token) or an id.
-
-    Raises:
-        ConfigError: an id outside the vocabulary, a string without a tokenizer, or a string that is
-            not exactly one token.
-    """
-    model = unwrap(model)
-    d_vocab = int(model.cfg.d_vocab)
-    if isinstance(token, bool) or not isinstance(token, int | str):
-        raise ConfigError(f"{what}: expected a token string or id, got {type(token).__name__}.")
-    if isinstance(token, int):
-        if not 0 <= token < d_vocab:
-            raise ConfigError(f"{what}: token id {token} is outside the vocabulary [0, {d_vocab}). "
-                              "Fix: pass an id below d_vocab.")
-        return token_strings(model, [token])[0], token  # type: ignore[return-value]
-    if getattr(model, "tokenizer", None) is None:
-        raise ConfigError(f"{what}: {token!r} is a string but the model has no tokenizer. Fix: pass the token id.")
-    ids = model.to_tokens(token, prepend_bos=False, truncate=False)[0].tolist()
-    if len(ids) != 1:
-        raise ConfigError(f"{what}: {token!r} is {len(ids)} tokens {ids}, expected exactly one. Fix: pass a "
-                          "single token (mind the leading space, e.g. ' To') or its id.")
-    return token, int(ids[0])
-
-
 @torch.no_grad()
 def _score(steered: SteeredTransformer, gen, rows: Tensor, named: list[int], temperature: float,
            batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -319,7 +294,7 @@ def first_token_concentration(
             raise ConfigError(f"{name}: expected a positive integer, got {v!r}.")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature: expected a positive finite number, got {temperature}.")
-    named = [_token_id(steered, t, "named_tokens") for t in named_tokens]
+    named = [single_token(steered, t, "named_tokens") for t in named_tokens]
     eos = steered.eos_token_id
     if eos_only and eos is None:
         raise ConfigError("eos_only=True but the model has no EOS token (no tokenizer). Fix: pass eos_only=False "
@@ -388,7 +363,7 @@ def prefix_substitution(
     if not callable(evaluate):
         raise ConfigError(f"evaluate: expected a callable evaluate(model, prompts) -> float, got "
                           f"{type(evaluate).__name__}.")
-    tok_str, tok_id = _token_id(model_or_steered, token, "token")
+    tok_str, tok_id = single_token(model_or_steered, token, "token")
     if isinstance(prompts, Tensor):
         rows = prompts if prompts.ndim == 2 else prompts[None]
         if rows.numel() == 0:
