@@ -48,7 +48,6 @@ from steer_lens._utils import Conversation, Prompt, check_token_ids, device_of, 
 from steer_lens.caa import difference_of_means
 from steer_lens.errors import (
     ConfigError,
-    EmptyInputError,
     HookNameError,
     NonFiniteError,
     ShapeMismatchError,
@@ -56,7 +55,8 @@ from steer_lens.errors import (
 from steer_lens.generation import Generation, sample_tokens
 from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes, vector_shapes
 from steer_lens.models import ModelInfo, model_info
-from steer_lens.prompts import chat_text, chat_tokens, one_of
+from steer_lens.prompts import one_of
+from steer_lens.steering_tokens import TokenizationMixin, pass_token_ids
 from steer_lens.vector_folder import folder_config, read_folder, write_folder
 from steer_lens.vectors import SteeringVectors
 
@@ -72,7 +72,7 @@ __all__ = [
     "is_conversation",
 ]
 
-class SteeredTransformer(nn.Module):
+class SteeredTransformer(TokenizationMixin, nn.Module):
     """A model plus learned steering vectors at hook points, applied only while a call runs.
 
     Calling it like the model (``steered(tokens)``) returns logits ``[batch, pos, d_vocab]`` with the
@@ -281,7 +281,7 @@ class SteeredTransformer(nn.Module):
             tokens: ``[batch, pos]`` token ids of the next pass, for kinds that select by token.
         """
         prev = self._ctx
-        self._ctx = PositionContext(offset=offset, prompt_end=prompt_end, tokens=_ids_or_none(tokens))
+        self._ctx = PositionContext(offset=offset, prompt_end=prompt_end, tokens=pass_token_ids(tokens))
         try:
             with frozen_parameters(self.model), self.model.hooks(fwd_hooks=self.fwd_hooks()):
                 yield self
@@ -298,7 +298,7 @@ class SteeredTransformer(nn.Module):
         """
         if prompt_end is None:
             prompt_end = self._ctx.prompt_end
-        self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end, tokens=_ids_or_none(tokens))
+        self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end, tokens=pass_token_ids(tokens))
 
     @contextlib.contextmanager
     def only_hooks(self, hooks: Sequence[str]) -> Iterator[SteeredTransformer]:
@@ -442,82 +442,6 @@ class SteeredTransformer(nn.Module):
         with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths),
                                                   tokens=args[0] if args else kwargs.get("input")):
             return self.model.run_with_hooks(*args, **kwargs)
-
-    # -- tokenization -----------------------------------------------------------------------------
-    @property
-    def pad_token_id(self) -> int:
-        """Id used for padding (the tokenizer's pad, else EOS, else 0)."""
-        tok = getattr(self.model, "tokenizer", None)
-        if tok is not None:
-            if tok.pad_token_id is not None:
-                return int(tok.pad_token_id)
-            if tok.eos_token_id is not None:
-                return int(tok.eos_token_id)
-        return 0
-
-    @property
-    def eos_token_id(self) -> int | None:
-        """The tokenizer's EOS id (``None`` without a tokenizer)."""
-        tok = getattr(self.model, "tokenizer", None)
-        return None if tok is None or tok.eos_token_id is None else int(tok.eos_token_id)
-
-    def to_tokens(self, text: str, *, prepend_bos: bool = True) -> Int[Tensor, " pos"]:
-        """Token ids of one text (BOS first when ``prepend_bos``), on the model's device.
-
-        Raises:
-            ConfigError: the model has no tokenizer.
-        """
-        if getattr(self.model, "tokenizer", None) is None:
-            raise ConfigError("this model has no tokenizer; pass token ids instead of text.")
-        return self.model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0]
-
-    def left_pad(
-        self, sequences: Sequence[Tensor]
-    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """Left-pad 1-D token tensors into ``(tokens, attention_mask)``, both ``[batch, max_len]``."""
-        n = max(int(s.shape[0]) for s in sequences)
-        toks = torch.full((len(sequences), n), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(sequences), n), dtype=torch.long, device=self.device)
-        for i, s in enumerate(sequences):
-            toks[i, n - s.shape[0] :] = s.to(self.device)
-            mask[i, n - s.shape[0] :] = 1
-        return toks, mask
-
-    def chat_text(self, messages: Conversation, *, add_generation_prompt: bool = True) -> str:
-        """A conversation rendered by the tokenizer's own chat template (:func:`steer_lens.prompts.chat_text`).
-
-        Raises:
-            ConfigError: no tokenizer or no chat template, or ``messages`` is not a conversation.
-        """
-        return chat_text(self.model, messages, add_generation_prompt=add_generation_prompt)
-
-    def chat_tokens(self, messages: Conversation, *, add_generation_prompt: bool = True) -> Int[Tensor, " pos"]:
-        """Token ids of a conversation through its chat template, no BOS added on top, on the model's
-        device (:func:`steer_lens.prompts.chat_tokens`).
-
-        Raises:
-            As :meth:`chat_text`.
-        """
-        return chat_tokens(self.model, messages, add_generation_prompt=add_generation_prompt).to(self.device)
-
-    def prompt_tokens(self, prompt: Prompt) -> Int[Tensor, " pos"]:
-        """Token ids of one prompt: a text (BOS first) or a conversation (:meth:`chat_tokens`)."""
-        return self.chat_tokens(prompt) if is_conversation(prompt) else self.to_tokens(prompt)
-
-    def _prompt_batch(self, prompts) -> tuple[Tensor, Tensor, list[str] | None]:
-        if isinstance(prompts, str) or is_conversation(prompts):
-            prompts = [prompts]
-        if isinstance(prompts, Tensor):
-            toks = prompts if prompts.ndim == 2 else prompts[None]
-            if toks.shape[0] == 0 or toks.shape[1] == 0:
-                raise EmptyInputError("prompts: got an empty token tensor; give at least one token.")
-            return toks.to(self.device), torch.ones_like(toks, device=self.device), None
-        prompts = list(prompts)
-        if not prompts:
-            raise EmptyInputError("prompts: got an empty list; give at least one prompt.")
-        toks, mask = self.left_pad([self.prompt_tokens(p) for p in prompts])
-        texts = [self.chat_text(p) if is_conversation(p) else p for p in prompts]
-        return toks, mask, texts
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -673,10 +597,3 @@ class SteeredTransformer(nn.Module):
                 f"{type(self.vectors).__name__}, scale {self._scale:g}, positions "
                 f"{html.escape(self._positions_label())}<table><tr><th>hook</th><th>shape</th>"
                 f"<th>norm</th></tr>{body}</table>")
-
-
-def _ids_or_none(tokens: Any) -> Tensor | None:
-    """``tokens`` when it is a ``[batch, pos]`` integer tensor (the ids of a pass), else ``None``."""
-    if isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.is_floating_point():
-        return tokens
-    return None
