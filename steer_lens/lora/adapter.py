@@ -435,11 +435,22 @@ def _as_peft_model(peft: Any, model: HookedModel, adapter: Any, base_model: Any,
                 f"the adapter in {str(folder)!r} records no base model; pass base_model=<the Hugging "
                 "Face model it was trained on>."
             )
-        base_model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
+        base_model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32, **_gguf_kwargs(model, base_name))
+        if hasattr(base_model.config, "quantization_config"):
+            del base_model.config.quantization_config  # GGUF weights are dequantised on load: plain tensors
     else:
         base_model = copy.deepcopy(base_model)
     with torch.random.fork_rng(devices=[]):  # peft initialises A and B before loading them: keep the user's RNG
         return peft.PeftModel.from_pretrained(base_model, str(folder))
+
+
+def _gguf_kwargs(model: HookedModel, base_name: str) -> dict[str, Any]:
+    """``{"gguf_file": ...}`` when ``model`` was loaded from a GGUF file of the repository ``base_name``
+    (peft records only the repository name, not the file inside it)."""
+    from steer_lens.models import model_info
+
+    info = model_info(model)
+    return {"gguf_file": info.gguf_file} if info.gguf_file and info.name == base_name else {}
 
 
 def _read_modules(peft_model: Any, name: str, architecture: str) -> list[LoraModule]:
