@@ -82,8 +82,18 @@ def check_sampling_args(max_new_tokens: object, seed: object, top_k: object) -> 
                           "Fix: top_k=None, or e.g. top_k=50.")
 
 
-def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen) -> Tensor:
-    """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus)."""
+def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, top_k, gen,
+                    rows: tuple[int, int] | None = None) -> Tensor:
+    """Next token per row: greedy, or sampled with temperature / top-k / top-p (nucleus).
+
+    Sampling is ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn from ``gen`` for every row and token:
+    the algorithm of ``torch.multinomial(p, 1)`` itself (pytorch ``aten/src/ATen/native/Distributions.cpp``,
+    the ``n_sample == 1`` fast path of ``multinomial_out``), so the same generator gives the same tokens.
+    ``rows=(start, total)``: these ``batch`` rows are rows ``start ..`` of a batch of ``total``
+    sampled with this generator; the noise is drawn for all ``total`` rows and this batch keeps its
+    own, so a process sampling its shard of a batch draws exactly what the whole batch would
+    (:mod:`steer_lens.train.distributed`).
+    """
     logits = logits.float()
     if not do_sample:
         return logits.argmax(-1)
@@ -98,7 +108,9 @@ def pick_next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: 
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    start, total = rows or (0, probs.shape[0])
+    noise = torch.empty((total, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1, generator=gen)
+    return (probs / noise[start : start + probs.shape[0]]).argmax(-1)
 
 
 def repeat_prompts(prompts: Prompt | Sequence[Prompt] | Tensor, n_samples: int) -> list[Prompt] | Tensor:
@@ -150,8 +162,13 @@ def sample_tokens(
     seed: int | None,
     stop_at_eos: bool,
     use_kv_cache: bool,
+    rows: tuple[int, int] | None = None,
 ) -> Generation:
     """The sampling loop behind :meth:`~steer_lens.SteeredTransformer.sample` (see there).
+
+    ``rows=(start, total)``: ``tokens`` are rows ``start ..`` of a batch of ``total`` prompts, and
+    they get the tokens that sampling the whole batch with ``seed`` would give them (see
+    :func:`pick_next_token`; RL's data-parallel rollouts).
 
     Raises:
         ConfigError: bad sampling parameters.
@@ -186,7 +203,7 @@ def sample_tokens(
     with matmul_layout(steered.model), steered.steering(prompt_end=prompt_end, tokens=tokens):
         logits = steered.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
         for i in range(max_new_tokens):
-            nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen)
+            nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen, rows)
             alive.append(~finished)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             new_tokens.append(nxt)

@@ -244,6 +244,7 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
                 delta = self.vectors.delta(hook_name, act) if by_token is None else by_token(hook_name, act, self._ctx)
             if not grad:  # inference: the vectors are constants, so no graph is recorded (see gradients())
                 delta = delta.detach()  # (the plain kind returns the parameter itself)
+            delta = delta.to(act.device)  # no-op on one device; a block on another GPU (n_devices > 1)
             if self._scale != 1.0:
                 delta = delta * self._scale
             mask = self._ctx.mask(self._positions, act.shape[0], act.shape[1], act.device)

@@ -9,7 +9,7 @@ only, learning rates relative to each hook's residual scale, checkpoints, resume
 
 from __future__ import annotations
 
-from steer_lens.train import rewards, side_effects
+from steer_lens.train import distributed, rewards, side_effects
 from steer_lens.train.loop import OptimConfig, TrainResult, typical_resid_rms
 from steer_lens.train.rl import RLConfig, register_advantage, rl  # binds rl over the package name
 from steer_lens.train.side_effects import SideEffects, SideEffectWarning
@@ -23,6 +23,7 @@ __all__ = [
     "SideEffectWarning",
     "SideEffects",
     "TrainResult",
+    "distributed",
     "heldout_loss",
     "register_advantage",
     "rewards",

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from steer_lens.config_types import check_field_types
 from steer_lens.errors import ConfigError, TrainingDivergedError
+from steer_lens.train import distributed
 from steer_lens.train.checkpoints import RunState, load_checkpoint, save_checkpoint
 from steer_lens.train.trainable import Trainable, as_trainable
 
@@ -311,8 +312,10 @@ class _Run:
     """One run of :func:`run_loop`: the optimiser, history, log file and checkpoints of a target."""
 
     def __init__(self, target: Trainable, config: OptimConfig, resid_rms: dict[str, float],
-                 objective: str, all_config: dict[str, Any], state: RunState | None = None) -> None:
+                 objective: str, all_config: dict[str, Any], state: RunState | None = None,
+                 sharded: bool = False) -> None:
         self.target, self.config, self.resid_rms, self.state = target, config, resid_rms, state
+        self.sharded = sharded  # distributed: gradients of globally normalised shards are summed, else averaged
         self.objective, self.all_config = objective, all_config
         relative = config.lr_units == "relative"
         self.groups = target.param_groups(config.lr, resid_rms if relative else None)
@@ -331,14 +334,15 @@ class _Run:
             if loaded is not None:
                 start, self.history, self.resid_rms = loaded
                 logger.info("resumed from %s at step %d", self.ckpt_dir, start)
-        if self.config.log_path:
+        distributed.broadcast_parameters(self.params)  # distributed: every rank starts from rank 0's weights
+        if self.config.log_path and distributed.is_main_process():
             Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
             self.log_file = open(self.config.log_path, "a" if start else "w")
         return start
 
     def checkpoint(self, step: int) -> None:
-        """Save a checkpoint at ``step`` when the run has a ``checkpoint_dir``."""
-        if self.ckpt_dir is not None:
+        """Save a checkpoint at ``step`` when the run has a ``checkpoint_dir`` (rank 0 only when distributed)."""
+        if self.ckpt_dir is not None and distributed.is_main_process():
             save_checkpoint(self.ckpt_dir, step, self.target, self.opt, self.history, self.resid_rms,
                             self.all_config, self.state)
 
@@ -352,6 +356,8 @@ class _Run:
         with _recording(self.target):  # steered calls record the graph into the vectors only in here
             loss, metrics = step_fn(step)
             loss.backward()
+        # distributed: one all_reduce of the gradients and the loss (a no-op on one process)
+        loss = distributed.all_reduce_gradients(self.params, loss.detach(), average=not self.sharded)
         grads = [p.grad for p in self.params if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
             if grads else torch.zeros((), device=loss.device)
@@ -401,6 +407,7 @@ def run_loop(
     objective: str = "sft",
     extra_config: dict[str, Any] | None = None,
     state: RunState | None = None,
+    sharded: bool = False,
 ) -> TrainResult:
     """Optimise ``steered.vectors`` (or any :class:`~steer_lens.train.trainable.Trainable`) with AdamW.
 
@@ -418,6 +425,11 @@ def run_loop(
         extra_config: the objective's own settings, saved with checkpoints and the vectors.
         state: what the objective carries between steps (a :class:`RunState`), saved with every
             checkpoint and restored on resume (RL passes its rollouts and estimator state).
+        sharded: under ``torch.distributed`` (:mod:`steer_lens.train.distributed`), whether
+            ``step_fn`` computes only this process's shard of the batch, normalised by the global
+            batch: the processes' gradients and losses are then summed; otherwise (every process
+            computes the whole objective) averaged. One all_reduce per step either way; only rank 0
+            writes checkpoints, the JSONL log and the progress bar. Ignored on one process.
 
     Returns:
         A :class:`TrainResult`; the weights are left at their final values, and
@@ -436,11 +448,11 @@ def run_loop(
 
     target = as_trainable(steered)
     all_config = {"optim": config.to_dict(), **(extra_config or {}), "objective": objective}
-    run = _Run(target, config, resid_rms, objective, all_config, state)
+    run = _Run(target, config, resid_rms, objective, all_config, state, sharded)
     start = run.resume()
     good = target.snapshot()
     t0 = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start, desc=objective, disable=not config.progress, leave=False)
+    bar = tqdm(total=config.steps, initial=start, desc=objective, disable=not config.progress or not distributed.is_main_process(), leave=False)
     try:
         for step in range(start, config.steps):
             names, values = run.gradient(step, step_fn)

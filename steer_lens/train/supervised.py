@@ -33,6 +33,7 @@ from torch import Tensor
 
 from steer_lens._utils import batched, device_of
 from steer_lens.errors import ConfigError, EmptyInputError, SequenceTooLongError
+from steer_lens.train import distributed
 from steer_lens.train.data import (
     Batch,
     Example,
@@ -289,16 +290,18 @@ def _objective_terms(items: Sequence[_Tokenized], objective: str) -> list[tuple[
     return [("promotion", promo), ("suppression", [(d.suppress_prompt, d.suppress or []) for d in items])]
 
 
-def _batch_loss(steered, items: Sequence[_Tokenized], objective: str,
-                micro_batch_size: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+def _batch_loss(steered, items: Sequence[_Tokenized], objective: str, micro_batch_size: int | None,
+                whole: Sequence[_Tokenized] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The objective of one batch, in micro-batches whose gradients accumulate to the full batch's.
 
     Every term is a mean over the target tokens of the *whole* batch: a micro-batch's mean is
     weighted by its share of those tokens, ``mean_chunk * n_chunk / n_batch = sum_chunk / n_batch``
     (see :func:`~steer_lens.train.loop.accumulate_gradients`); with one micro-batch the weight is 1.
+    ``whole`` (distributed: the global batch, of which ``items`` is this process's shard) gives the
+    token counts ``n_batch``, so the shards' losses and gradients add up to the global batch's.
     """
     terms = _objective_terms(items, objective)
-    counts = {name: sum(len(t) for _, t in rows) for name, rows in terms}
+    counts = {name: sum(len(t) for _, t in rows) for name, rows in _objective_terms(whole or items, objective)}
     losses = {"promotion": _promotion_loss, "suppression": _suppression_loss}
 
     def term(name: str, batch: Batch) -> Tensor:
@@ -368,6 +371,8 @@ def sft(
         SideEffectWarning: after training, the vectors' samples drift from the base model or degenerate.
     """
     config = config or SFTConfig()
+    distributed.init_distributed()  # torchrun without init_process_group: join the group (no-op otherwise)
+    distributed.require_shardable(config.batch_size, "batch_size")
     if isinstance(examples, (str, bytes)):
         raise ConfigError(
             "examples: got one string, which would be split into characters (one example each). Fix: pass "
@@ -382,8 +387,11 @@ def sft(
     kl_rows = None if config.kl_prompts is None else prompt_rows(steered, config.kl_prompts, "kl_prompts")
     own = {k: v for k, v in asdict(config).items() if k in ("batch_size", "objective", "kl_coef")}
     result = run_loop(steered, _step_fn(steered, data, config, eval_batch, side_rows, kl_rows), config,
-                      resid_rms=resid_rms, objective="sft", extra_config={"sft": own, "n_examples": len(data)})
-    final = None if side_rows is None else _final_side_effects(steered, side_rows, config)
+                      resid_rms=resid_rms, objective="sft", extra_config={"sft": own, "n_examples": len(data)},
+                      sharded=True)
+    # distributed: the final side effects are measured (and warned about) on rank 0 only
+    final = None if side_rows is None or not distributed.is_main_process() else \
+        _final_side_effects(steered, side_rows, config)
     return SFTResult(**{f.name: getattr(result, f.name) for f in fields(result)}, side_effects=final)
 
 
@@ -394,10 +402,15 @@ def _step_fn(steered, data: list[_Tokenized], config: SFTConfig, eval_batch: Bat
 
     def step_fn(step: int):
         items = [data[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
-        loss, metrics = _batch_loss(steered, items, config.objective, config.micro_batch_size)
+        # distributed: this process's shard of the global batch `items`, normalised by the global token counts
+        loss, metrics = _batch_loss(steered, distributed.shard(items), config.objective, config.micro_batch_size,
+                                    whole=items)
+        if metrics:  # the mixed objective's per-term losses: shards' parts summed over processes
+            metrics = dict(zip(metrics, distributed.all_reduce_sum(torch.stack(list(metrics.values()))), strict=True))
         if config.kl_coef > 0 and step % config.kl_every == 0:
             kl = _kl_term(steered, _kl_prompts(items, kl_rows, config, step), config, step)
-            loss = loss + config.kl_coef * kl
+            # distributed: every process computes the whole KL term; its gradients are summed, hence / W
+            loss = loss + config.kl_coef * kl / distributed.world_size()
             metrics["kl"] = kl.detach()
         if step % config.eval_every == 0 or step == config.steps - 1:
             metrics.update(_evaluate(steered, eval_batch, side_rows, config))

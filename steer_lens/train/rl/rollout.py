@@ -21,7 +21,9 @@ from torch import Tensor
 
 from steer_lens._utils import Prompt, is_conversation
 from steer_lens.errors import ConfigError, EmptyInputError
+from steer_lens.generation import sample_tokens
 from steer_lens.steering import Generation, SteeredTransformer
+from steer_lens.train import distributed
 from steer_lens.train.data import epoch_order
 from steer_lens.train.loop import micro_batches
 from steer_lens.train.rewards import score
@@ -31,6 +33,7 @@ from steer_lens.train.rl.loss import completion_logprobs
 
 __all__ = [
     "Rollout", "collect_rollout", "completion_texts", "prompt_items", "prompt_order", "reference_logprobs", "sample",
+    "sample_shard",
 ]
 
 
@@ -48,6 +51,9 @@ class Rollout:
         sample_seconds: wall-clock seconds spent sampling.
         prompts: the ``batch`` prompt texts (as the reward saw them).
         completions: the ``batch`` completion texts.
+        n_tokens: generated tokens in the *global* batch (distributed: summed over processes, whose
+            rows are their shards of it; ``None``: ``generation.completion_mask.sum()``).
+        batch_rewards: the ``[global batch]`` rewards of every process's rows (``None``: ``rewards``).
     """
 
     generation: Generation
@@ -57,6 +63,8 @@ class Rollout:
     sample_seconds: float
     prompts: tuple[str, ...] = ()
     completions: tuple[str, ...] = ()
+    n_tokens: Tensor | None = None
+    batch_rewards: Tensor | None = None
 
 
 def prompt_items(prompts: Sequence[Prompt] | Prompt | Int[Tensor, "n_prompts pos"]) -> tuple[list[Any], list[str]]:
@@ -109,6 +117,27 @@ def sample(steered: SteeredTransformer, items: list[Any], config: RLConfig, seed
     )
 
 
+def sample_shard(steered: SteeredTransformer, items: list[Any], config: RLConfig, seed: int,
+                 lo: int, hi: int) -> Generation:
+    """Rows ``lo:hi`` of :func:`sample` of all ``items`` with ``seed``, sampling those rows only.
+
+    The prompts are left-padded to the longest of *all* items and every row draws the noise the whole
+    batch would (``rows`` of :func:`~steer_lens.generation.sample_tokens`), so the rows get the tokens
+    (and the padding) of the one-process batch; ``lo, hi = 0, len(items)`` is :func:`sample`.
+    """
+    if isinstance(items[0], Tensor):
+        toks = torch.stack(items).to(steered.device)
+        mask, texts = torch.ones_like(toks), None
+    else:
+        toks, mask = steered.left_pad([steered.prompt_tokens(p) for p in items])
+        texts = [steered.chat_text(p) if is_conversation(p) else p for p in items][lo:hi]
+    return sample_tokens(
+        steered, toks[lo:hi], mask[lo:hi], texts, config.max_new_tokens, temperature=config.temperature,
+        top_p=config.top_p, top_k=config.top_k, do_sample=True, seed=seed, stop_at_eos=True, use_kv_cache=True,
+        rows=(lo, len(items)),
+    )
+
+
 def completion_texts(gen: Generation) -> list[str]:
     """The decoded completions (without EOS); without a tokenizer, the kept token ids space-separated."""
     if gen.completions is not None:
@@ -131,22 +160,34 @@ def collect_rollout(
 ) -> Rollout:
     """Sample, score and weigh batch number ``rollout`` of prompts ``index`` (each ``group_size`` times).
 
+    Distributed (:mod:`steer_lens.train.distributed`): this process samples, scores and takes the
+    reference log-probs of its contiguous share of the prompts with their whole groups (the rows the one-process
+    batch gives them); one all_reduce assembles the global rewards and generated-token count, and the
+    advantages are computed from the global rewards on every process (so batch-wise estimators such as
+    REINFORCE's baseline see the whole batch and keep the same state everywhere).
+
     Raises:
         RewardError: the reward raised or returned a wrong shape / NaN.
     """
     k = config.group_size
     batch_items = [items[i] for i in index for _ in range(k)]
-    batch_texts = [texts[i] for i in index for _ in range(k)]
+    lo, hi = (k * i for i in distributed.shard_range(len(index)))  # this process's rows: whole groups
+    batch_texts = [texts[i] for i in index for _ in range(k)][lo:hi]
     t0 = time.perf_counter()
-    g = sample(steered, batch_items, config, seed=config.seed * 1_000_003 + rollout + 1)
+    g = sample_shard(steered, batch_items, config, config.seed * 1_000_003 + rollout + 1, lo, hi)
     dt = time.perf_counter() - t0
     completions = completion_texts(g)
     rewards = score(reward, batch_texts, completions).to(steered.device)
-    adv = estimator(rewards.view(-1, k)).reshape(-1)
+    parts = torch.zeros(len(batch_items) + 1, dtype=torch.float32, device=steered.device)
+    parts[lo:hi], parts[-1] = rewards.float(), g.completion_mask.sum()
+    parts = distributed.all_reduce_sum(parts)  # one all_reduce: [global rewards..., global tokens]
+    all_rewards = parts[:-1].to(rewards.dtype) if distributed.is_distributed() else rewards
+    adv = estimator(all_rewards.view(-1, k)).reshape(-1)[lo:hi]
     ref = reference_logprobs(steered, g, config) if config.needs_reference else None
     return Rollout(
         generation=g, rewards=rewards, advantages=adv, ref_logp=ref, sample_seconds=dt,
         prompts=tuple(batch_texts), completions=tuple(completions),
+        n_tokens=parts[-1].round().long(), batch_rewards=all_rewards,
     )
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from steer_lens.errors import ConfigError
 from steer_lens.steering import Generation, SteeredTransformer
+from steer_lens.train import distributed
 from steer_lens.train.loop import (
     TrainResult,
     accumulate_gradients,
@@ -146,7 +147,7 @@ class RLState:
         config = self.config
         ro = self.rollout_for(step)
         g = ro.generation
-        n_tok = g.completion_mask.sum()
+        n_tok = g.completion_mask.sum() if ro.n_tokens is None else ro.n_tokens  # distributed: the global count
         fresh: list[Tensor] = []  # log-probs of the sampling policy, collected for later PPO epochs
 
         def chunk_loss(rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
@@ -167,10 +168,13 @@ class RLState:
         loss, metrics = accumulate_gradients(micro_batches(g.tokens.shape[0], config.micro_batch_size), chunk_loss)
         if fresh:
             self.old_logp = torch.cat(fresh)
+        # distributed: the loss terms are shards' parts of global means; sum them (one all_reduce)
+        metrics = dict(zip(metrics, distributed.all_reduce_sum(torch.stack(list(metrics.values()))), strict=True))
+        rewards = ro.rewards if ro.batch_rewards is None else ro.batch_rewards
         metrics.update(
-            reward=ro.rewards.mean(),
-            reward_std=ro.rewards.std() if ro.rewards.numel() > 1 else torch.zeros(()),
-            completion_tokens=n_tok.float() / g.completion_mask.shape[0],
+            reward=rewards.mean(),
+            reward_std=rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            completion_tokens=n_tok.float() / rewards.shape[0],
             tokens_per_s=n_tok.float() / max(ro.sample_seconds, 1e-9),
             sample_s=torch.tensor(ro.sample_seconds),
         )
@@ -251,6 +255,14 @@ def rl(
         TrainingDivergedError: non-finite loss or gradient (vectors restored to the last good state).
     """
     config = config or RLConfig()
+    distributed.init_distributed()  # torchrun without init_process_group: join the group (no-op otherwise)
+    distributed.require_shardable(config.prompts_per_step, "prompts_per_step")
+    if distributed.is_distributed() and config.ppo_epochs > 1:
+        raise ConfigError(
+            f"ppo_epochs: expected 1 under torch.distributed ({distributed.world_size()} processes), got "
+            f"{config.ppo_epochs}: a checkpoint holds rank 0's shard of the rollouts in flight only. "
+            "Fix: ppo_epochs=1, or train on one process."
+        )
     if not callable(reward):
         raise ConfigError(
             f"reward: expected a callable f(prompts, completions), got {type(reward).__name__}."
@@ -269,7 +281,7 @@ def rl(
     )
     result = run_loop(
         steered, state.step, config, resid_rms=resid_rms, objective="rl",
-        extra_config={"rl": {"reward": reward_name(reward), "n_prompts": len(items)}}, state=state,
+        extra_config={"rl": {"reward": reward_name(reward), "n_prompts": len(items)}}, state=state, sharded=True,
     )
     last = state.rollout
     return RLResult(
