@@ -38,7 +38,8 @@ from steer_lens.hook_sites import HookSite
 from steer_lens.models import model_info
 from steer_lens.steering import SteeredTransformer
 
-__all__ = ["CONSTANT_KINDS", "check_constant_vectors", "control_vector_directions", "export_control_vector", "import_control_vector"]
+__all__ = ["CONSTANT_KINDS", "check_constant_vectors", "control_vector_directions", "export_control_vector", "import_control_vector",
+           "read_control_vector"]
 
 ARCH = "controlvector"
 CONSTANT_KINDS = ("vectors", "lowrank")
@@ -170,7 +171,20 @@ def export_control_vector(steered: Any, path: str | Path, *, model_hint: str | N
     return path
 
 
-def _read(path: Path) -> tuple[str | None, dict[int, Tensor]]:
+def read_control_vector(path: str | Path) -> tuple[str | None, dict[int, Float[Tensor, " n_embd"]]]:
+    """The model hint and ``{block: direction}`` of a control-vector file, as llama.cpp reads it.
+
+    Args:
+        path: a ``.gguf`` control-vector file (llama.cpp / repeng / EasySteer).
+
+    Returns:
+        ``(controlvector.model_hint or None, {N: direction.N as float32})``, unchecked against any model
+        (:func:`import_control_vector` checks them).
+
+    Raises:
+        IncompatibleVectorError: not a readable GGUF file, not a control vector, a bad tensor name.
+    """
+    path = Path(path)
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(str(path))
@@ -222,7 +236,7 @@ def import_control_vector(
         ShapeMismatchError: a direction whose length is not the model's ``d_model``.
     """
     path = Path(path)
-    hint, directions = _read(path)
+    hint, directions = read_control_vector(path)
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     if not directions:
         raise IncompatibleVectorError(f"{path}: holds no direction.N tensors.")
