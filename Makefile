@@ -10,7 +10,7 @@ HF_ENV := $(if $(wildcard $(SHARED)/models/hub),HF_HUB_CACHE=$(abspath $(SHARED)
 DATA ?= $(wildcard $(SHARED)/data/tinystories/*.txt)
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test lint docs bench clean
+.PHONY: install demo test lint docs bench clean gpu-prepare gpu-check-dry
 
 install: $(VENV)/.installed
 
@@ -44,5 +44,12 @@ bench: install
 	$(HF_ENV) $(BIN)/python benchmarks/bench_sae.py --threads 1
 	$(HF_ENV) $(BIN)/python benchmarks/bench_lora.py --threads 1
 
+# the GPU check (docs/benchmarks/gpu.md): prepare the carried folders here; dry-run it on the CPU
+gpu-prepare:
+	benchmarks/gpu_prepare.sh $(SHARED)
+
+gpu-check-dry: install gpu-prepare
+	DEVICE=cpu QUICK=1 PY=$(BIN)/python WHEELS=0 OUT=gpu-out bash benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) site demo-out .pytest_cache
+	rm -rf $(VENV) site demo-out .pytest_cache gpu-out

@@ -18,7 +18,6 @@ both sides alike. Run: ``make bench`` or ``python benchmarks/bench_core.py [--qu
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -26,6 +25,7 @@ import sys
 import time
 
 import torch
+from _report import add_args, header, write_json
 
 REAL = "raincandy-u/TinyStories-656K"
 PYTHIA_410M = dict(n_layers=24, d_model=1024, n_heads=16, d_vocab=50304, n_ctx=2048, rotary_dim=16)
@@ -252,11 +252,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="real model only, fewer repetitions")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add_args(ap)
     args = ap.parse_args(argv)
     from steer_lens.models import resolve_device
 
     device = str(resolve_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    head = header("bench_core", "the same model and calls with the vectors off; TransformerLens generate; "
+                  "a peft rank-4 LoRA step on the Hugging Face model", device)
     torch.set_grad_enabled(True)
     results = []
     configs = [("real", 8 if args.quick else 20, 16, 32, 40)]
@@ -265,7 +271,7 @@ def main(argv=None) -> int:
         configs.append(("pythia410m", 3 if device == "cpu" else 10, *big))
     for kind, reps, batch, pos, new in configs:
         r = bench_speed(kind, device, reps, batch, pos, new)
-        r["memory"] = bench_memory(kind, device, batch, pos)
+        r["memory"] = {} if args.no_memory else bench_memory(kind, device, batch, pos)
         results.append(r)
         print(f"\n== {kind} on {device}: batch {batch} x {pos} tokens ==")
         print(f"forward          steered/plain   = {r['forward_ratio']:.3f}x  "
@@ -280,12 +286,12 @@ def main(argv=None) -> int:
         print(f"SFT step         vector/LoRA r=4 step = {r['sft_vs_lora_ratio']:.3f}x  "
               f"(LoRA {t['lora_r4_step'] * 1e3:.1f} ms)")
         m = r["memory"]
+        if not m:
+            continue
         key = "cuda_step_mib" if device.startswith("cuda") else "rss_step_mib"
         print(f"peak memory of one step above the loaded model (MiB, {key}): "
               + ", ".join(f"{k} {v[key]:.0f}" for k, v in m.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, head, results, args)
     return 0
 
 

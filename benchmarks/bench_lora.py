@@ -39,6 +39,7 @@ import time
 import warnings
 
 import torch
+from _report import add_args, header, write_json
 
 import steer_lens as sl
 
@@ -88,8 +89,12 @@ def load(device: str):
 def best_of(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -122,6 +127,7 @@ def train_timing(hf, tokens: list, steps: int, repeat: int) -> tuple[float, floa
             attn = torch.zeros(len(rows), n, dtype=torch.long)
             for i, r in enumerate(rows):
                 toks[i, : len(r)], attn[i, : len(r)] = r, 1
+            toks, attn = toks.to(pm.device), attn.to(pm.device)
             logits = pm(input_ids=toks, attention_mask=attn).logits
             logp = logits[:, :-1].float().log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
             mask = attn[:, 1:].bool()
@@ -188,12 +194,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--vector-lr", type=float, default=1e-2, help="train.sft lr (relative units)")
     ap.add_argument("--train-steps", type=int, default=30, help="steps of the train_adapter timing (0: skip it)")
+    add_args(ap)
     args = ap.parse_args()
     if args.study:
         study(args.seeds, args.steps, args.vector_lr)
         return
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
+    head = header("bench_lora", "two plain forward passes (base + merged LoRA) over the same batches; "
+                  "a bare peft + AdamW loop for train_adapter", args.device)
     model, hf, name = load(args.device)
     if getattr(model, "tokenizer", None) is not None:
         texts = real_sentences(args.texts)
@@ -233,6 +242,10 @@ def main() -> None:
     for label, t_fwd, t_cmp, t_steer, t_mean, t_acts in rows:
         print(f"{label:<30} {t_fwd:>10.3f} {t_cmp:>10.3f} {t_cmp / t_fwd:>6.2f}x {t_steer:>10.3f} "
               f"{t_steer / t_fwd:>6.2f}x {t_mean:>11.3f} {t_mean / t_fwd:>6.2f}x {t_acts:>12.3f} {t_acts / t_fwd:>6.2f}x")
+    keys = ("two_forward_s", "compare_s", "compare_steered_s", "mean_delta_vector_s", "adapter_activations_s")
+    figures = {"model": name, "n_texts": len(texts), "n_tokens": n_tok,
+               "adapters": [{"adapter": r[0], **dict(zip(keys, r[1:], strict=True)),
+                             "compare_over_two_forward": r[2] / r[1]} for r in rows]}
     worst = max(r[2] / r[1] for r in rows)
     print(f"\ngoal: compare <= 3x two forward passes -> worst {worst:.2f}x: {'MET' if worst <= 3 else 'NOT MET'}")
     if args.train_steps:
@@ -242,6 +255,9 @@ def main() -> None:
         print(f"train_adapter {args.train_steps} steps: {t_ours:.3f} s ({t_ours / args.train_steps * 1e3:.1f} ms/step); "
               f"bare peft + AdamW loop {t_bare:.3f} s; ratio {ratio:.2f}x (goal <= 1.2x: "
               f"{'MET' if ratio <= 1.2 else 'NOT MET'})")
+        figures["train_adapter"] = {"steps": args.train_steps, "ours_s": t_ours, "bare_peft_s": t_bare,
+                                    "ratio": ratio}
+    write_json(args.json, head, figures, args)
 
 
 if __name__ == "__main__":

