@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.cpu_only("torchrun children run gloo on the CPU; NCCL on GPUs is not tested here")]
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 TOL = 1e-6  # max |difference| of the vectors, 2 processes vs 1

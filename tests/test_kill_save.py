@@ -24,6 +24,8 @@ import torch
 import steer_lens as sl
 from steer_lens.vectors.io import remove_stale_siblings
 
+pytestmark = pytest.mark.cpu_only("the killed training runs in a CPU child process")
+
 CHILD = textwrap.dedent("""
     import sys, torch, steer_lens as sl
     folder = sys.argv[1]
