@@ -14,6 +14,8 @@ Training commands write every metric per step to ``OUT/metrics.jsonl``; the prog
   control vector or a Hugging Face checkpoint with biases (:mod:`steer_lens.export`).
 * ``steer-lens import FILE.gguf --model NAME --out VECTOR_DIR``: a llama.cpp / repeng control vector
   as a vector folder.
+* ``steer-lens report VECTOR_DIR [--model NAME] --out report.html``: one offline HTML report of a saved
+  or imported vector (:mod:`steer_lens.report`).
 
 Errors from steer_lens are printed as one message (no traceback) with exit code 2.
 """
@@ -74,6 +76,24 @@ def _add_export_parsers(sub) -> None:
     i.add_argument("--out", required=True, help="the vector folder to write")
 
 
+def _add_report_parser(sub) -> None:
+    r = sub.add_parser("report", help="one offline HTML report of a saved vector folder")
+    r.add_argument("vector_dir", help="a folder written by SteeredTransformer.save (or steer-lens import)")
+    r.add_argument("--out", required=True, help="the HTML file to write")
+    r.add_argument("--model", default=None, help="model name (default: the one the folder records)")
+    r.add_argument("--gguf-file", default=None, help="GGUF file of the model (default: the one recorded)")
+    r.add_argument("--allow-other-model", action="store_true", help="load the vectors onto another --model")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    r.add_argument("--prompts", default=None, help="text file, one prompt per line (default: a small set)")
+    r.add_argument("--messages", action="store_true", help="send each prompt as a user message (chat template)")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--samples", type=int, default=4, help="sampled continuations per prompt (position shift)")
+    r.add_argument("--k", type=int, default=10, help="tokens per side in the vector lens")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--sae", default=None, help="add the SAE summary: RELEASE:ID (sae-lens) or an SAE folder")
+    r.add_argument("--patching", action="store_true", help="add the steering-patching summary (first prompt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-lens``."""
     parser = argparse.ArgumentParser(prog="steer-lens", description=__doc__.splitlines()[0])
@@ -111,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     s.add_argument("--out", required=True, help="folder for the vector and metrics.jsonl")
     _add_export_parsers(sub)
+    _add_report_parser(sub)
     try:
         from steer_lens.cli_rl import add_rl_arguments
     except ImportError:  # pragma: no cover - RL command not available in this build
@@ -182,6 +203,18 @@ def _run_import(args) -> int:
     return 0
 
 
+def _run_report(args) -> int:
+    from steer_lens.report import read_prompts, vector_report
+
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    out = vector_report(args.vector_dir, args.out, model=args.model, gguf_file=args.gguf_file,
+                        allow_other_model=args.allow_other_model, device=args.device, prompts=prompts,
+                        messages=args.messages, k=args.k, max_new_tokens=args.max_new_tokens,
+                        n_samples=args.samples, seed=args.seed, sae=args.sae, patching=args.patching)
+    print(f"report of {args.vector_dir} written to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``steer-lens``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -199,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_export(args)
         if args.command == "import":
             return _run_import(args)
+        if args.command == "report":
+            return _run_report(args)
         if args.command == "train" and args.objective == "sft":
             return _run_sft(args)
         if args.command == "train" and args.objective == "rl":

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens._utils import token_strings
+from steer_lens._utils import Prompt, token_strings
 from steer_lens.errors import ConfigError
 from steer_lens.results import Result
 from steer_lens.sae import _core
@@ -90,7 +90,7 @@ class GenerationShift(Result):
 
 def generation_shift(
     steered: SteeredTransformer,
-    prompts: str | Sequence[str] | Int[Tensor, "batch pos"],
+    prompts: Prompt | Sequence[Prompt] | Int[Tensor, "batch pos"],
     *,
     max_new_tokens: int = 40,
     n_samples: int = 8,
@@ -108,7 +108,8 @@ def generation_shift(
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
-        prompts: one prompt, several, or token ids ``[batch, pos]``.
+        prompts: one prompt, several, or token ids ``[batch, pos]``; a prompt is a text or a
+            conversation (``[{"role": "user", "content": ...}]``, rendered by the chat template).
         max_new_tokens: generated positions to measure.
         n_samples: samples per prompt.
         seed: sampling seed.
