@@ -49,6 +49,7 @@ L74-163; its reference ``P``: the unpatched steered run for ``head``, ``skip_att
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ from steer_lens.metrics import Metric, MetricFn, call_metric, evaluate_metric
 from steer_lens.patching._sites import _check_metric, _check_tokens
 from steer_lens.patching.results import PathPatchResult, warn_if_noisy
 
-__all__ = ["path_patch", "per_token_kl"]
+__all__ = ["check_path_inputs", "first_reading_block", "path_patch", "per_token_kl"]
 
 _KL_REFERENCES = ("paper", "steered", "base")
 _ROUTES = ("all", "residual", "mlp")
@@ -89,6 +90,7 @@ def path_patch(
     kl: bool | str = False,
     temperature: float = 1.0,
     max_batch: int | None = None,
+    group_sets: Sequence[Sequence[int]] = (),
 ) -> PathPatchResult:
     """Split a steering vector's effect on ``metric`` into paths (see the module docstring).
 
@@ -112,6 +114,9 @@ def path_patch(
             for every variant. Needs ``variants``.
         temperature: the logits are divided by it before the KL (the paper's sampling temperature).
         max_batch: most sequences per forward pass when evaluating the paths (default: all at once).
+        group_sets: sets of key-value groups patched together, as ``"knockout groups 3+5"`` /
+            ``"only groups 3+5"`` (the paper's ``group3_and`` ... ``inverse_group7_and1_and5_and``: see
+            :func:`~steer_lens.patching.path_generation.group_combinations`); needs ``variants``.
 
     Returns:
         :class:`~steer_lens.patching.PathPatchResult` (effects in the metric's units; ``variant_kl``
@@ -119,16 +124,18 @@ def path_patch(
 
     Raises:
         ConfigError: not a SteeredTransformer over a HookedTransformer, ambiguous or unknown ``hook``,
-            unknown ``variants`` / ``kl``, ``kl`` without variants, ``temperature <= 0``.
+            unknown ``variants`` / ``kl``, ``kl`` without variants, ``temperature <= 0``, a group outside
+            ``[0, n_key_value_heads)`` in ``group_sets``.
         MetricError: the metric returns the wrong shape or NaN/inf.
     """
-    hook = _check_inputs(steered, hook)
+    hook = check_path_inputs(steered, hook)
     kl_ref = _check_options(variants, kl, temperature)
     model = steered.model
     tokens = _check_tokens(tokens, "tokens", model)
     _check_metric(metric)
     run = _PathRun(model, tokens, metric, hook, [(h, fn) for h, fn in steered.fwd_hooks() if h == hook])
     run.keep_logits = kl_ref is not None
+    run.group_sets = _check_group_sets(group_sets, run.n_kv)
     with torch.no_grad():
         base_m, steered_m = run.capture()
         terms, head_keys = run.component_terms()
@@ -211,7 +218,7 @@ def per_token_kl(
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
 
 
-def _check_inputs(steered, hook: str | None) -> str:
+def check_path_inputs(steered, hook: str | None) -> str:
     """The hook to analyse, after checking the wrapper (raises ConfigError)."""
     from transformer_lens import HookedTransformer
 
@@ -235,6 +242,14 @@ def _check_inputs(steered, hook: str | None) -> str:
     return hook
 
 
+def first_reading_block(hook: str, cfg) -> int | None:
+    """The first block whose attention reads the vector at residual-width ``hook`` (the block the variants
+    act on), or ``None`` when it is past the last block. Raises ConfigError for other hooks."""
+    layer, site = _hook_site(hook)
+    b = layer if site == "resid_pre" else layer + 1
+    return b if b < int(cfg.n_layers) else None
+
+
 def _saver(store: dict[str, Tensor]):
     def save(act, hook):
         store[hook.name] = act.detach()
@@ -251,6 +266,7 @@ class _PathRun:
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.n_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)  # key-value heads (GQA)
         self.keep_logits = False  # keep the base and steered logits (for the KL)
+        self.group_sets: list[tuple[int, ...]] = []  # multi-group variants (group_set_runs)
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
         self.batch = tokens.shape[0]
         layer, site = _hook_site(hook)
@@ -350,6 +366,7 @@ class _PathRun:
         runs = self.variant_runs(b, full)
         if full:
             runs += self.head_route_runs(b) + self.qkv_runs(b) + self.group_runs(b)
+        runs += self.group_set_runs(b)
         names, vals, kls = [], [], {}
         refs = getattr(self, "ref_logits", {})
         pad = None if self.attn_mask is None else self.attn_mask == 0  # [batch, pos]: padding
@@ -465,6 +482,29 @@ class _PathRun:
             mask = _mask(self.n_heads, range(g * rep, (g + 1) * rep), z_b)
             runs += [(f"{kind} group {g}", s_in, self._z_hooks(b, mask, kind)) for kind in ("knockout", "only")]
         return runs
+
+    def group_set_runs(self, b: int) -> list[tuple[str, Tensor, list]]:
+        """4e. ``knockout groups a+b`` / ``only groups a+b``: the group variants on the union of the groups'
+        query heads (the paper's multi-group ``group3_and`` ... ``inverse_group7_and1_and5_and``)."""
+        s_in, z_b = self.stv[f"blocks.{b}.hook_resid_pre"], self.base[f"blocks.{b}.attn.hook_z"]
+        rep = self.n_heads // self.n_kv
+        runs = []
+        for gs in self.group_sets:
+            mask = _mask(self.n_heads, [h for g in gs for h in range(g * rep, (g + 1) * rep)], z_b)
+            label = "+".join(map(str, gs))
+            runs += [(f"{kind} groups {label}", s_in, self._z_hooks(b, mask, kind)) for kind in ("knockout", "only")]
+        return runs
+
+
+def _check_group_sets(group_sets, n_kv: int) -> list[tuple[int, ...]]:
+    """``group_sets`` as sorted tuples of distinct groups (raises ConfigError for a group out of range)."""
+    out = []
+    for gs in group_sets:
+        t = tuple(sorted({int(g) for g in gs}))
+        if not t or t[0] < 0 or t[-1] >= n_kv:
+            raise ConfigError(f"group_sets: expected non-empty sets of groups in [0, {n_kv}), got {list(gs)!r}.")
+        out.append(t)
+    return out
 
 
 def _mask(n: int, heads, like: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
@@ -20,6 +21,7 @@ __all__ = [
     "NoisyMetricWarning",
     "PatchResult",
     "PathPatchResult",
+    "PathVariantAccuracy",
     "VectorAttribution",
     "is_within_noise",
     "noise_floor",
@@ -505,11 +507,12 @@ class PathPatchResult(Result):
         """``kind``, ``part``, ``unit``, ``head``, ``route`` of a variant name (see :meth:`to_pandas`)."""
         import re
 
-        m = re.fullmatch(r"(knockout|only) (?:([qkv]) )?(head|kv-head|group|all heads)(?: (\d+))?(?: -> (\w+))?", name)
+        m = re.fullmatch(r"(knockout|only) (?:([qkv]) )?(head|kv-head|groups|group|all heads)(?: (\d+(?:\+\d+)*))?"
+                         r"(?: -> (\w+))?", name)
         if m is None:  # a whole-block variant: skip_attention, skip_layer, attn_to_*
             return {"kind": name, "part": None, "unit": None, "head": None, "route": None}
         kind, part, unit, head, route = m.groups()
-        return {"kind": kind, "part": part or "z", "unit": unit, "head": None if head is None else int(head),
+        return {"kind": kind, "part": part or "z", "unit": unit, "head": None if head is None or "+" in head else int(head),
                 "route": route or "all"}
 
     def plot(self, *, variants: bool = False):
@@ -543,3 +546,78 @@ class PathPatchResult(Result):
             f"({html.escape(self.metric_name)}): total {_fmt(self.total_effect)}, sum of paths "
             f"{_fmt(self.path_sum)} ({self.additivity:.1%})<table>{rows}</table></div>"
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathVariantAccuracy(Result):
+    """Accuracy of answers sampled through each path-patching variant (:func:`path_variant_accuracy`).
+
+    Attributes:
+        variants: the variant names, in the order asked.
+        accuracy: ``[variant]`` fraction of the ``n_prompts * n_samples`` answers that are correct.
+        ci_low, ci_high: ``[variant]`` Wilson 95% interval of :attr:`accuracy` over those answers (it treats
+            the answers as independent draws; the samples of one prompt are not, so read it as a lower
+            bound on the uncertainty and :attr:`per_prompt` for the spread over prompts).
+        per_prompt: ``[variant, prompt]`` fraction of a prompt's samples that are correct.
+        rewards: ``[variant, prompt, sample]`` the reward of every answer (float64).
+        completions: ``{variant: completions}`` in prompt-major order (``n_samples`` per prompt).
+        hook: the analysed vector's hook; block: the block the variants act on.
+        n_samples, max_new_tokens: sampling settings; temperature: 0.0 for greedy decoding.
+        others: whether the wrapper's other vectors were on in every copy.
+        step_logits: ``{variant: ([rows, steps, d_vocab], ...)}`` next-token logits per chunk of prompts
+            (``keep_logits=True`` only).
+    """
+
+    _rank_by: ClassVar[str | None] = None  # the table keeps the order asked
+
+    variants: tuple[str, ...]
+    accuracy: Float[Tensor, " variant"]
+    ci_low: Float[Tensor, " variant"]
+    ci_high: Float[Tensor, " variant"]
+    per_prompt: Float[Tensor, "variant prompt"]
+    rewards: Float[Tensor, "variant prompt sample"]
+    completions: dict[str, tuple[str, ...]]
+    hook: str
+    block: int
+    n_samples: int
+    temperature: float
+    max_new_tokens: int
+    others: bool = False
+    step_logits: dict[str, tuple[Tensor, ...]] | None = field(default=None)
+
+    def __getitem__(self, variant: str) -> float:
+        """The accuracy of one variant."""
+        return float(self.accuracy[self.variants.index(variant)])
+
+    def to_pandas(self):
+        """One row per variant: ``variant``, ``accuracy``, ``ci_low``, ``ci_high``, ``correct``, ``n``,
+        ``mean_reward``, and the accuracy change against ``"base"`` / ``"steered"`` when those ran."""
+        import pandas as pd
+
+        n = self.rewards.shape[1] * self.rewards.shape[2]
+        df = pd.DataFrame({
+            "variant": list(self.variants), "accuracy": self.accuracy.tolist(), "ci_low": self.ci_low.tolist(),
+            "ci_high": self.ci_high.tolist(), "correct": (self.accuracy * n).round().long().tolist(), "n": n,
+            "mean_reward": self.rewards.mean((1, 2)).tolist(),
+        })
+        for ref in ("base", "steered"):
+            if ref in self.variants:
+                df[f"vs_{ref}"] = df["accuracy"] - self[ref]
+        return df
+
+    def plot(self):
+        """Bar chart of the accuracy per variant with its Wilson interval."""
+        from steer_lens import plotting
+
+        fig = plotting.bar(self.accuracy, list(self.variants), y_title="accuracy",
+                           title=f"accuracy of sampled answers per variant (vector at {self.hook}, block {self.block})")
+        fig.update_traces(error_y={"type": "data", "symmetric": False,
+                                   "array": (self.ci_high - self.accuracy).tolist(),
+                                   "arrayminus": (self.accuracy - self.ci_low).tolist()})
+        return fig
+
+    def _summary(self) -> str:
+        n_p, n_s = self.rewards.shape[1], self.rewards.shape[2]
+        return (f"<b>PathVariantAccuracy</b> vector at <code>{html.escape(self.hook)}</code>, block {self.block}: "
+                f"{n_p} prompts x {n_s} samples, temperature {self.temperature:g}, "
+                f"{self.max_new_tokens} new tokens")
