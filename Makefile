@@ -9,6 +9,11 @@ SHARED ?= ../shared
 HF_ENV := $(if $(wildcard $(SHARED)/models/hub),HF_HUB_CACHE=$(abspath $(SHARED)/models/hub) HF_HUB_OFFLINE=1,) $(if $(wildcard $(SHARED)/data/tinystories),STEER_LENS_DATA=$(abspath $(SHARED)/data/tinystories),)
 DATA ?= $(wildcard $(SHARED)/data/tinystories/*.txt)
 PYTEST_WORKERS ?= 2
+# llama.cpp's Python binding, for the end-to-end export check (tests/test_export_llama_cpp.py). It
+# compiles llama.cpp (about 10 CPU-minutes); a wheel in .whl/ (ignored) is used first. A failed build
+# only skips that test, with its reason. `make install LLAMA_CPP=` leaves it out.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 
 .PHONY: install demo test lint docs bench clean gpu-prepare gpu-check-dry
 
@@ -19,6 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all,dev,docs]"
+	$(if $(LLAMA_CPP),CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -c constraints.txt $(if $(wildcard .whl/*.whl),--find-links .whl,) "$(LLAMA_CPP)" || echo "make install: $(LLAMA_CPP) did not build; tests/test_export_llama_cpp.py will be skipped",)
 	touch $@
 
 demo: install
