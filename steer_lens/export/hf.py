@@ -38,6 +38,7 @@ normalised), architectures without a bias flag for the module needed, and archit
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from steer_lens.hook_sites import HookSite
 from steer_lens.models import model_info, resolve_dtype
 from steer_lens.vectors.io import atomic_folder
 
-__all__ = ["SUPPORTED", "bias_vectors", "export_hf"]
+__all__ = ["SUPPORTED", "bias_vectors", "export_hf", "load_hf_model"]
 
 MANIFEST = "steer_lens_export.json"
 
@@ -101,11 +102,15 @@ def _check_steered(steered: Any) -> None:
         )
 
 
-def bias_vectors(steered: Any) -> dict[tuple[str, int], Float[Tensor, " d_model"]]:
+def bias_vectors(
+    steered: Any, *, hooks: Sequence[str] | None = None, embedding: bool = False
+) -> dict[tuple[str, int], Float[Tensor, " d_model"]]:
     """The biases ``steered``'s vectors fold into: ``{("mlp" | "attn", layer): scale × direction}``.
 
     Each value is in residual-stream units (fp32, CPU); hooks mapping to one bias are summed (see the
-    module for the mapping).
+    module for the mapping). ``hooks``: only these of ``steered``'s hooks (default: all);
+    ``embedding=True``: ``blocks.0.hook_resid_pre`` maps to ``("embed", 0)``, the embedding's output
+    (no bias carries it; :mod:`steer_lens.hf_generation` adds it with a hook).
 
     Raises:
         ConfigError: not a SteeredTransformer; positions other than ``"all"``; a token-dependent kind;
@@ -116,9 +121,11 @@ def bias_vectors(steered: Any) -> dict[tuple[str, int], Float[Tensor, " d_model"
     n_layers = int(steered.model.cfg.n_layers)
     parallel = bool(getattr(steered.model.cfg, "parallel_attn_mlp", False))
     out: dict[tuple[str, int], Tensor] = {}
-    for hook in steered.hook_names:
+    for hook in steered.hook_names if hooks is None else hooks:
         site = HookSite.parse(hook)
         target = _TARGET.get(site.kind) if site.layer is not None else None
+        if embedding and site.kind == "resid_pre" and site.layer == 0:
+            target = ("embed", 0)
         layer = None if target is None else site.layer + target[1]
         if target is None or not 0 <= layer < n_layers or (site.kind == "resid_mid" and parallel):
             raise ConfigError(
@@ -205,6 +212,16 @@ def _load_hf(steered: Any, dtype: torch.dtype) -> Any:
         hf_model.hf_quantizer = None  # its GGUF quantizer would refuse save_pretrained
     hf_model.config.architectures = [type(hf_model).__name__]
     return hf_model
+
+
+def load_hf_model(steered: Any, dtype: str | torch.dtype | None = None) -> Any:
+    """The transformers model of ``steered``'s base model, loaded by ``model_info(steered.model).name``
+    (with its ``gguf_file`` when it came from GGUF, dequantised), in ``dtype`` (default float32), on the CPU.
+
+    Raises:
+        ConfigError: the model cannot be loaded by that name (pass the transformers model yourself).
+    """
+    return _load_hf(steered, resolve_dtype(dtype))
 
 
 def _tokenizer(steered: Any) -> Any:
