@@ -169,7 +169,9 @@ class HFSampler:
         hf_model: the transformers model whose weights ``steered.model`` holds (default: loaded by
             :func:`steer_lens.export.hf.load_hf_model` in the model's dtype, on its device, checked, and
             kept for later samplers of the same TransformerLens model while that model lives, so that
-            ``HFSampler(steered)`` once per rollout costs nothing after the first).
+            ``HFSampler(steered)`` once per rollout costs nothing after the first). A model passed here
+            is kept the same way: pass it once before ``train.rl(..., RLConfig(sampler="hf"))`` to
+            sample with a model you already hold.
 
     Raises:
         ConfigError: what the module refuses (the message says to use ``steered.sample``); an
@@ -195,8 +197,7 @@ class HFSampler:
             raise ConfigError(f"hf_model is on {dev}, the steered model on {steered.device}. "
                               f"Fix: hf_model.to('{steered.device}').")
         check_same_weights(steered, hf_model)
-        if own:
-            _LOADED[steered.model] = hf_model
+        _LOADED[steered.model] = hf_model  # later samplers of this model (RLConfig(sampler="hf")) reuse it
         self.hf_model = hf_model
 
     def _targets(self, hooks: Sequence[str] | None = None) -> dict[tuple[str, int], Tensor]:

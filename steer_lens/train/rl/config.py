@@ -11,9 +11,11 @@ from steer_lens.errors import ConfigError
 from steer_lens.train.loop import OptimConfig, check_micro_batch_size, is_int, require
 from steer_lens.train.rl.advantages import advantage_names, get_advantage
 
-__all__ = ["DEFAULT_RL_LR", "RLConfig"]
+__all__ = ["DEFAULT_RL_LR", "SAMPLERS", "RLConfig"]
 
 DEFAULT_RL_LR = 5e-2
+SAMPLERS = ("transformer_lens", "hf")
+"""Who samples the rollouts: ``RLConfig.sampler``."""
 """The default RL learning rate, in relative units (see :mod:`steer_lens.train.loop`)."""
 
 
@@ -54,6 +56,13 @@ class RLConfig(OptimConfig):
             count of the *whole* batch, so their sum is the full-batch loss) and the optimiser
             steps once per batch, as without; the reference forward is split the same way.
             Sampling is not split. Peak memory of the update scales with ``micro_batch_size``.
+        sampler: who samples the rollouts: ``"transformer_lens"`` (default: the wrapper's own KV-cache
+            sampler, any vector kind and position) or ``"hf"`` (:class:`~steer_lens.hf_generation.HFSampler`:
+            transformers' ``generate`` on the same weights with the live vectors added by forward hooks;
+            ~1.7x faster on CPU, the same next-token logits to 1e-4, not token-identical to the
+            ``"transformer_lens"`` samples for a seed; constant vectors at ``positions="all"`` only,
+            and a second copy of the weights in memory). The policy loss is computed by TransformerLens
+            either way.
 
     Defaults: ``steps=100`` and ``lr=5e-2`` in relative units (measured to lift the "dog" rate on
     TinyStories-656K at both ``blocks.0`` and ``blocks.1.hook_resid_pre``; see ``docs/rl.md``).
@@ -81,6 +90,7 @@ class RLConfig(OptimConfig):
     heldout_texts: Sequence[str] | None = None
     heldout_every: int = 10
     micro_batch_size: int | None = None
+    sampler: str = "transformer_lens"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +120,7 @@ class RLConfig(OptimConfig):
         need(is_int(self.heldout_every) and self.heldout_every >= 1, "heldout_every", "an int >= 1")
         need(isinstance(self.log_kl, bool), "log_kl", "True or False")
         check_micro_batch_size(self.micro_batch_size)
+        need(self.sampler in SAMPLERS, "sampler", f"one of {list(SAMPLERS)}")
         if self.heldout_texts is not None:
             if isinstance(self.heldout_texts, str):
                 raise ConfigError("heldout_texts: expected a list of texts, got one string. Fix: [text].")

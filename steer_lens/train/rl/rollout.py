@@ -22,6 +22,7 @@ from torch import Tensor
 from steer_lens._utils import Prompt, is_conversation
 from steer_lens.errors import ConfigError, EmptyInputError
 from steer_lens.generation import sample_tokens
+from steer_lens.hf_generation import HFSampler
 from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train import distributed
 from steer_lens.train.data import epoch_order
@@ -131,6 +132,11 @@ def sample_shard(steered: SteeredTransformer, items: list[Any], config: RLConfig
     else:
         toks, mask = steered.left_pad([steered.prompt_tokens(p) for p in items])
         texts = [steered.chat_text(p) if is_conversation(p) else p for p in items][lo:hi]
+    if config.sampler == "hf":  # transformers' generate with the live vectors (same logits, other RNG use)
+        return HFSampler(steered).sample_tokens(
+            toks[lo:hi], mask[lo:hi], texts, config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, top_k=config.top_k, do_sample=True, seed=seed + lo, stop_at_eos=True,
+        )
     return sample_tokens(
         steered, toks[lo:hi], mask[lo:hi], texts, config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, top_k=config.top_k, do_sample=True, seed=seed, stop_at_eos=True, use_kv_cache=True,

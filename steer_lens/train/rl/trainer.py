@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steer_lens.errors import ConfigError
+from steer_lens.hf_generation import HFSampler
 from steer_lens.steering import Generation, SteeredTransformer
 from steer_lens.train import distributed
 from steer_lens.train.loop import (
@@ -267,6 +268,8 @@ def rl(
         raise ConfigError(
             f"reward: expected a callable f(prompts, completions), got {type(reward).__name__}."
         )
+    if config.sampler == "hf":
+        HFSampler(steered)  # refusals (kind, positions, weights) before any step; loads the HF model once
     items, texts = prompt_items(prompts)
     resid_rms: dict[str, float] = {}
     if config.lr_units == "relative":
