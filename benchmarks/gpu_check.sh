@@ -107,6 +107,8 @@ if [ "$QUICK" = 1 ]; then
     --repeats 1 --json "$WORK/rl_smol_fp32.json"
   step rl_smol_bf16 120 $PY benchmarks/bench_rl.py --device "$DEVICE" --model-config "$CONFIG" --dtype bfloat16 \
     --batch 4 --new 4 --repeats 1 --json "$WORK/rl_smol_bf16.json"
+  step rollouts_smol 120 $PY benchmarks/bench_rollouts.py --device "$DEVICE" --model-config "$CONFIG" --batch 2 \
+    --new-tokens 4 --repeats 1 --json "$WORK/rollouts_smol.json"
   step tests 300 env OMP_NUM_THREADS=1 STEER_LENS_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cacheprovider -rs \
     --junitxml="$OUT/junit.xml" ${TESTS:-tests/test_models.py tests/test_global_state.py}
   step patching 200 $PY benchmarks/bench_patching.py --device "$DEVICE" --models real --sweeps resid_pre --repeats 1 \
@@ -125,6 +127,8 @@ else
     --repeats 2 --json "$WORK/rl_smol_fp32.json"
   step rl_smol_bf16 50 $PY benchmarks/bench_rl.py --device "$DEVICE" --model-config "$CONFIG" --dtype bfloat16 \
     --batch 64 --new 128 --repeats 2 --json "$WORK/rl_smol_bf16.json"
+  step rollouts_smol 60 $PY benchmarks/bench_rollouts.py --device "$DEVICE" --model-config "$CONFIG" --batch 64 \
+    --new-tokens 128 --repeats 2 --json "$WORK/rollouts_smol.json"
   cap=${TEST_CAP_S:-150}
   # pytest-timeout (in the GPU image) ends a long session with its report instead of being killed
   tflags=(); $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout \
