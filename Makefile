@@ -38,7 +38,7 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
 test: install lint
 	$(HF_ENV) $(TEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
-	$(HF_ENV) $(TEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=900 notebooks
+	$(HF_ENV) $(TEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --nbmake --nbmake-timeout=1500 notebooks
 
 docs: install
 	$(BIN)/mkdocs build --strict --site-dir site
