@@ -119,6 +119,8 @@ if [ "$QUICK" = 1 ]; then
   step sae 200 $PY benchmarks/bench_sae.py --device "$DEVICE" --texts 4 --json "$WORK/sae.json"
   step lora 200 $PY benchmarks/bench_lora.py --device "$DEVICE" --texts 8 --repeat 1 --train-steps 2 \
     --json "$WORK/lora.json"
+  step sft_step 120 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
+    --steps 1 --repeats 1 --json "$WORK/sft_step.json"
 else
   # P1 and P3 on the 30-layer shape first: the figures the issue asks for
   step patching_smol 75 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol --model-config "$CONFIG" \
@@ -143,6 +145,8 @@ else
   step core 75 $PY benchmarks/bench_core.py --device "$DEVICE" --json "$WORK/core.json"
   step sae 40 $PY benchmarks/bench_sae.py --device "$DEVICE" --texts 64 --json "$WORK/sae.json"
   step lora 40 $PY benchmarks/bench_lora.py --device "$DEVICE" --repeat 2 --train-steps 10 --json "$WORK/lora.json"
+  step sft_step 40 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
+    --steps 3 --repeats 3 --json "$WORK/sft_step.json"
 fi
 
 [ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$OUT/tests.log"
