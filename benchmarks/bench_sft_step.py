@@ -16,6 +16,10 @@ raincandy-u/TinyStories-656K and its Hugging Face model):
   gate/up/down)`` on every layer of the Hugging Face model (the usual peft fine-tune), one step = forward
   with ``labels`` (Hugging Face's shifted cross-entropy), backward, ``clip_grad_norm_(1)``, AdamW
   (lr 1e-3); the reference of the goal;
+* with ``--recompute``, **vector, one hook, recompute** and **vector, every hook_mlp_out, recompute**
+  (``vector_one_rc``, ``vector_mlp_out_rc``): the same with ``SFTConfig(recompute=True)``
+  (:func:`~steer_lens.train.recompute.recompute_blocks`: the blocks from the first vector on recompute
+  their activations in the backward pass);
 * **LoRA, one down_proj**: the same on the ``down_proj`` of layer ``n_layers // 2`` only (the LoRA
   closest to the one-hook vector).
 
@@ -31,6 +35,7 @@ Usage::
 
     HF_HUB_CACHE=../shared/models/hub HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/bench_sft_step.py
     python benchmarks/bench_sft_step.py --model-config benchmarks/smollm2_135m_config.json --batch 4 --seq 64
+    python benchmarks/bench_sft_step.py ... --recompute   # also the vector steps with SFTConfig(recompute=True)
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ import steer_lens as sl
 REAL = "raincandy-u/TinyStories-656K"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = ("vector_one", "vector_mlp_out", "lora_all", "lora_down")
+RECOMPUTED = ("vector_one_rc", "vector_mlp_out_rc")  # with --recompute: SFTConfig(recompute=True)
+
+
+def kinds(args) -> tuple[str, ...]:
+    """The measurements of this run: :data:`KINDS`, plus :data:`RECOMPUTED` with ``--recompute``."""
+    return KINDS + (RECOMPUTED if args.recompute else ())
 
 
 def build(args, need: str):
@@ -81,17 +92,17 @@ def batch_tokens(args, vocab: int) -> torch.Tensor:
 
 
 def vector_hooks(kind: str, n_layers: int, hooks: str | None) -> list[str]:
-    if kind == "vector_mlp_out":
+    if kind.removesuffix("_rc") == "vector_mlp_out":
         return [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
     return hooks.split(",") if hooks else [f"blocks.{n_layers // 2}.hook_resid_post"]
 
 
-def vector_runner(tl, tokens: torch.Tensor, hooks: list[str], steps: int):
+def vector_runner(tl, tokens: torch.Tensor, hooks: list[str], steps: int, recompute: bool = False):
     """A function running ``sl.train.sft`` for ``steps`` steps; returns seconds per step (the loop's own clock)."""
     steered = sl.SteeredTransformer(tl, hooks)
     examples = list(tokens.cpu())  # token ids, first token the prompt, the rest targets
     cfg = sl.train.SFTConfig(steps=steps, batch_size=len(examples), measure_side_effects=False,
-                             eval_every=10**6, progress=False)
+                             eval_every=10**6, progress=False, recompute=recompute)
     return lambda: sl.train.sft(steered, examples, cfg).seconds / steps
 
 
@@ -133,7 +144,8 @@ def _sync(device: torch.device) -> None:
 def runner(kind: str, tl, hf, tokens, args, steps: int):
     """The timed function of measurement ``kind`` (seconds per step)."""
     if kind.startswith("vector"):
-        return vector_runner(tl, tokens, vector_hooks(kind, tl.cfg.n_layers, args.hooks), steps)
+        return vector_runner(tl, tokens, vector_hooks(kind, tl.cfg.n_layers, args.hooks), steps,
+                             recompute=kind.endswith("_rc"))
     return lora_runner(lora_model(hf, kind), tokens, steps)
 
 
@@ -153,7 +165,7 @@ def forward_runner(model, tokens: torch.Tensor, steps: int):
 
 def timings(tl, hf, tokens, args) -> dict[str, float]:
     """Best seconds per step of every measurement; the repeats interleave the kinds (a shared CPU's noise hits all)."""
-    runs = {k: runner(k, tl, hf, tokens, args, args.steps) for k in KINDS}
+    runs = {k: runner(k, tl, hf, tokens, args, args.steps) for k in kinds(args)}
     runs.update(tl_forward=forward_runner(tl, tokens, args.steps), hf_forward=forward_runner(hf, tokens, args.steps))
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(args.repeats):
@@ -217,6 +229,8 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--hooks", default=None, help="comma-separated hooks of the one-hook vector "
                                                   "(default blocks.{n_layers//2}.hook_resid_post)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    ap.add_argument("--recompute", action="store_true", help="also measure the vector steps with "
+                                                             "SFTConfig(recompute=True)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_args(ap, model_config=True)
     args = ap.parse_args()
@@ -243,7 +257,7 @@ def main() -> None:
     figures: dict = {"n_layers": n, "one_hook": vector_hooks("vector_one", n, args.hooks)}
     figures.update({f"{k}_step_s": v for k, v in timings(tl, hf, tokens, args).items()})
     if not args.no_memory:
-        for kind in KINDS:
+        for kind in kinds(args):
             figures[f"{kind}_peak_mib"] = cuda_memory(kind, tl, hf, tokens, args) if args.device.startswith("cuda") \
                 else cpu_memory(kind, argv)
     report(figures)
@@ -255,7 +269,7 @@ def report(f: dict) -> None:
     print("| step | s/step | vs LoRA all | vs LoRA down_proj |" + (" peak MiB | vs LoRA all | vs LoRA down_proj |"
                                                                   if mem else ""))
     print("|---|---|---|---|" + ("---|---|---|" if mem else ""))
-    for kind in KINDS:
+    for kind in KINDS + tuple(k for k in RECOMPUTED if f"{k}_step_s" in f):
         t = f[f"{kind}_step_s"]
         row = f"| {kind} | {t:.4f} | {t / f['lora_all_step_s']:.2f}x | {t / f['lora_down_step_s']:.2f}x |"
         if mem:
@@ -264,7 +278,7 @@ def report(f: dict) -> None:
         print(row)
     print(f"no-grad forward floors: TransformerLens {f['tl_forward_step_s']:.4f} s, Hugging Face "
           f"{f['hf_forward_step_s']:.4f} s")
-    for kind in ("vector_one", "vector_mlp_out"):
+    for kind in ("vector_one", "vector_mlp_out", *(k for k in RECOMPUTED if f"{k}_step_s" in f)):
         f[f"{kind}_time_ratio_vs_lora_all"] = f[f"{kind}_step_s"] / f["lora_all_step_s"]
         if mem:
             f[f"{kind}_memory_ratio_vs_lora_all"] = f[f"{kind}_peak_mib"] / f["lora_all_peak_mib"]

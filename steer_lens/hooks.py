@@ -22,7 +22,8 @@ from steer_lens.errors import HookNameError
 from steer_lens.hook_sites import HookSite
 from steer_lens.models import check_hook_names
 
-__all__ = ["PositionContext", "PositionSpec", "frozen_parameters", "hook_shapes", "vector_shapes"]
+__all__ = ["PositionContext", "PositionSpec", "acting_for", "acting_thread", "frozen_parameters", "hook_shapes",
+           "vector_shapes"]
 
 PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
 
@@ -50,6 +51,31 @@ def hook_shapes(model, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(h, recorder(h)) for h in hook_names], return_type=None)
     return shapes
+
+
+_ACTING = threading.local()
+
+
+@contextlib.contextmanager
+def acting_for(thread_id: int) -> Iterator[None]:
+    """Context manager: in the calling thread, hooks confined to thread ``thread_id`` act as they do there.
+
+    The steering hooks act only in the thread that installed them; the backward recomputation of
+    :mod:`steer_lens.train.recompute` may run on torch's autograd device thread (CUDA), not the
+    forward's, and replays the forward's hooks inside this context.
+    """
+    prev = getattr(_ACTING, "owner", None)
+    _ACTING.owner = thread_id
+    try:
+        yield
+    finally:
+        _ACTING.owner = prev
+
+
+def acting_thread() -> int:
+    """The thread the calling one acts for: ``threading.get_ident()``, or ``thread_id`` inside :func:`acting_for`."""
+    owner = getattr(_ACTING, "owner", None)
+    return threading.get_ident() if owner is None else owner
 
 
 _FROZEN_LOCK = threading.Lock()

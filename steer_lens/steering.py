@@ -53,7 +53,14 @@ from steer_lens.errors import (
     ShapeMismatchError,
 )
 from steer_lens.generation import Generation, sample_tokens
-from steer_lens.hooks import PositionContext, PositionSpec, frozen_parameters, hook_shapes, vector_shapes
+from steer_lens.hooks import (
+    PositionContext,
+    PositionSpec,
+    acting_thread,
+    frozen_parameters,
+    hook_shapes,
+    vector_shapes,
+)
 from steer_lens.models import ModelInfo, model_info
 from steer_lens.prompts import one_of
 from steer_lens.steering_tokens import TokenizationMixin, pass_token_ids
@@ -236,7 +243,7 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         owner = threading.get_ident()  # steering is confined to the thread that made the hooks
 
         def hook(act: Tensor, hook) -> Tensor:
-            if threading.get_ident() != owner:
+            if acting_thread() != owner:  # (acting_for: the backward recomputation of recompute.py)
                 return act
             by_token = getattr(self.vectors, "delta_in", None)  # kinds that select by the pass's tokens
             grad = self._grad or act.requires_grad

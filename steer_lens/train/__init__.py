@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from steer_lens.train import distributed, rewards, side_effects
 from steer_lens.train.loop import OptimConfig, TrainResult, typical_resid_rms
+from steer_lens.train.recompute import recompute_blocks
 from steer_lens.train.rl import RLConfig, register_advantage, rl  # binds rl over the package name
 from steer_lens.train.side_effects import SideEffects, SideEffectWarning
 from steer_lens.train.supervised import SFTConfig, SFTResult, heldout_loss, sft
@@ -26,6 +27,7 @@ __all__ = [
     "distributed",
     "heldout_loss",
     "register_advantage",
+    "recompute_blocks",
     "rewards",
     "rl",
     "sft",

@@ -21,6 +21,7 @@ Vectors from Pretrained Language Models".
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -57,6 +58,7 @@ from steer_lens.train.loop import (
     run_loop,
     typical_resid_rms,
 )
+from steer_lens.train.recompute import recompute_blocks
 from steer_lens.train.side_effects import (
     SideEffects,
     SideEffectWarning,
@@ -111,6 +113,12 @@ class SFTConfig(OptimConfig):
             texts), cycled to 16 samples; give held-out prompts for a held-out measure.
         side_effect_tokens: tokens per side-effect sample.
         measure_side_effects: ``False`` skips the side-effect measures and warning.
+        recompute: run the training forwards of the objective under
+            :func:`~steer_lens.train.recompute.recompute_blocks`: the blocks from the first vector on
+            keep only their input residual and recompute their activations in the backward pass.
+            Buys activation memory (the saved tensors of a step drop by the factor in
+            ``docs/benchmarks/lora.md``, P4); costs about one extra forward per step. The gradients
+            are the same (to float rounding). The KL term's forward (``kl_coef``) is not recomputed.
 
     Defaults: AdamW with ``lr=1e-2`` in *relative* units (1% of the hook's typical per-coordinate
     residual RMS per step; see :mod:`steer_lens.train.loop`), 200 steps, batch 16, gradient clipping at 1.
@@ -132,6 +140,7 @@ class SFTConfig(OptimConfig):
     side_effect_prompts: Sequence[str | TokenIds] | Tensor | None = None
     side_effect_tokens: int = 32
     measure_side_effects: bool = True
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,6 +155,7 @@ class SFTConfig(OptimConfig):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         require(isinstance(self.measure_side_effects, bool), "measure_side_effects", self.measure_side_effects,
                 "True or False")
+        require(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
         for name in ("eval_texts", "side_effect_prompts", "kl_prompts"):
             object.__setattr__(self, name, _as_sequences(getattr(self, name), name))
 
@@ -403,8 +413,9 @@ def _step_fn(steered, data: list[_Tokenized], config: SFTConfig, eval_batch: Bat
     def step_fn(step: int):
         items = [data[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
         # distributed: this process's shard of the global batch `items`, normalised by the global token counts
-        loss, metrics = _batch_loss(steered, distributed.shard(items), config.objective, config.micro_batch_size,
-                                    whole=items)
+        with recompute_blocks(steered) if config.recompute else contextlib.nullcontext():
+            loss, metrics = _batch_loss(steered, distributed.shard(items), config.objective,
+                                        config.micro_batch_size, whole=items)
         if metrics:  # the mixed objective's per-term losses: shards' parts summed over processes
             metrics = dict(zip(metrics, distributed.all_reduce_sum(torch.stack(list(metrics.values()))), strict=True))
         if config.kl_coef > 0 and step % config.kl_every == 0:

@@ -10,6 +10,7 @@ step is an :class:`RLState`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from steer_lens.train.loop import (
     run_loop,
     typical_resid_rms,
 )
+from steer_lens.train.recompute import recompute_blocks
 from steer_lens.train.rewards import reward_name
 from steer_lens.train.rl.advantages import AdvantageEstimator, estimator_state, get_advantage
 from steer_lens.train.rl.config import RLConfig
@@ -152,10 +154,11 @@ class RLState:
         fresh: list[Tensor] = []  # log-probs of the sampling policy, collected for later PPO epochs
 
         def chunk_loss(rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
-            logp, ent = completion_logprobs(
-                self.steered, g.tokens[rows], g.attention_mask[rows], g.prompt_len,
-                entropy_grad=config.entropy_coef > 0, temperature=config.logprob_temperature,
-            )
+            with recompute_blocks(self.steered) if config.recompute else contextlib.nullcontext():
+                logp, ent = completion_logprobs(
+                    self.steered, g.tokens[rows], g.attention_mask[rows], g.prompt_len,
+                    entropy_grad=config.entropy_coef > 0, temperature=config.logprob_temperature,
+                )
             if config.ppo_epochs > 1 and self.old_logp is None:
                 fresh.append(logp.detach())
             return policy_loss(
