@@ -58,6 +58,11 @@ SWEEPS = {
     # not in the default set (the issue's goals are for the two above): --sweeps head_out_all_pos
     "head_out_all_pos": ("z", ("layer", "head"), "get_act_patch_attn_head_out_all_pos"),
 }
+TL_SETTERS = {  # TransformerLens's patch setter of each sweep (for --tl-sites)
+    "resid_pre": "layer_pos_patch_setter",
+    "head_out_by_pos": "layer_pos_head_vector_patch_setter",
+    "head_out_all_pos": "layer_head_vector_patch_setter",
+}
 
 
 def _sync(device: str) -> None:
@@ -110,16 +115,63 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
     wrong = torch.randint(0, vocab, (batch,), generator=g)
     if os.environ.get("BENCH_METRIC", "logit_diff") == "logprob":  # normalises over the vocabulary
         return model, clean, corrupted, sl.patching.logprob(correct)
+    if os.environ.get("BENCH_METRIC") == "opaque":  # a plain function: the sweep cannot see what it reads
+        rows = torch.arange(batch)
+
+        def opaque(logits):
+            lp = logits[:, -1].log_softmax(-1)
+            return (lp[rows, correct.to(lp.device)] - lp[rows, wrong.to(lp.device)]).mean()
+
+        return model, clean, corrupted, opaque
     return model, clean, corrupted, sl.patching.logit_diff(correct, wrong)
 
 
-def run_method(method: str, model, clean, corrupted, metric, sweep: str, device: str):
-    """Run one method once; returns (seconds, values or None)."""
+def sample_sites(shape: tuple[int, ...], n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` distinct sites of a sweep's grid ``shape``, uniformly at random: indices ``[n, len(shape)]``."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(int(torch.tensor(shape).prod()), generator=g)[:n].sort().values
+    return torch.stack(torch.unravel_index(flat, shape), dim=1)
+
+
+def _tl_on_sites(model, clean, corrupted, metric, sweep: str, sites: torch.Tensor, n_sites: int, device: str):
+    """TransformerLens's loop on ``sites`` only (``generic_activation_patch(index_df=...)``).
+
+    Its loop runs one full forward pass per site, the same pass whatever the site, so the time of the
+    whole sweep is the clean ``run_with_cache`` plus ``n_sites / len(sites)`` times the loop's time.
+    Returns (extrapolated seconds, values at ``sites``).
+    """
+    import pandas as pd
+    from transformer_lens import patching as tlp
+
+    hook, by, _ = SWEEPS[sweep]
+    t0 = time.perf_counter()
+    _, cache = model.run_with_cache(clean)
+    _sync(device)
+    t1 = time.perf_counter()
+    df = pd.DataFrame(sites.numpy(), columns=list(by))
+    values = tlp.generic_activation_patch(
+        model, corrupted, cache, metric, patch_setter=getattr(tlp, TL_SETTERS[sweep]), activation_name=hook,
+        index_df=df,
+    ).cpu()
+    _sync(device)
+    t2 = time.perf_counter()
+    return (t1 - t0) + (t2 - t1) * n_sites / len(sites), values
+
+
+def run_method(method: str, model, clean, corrupted, metric, sweep: str, device: str, sites=None, n_sites=0):
+    """Run one method once; returns (seconds, values or None).
+
+    With ``sites`` (``[n, k]``, see :func:`sample_sites`) TransformerLens runs those sites only and its
+    time is extrapolated to ``n_sites`` (:func:`_tl_on_sites`).
+    """
     from transformer_lens import patching as tlp
 
     import steer_lens as sl
 
     hook, by, tl_fn = SWEEPS[sweep]
+    if method == "tl" and sites is not None:
+        with torch.no_grad():
+            return _tl_on_sites(model, clean, corrupted, metric, sweep, sites, n_sites, device)
     _sync(device)
     t0 = time.perf_counter()
     values = None
@@ -143,6 +195,12 @@ def run_method(method: str, model, clean, corrupted, metric, sweep: str, device:
                 model(corrupted.repeat(n, 1))
     _sync(device)
     return time.perf_counter() - t0, values
+
+
+def _grid(model, sweep: str, pos: int) -> tuple[int, ...]:
+    """The shape of a sweep's site grid (TransformerLens's output shape)."""
+    size = {"layer": int(model.cfg.n_layers), "pos": pos, "head": int(model.cfg.n_heads)}
+    return tuple(size[a] for a in SWEEPS[sweep][1])
 
 
 def _rss() -> int:
@@ -292,6 +350,8 @@ def main(argv=None) -> int:
         help="at least this many repeats on the real model (its sweeps take tens of milliseconds)",
     )
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-plain", dest="plain", action="store_false",
+                    help="skip the plain batched forward passes (minutes on the 30-layer model's head sweep)")
     ap.add_argument(
         "--spearman", action="store_true", help="only measure attribution-vs-exact Spearman on the real model"
     )
@@ -304,8 +364,16 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--metric",
         default="logit_diff",
-        choices=["logit_diff", "logprob"],
-        help="logit_diff reads two logit columns; logprob needs the whole vocabulary",
+        choices=["logit_diff", "logprob", "opaque"],
+        help="logit_diff reads two logit columns; logprob needs the whole vocabulary; opaque is a plain Python "
+        "function of the whole logits (a log-prob difference), so the sweep must compute every logit",
+    )
+    ap.add_argument(
+        "--tl-sites",
+        type=int,
+        default=0,
+        help="time TransformerLens on this many sites drawn at random and extrapolate to the whole sweep "
+        "(its loop is one identical forward pass per site); values compared on those sites. 0: every site",
     )
     ap.add_argument(
         "--strategies",
@@ -345,20 +413,29 @@ def main(argv=None) -> int:
                 print(f"skipping {REAL}: not in the Hugging Face cache (set HF_HUB_CACHE)")
                 continue
         model, clean, corrupted, metric = setup(name, args.device, args.batch)
+        warm = sample_sites(_grid(model, "resid_pre", 3), 2) if args.tl_sites else None
         for method in ("tl", "ours", "plain"):  # warm-up
-            run_method(method, model, clean[:, :3], corrupted[:, :3], metric, "resid_pre", args.device)
+            run_method(method, model, clean[:, :3], corrupted[:, :3], metric, "resid_pre", args.device, sites=warm,
+                       n_sites=2)
         repeats = max(args.repeats, args.real_repeats) if name == "real" else args.repeats
         for sweep in args.sweeps.split(","):
-            times = dict.fromkeys(("tl", "ours", "plain"), float("inf"))
+            times = dict.fromkeys(("tl", "ours", "plain") if args.plain else ("tl", "ours"), float("inf"))
             vals = {}
+            grid = _grid(model, sweep, clean.shape[1])
+            n_grid = int(torch.tensor(grid).prod())
+            sites = sample_sites(grid, args.tl_sites) if 0 < args.tl_sites < n_grid else None
             for _ in range(repeats):  # interleaved rounds: a slow phase of the machine hits all three
                 for method in times:
-                    t, vals[method] = run_method(method, model, clean, corrupted, metric, sweep, args.device)
+                    t, vals[method] = run_method(
+                        method, model, clean, corrupted, metric, sweep, args.device, sites=sites, n_sites=n_grid
+                    )
                     times[method] = min(times[method], t)
-            diff = float((vals["tl"].float() - vals["ours"].float()).abs().max())
+            ours_at = vals["ours"] if sites is None else vals["ours"][tuple(sites.T)]
+            diff = float((vals["tl"].float() - ours_at.float()).abs().max())
+            rel = diff / max(float(ours_at.float().abs().max()), 1e-12)
             mem = {}
             if not args.no_memory:
-                for method in ("tl", "ours", "plain"):
+                for method in times:
                     if method == "tl" and tl_peak.get(name) is not None:
                         mem[method] = tl_peak[name]  # one pass at a time: same peak for every sweep
                         continue
@@ -371,17 +448,20 @@ def main(argv=None) -> int:
                 sites=n_sites,
                 tl=times["tl"],
                 ours=times["ours"],
-                plain=times["plain"],
+                plain=times.get("plain", float("nan")),
                 speedup=times["tl"] / times["ours"],
-                vs_plain=times["ours"] / times["plain"],
+                vs_plain=times["ours"] / times.get("plain", float("nan")),
                 max_diff=diff,
+                max_rel_diff=rel,
+                tl_sites_timed=n_grid if sites is None else len(sites),
                 mem=mem,
             )
             rows.append(row)
             print(
                 f"{name:7s} {sweep:16s} sites={n_sites:5d}  TL {times['tl']:8.3f}s  ours {times['ours']:7.3f}s  "
-                f"plain {times['plain']:7.3f}s  speed-up {row['speedup']:6.1f}x  ours/plain {row['vs_plain']:.2f}x  "
-                f"max|diff| {diff:.1e}"
+                f"plain {row['plain']:7.3f}s  speed-up {row['speedup']:6.1f}x  ours/plain {row['vs_plain']:.2f}x  "
+                f"max|diff| {diff:.1e} (rel {rel:.1e})"
+                + ("" if sites is None else f"  [TL timed on {len(sites)} of {n_grid} sites, extrapolated]")
                 + ("" if not mem else "  peak MiB " + " ".join(f"{k}={v:.0f}" for k, v in mem.items())),
                 flush=True,
             )
@@ -396,7 +476,7 @@ def main(argv=None) -> int:
             print(
                 f"| {r['model']} | {r['sweep']} | {r['sites']} | {r['tl']:.3f} | {r['ours']:.3f} | {r['plain']:.3f} | "
                 f"{r['speedup']:.1f}x | {r['vs_plain']:.2f}x | {r['max_diff']:.1e} |"
-                + (f" {mem['tl']:.0f} / {mem['ours']:.0f} / {mem['plain']:.0f} |" if mem else "")
+                + (f" {mem['tl']:.0f} / {mem['ours']:.0f} / {mem.get('plain', float('nan')):.0f} |" if mem else "")
             )
     write_json(args.json, head, rows, args)
     return 0

@@ -84,7 +84,7 @@ def test_every_strategy_equals_transformer_lens(tiny_model):
     metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
     _, cache = model.run_with_cache(clean)
     assert sl.patching.choose_strategy(model, last_position_metric=True, n_pos=9).name == "last_query"
-    assert sl.patching.choose_strategy(model, last_position_metric=False, n_pos=9).name == "prefix"
+    assert sl.patching.choose_strategy(model, last_position_metric=False, n_pos=9).name == "suffix"
     for hook, by, fn in TL_CASES:
         if hook == "resid_mid" and model.cfg.parallel_attn_mlp:
             continue
@@ -103,18 +103,18 @@ def test_strategy_the_run_does_not_allow_is_refused_with_the_reason(tiny_model):
     model = tiny_model
     clean, corrupted = _pair(model.cfg.d_vocab, seed=24)
 
-    def opaque(logits):  # reads every position: no suffix passes
+    def opaque(logits):  # reads every position: no last-query block
         return logits.mean()
 
     with pytest.raises(sl.errors.ConfigError, match="last position"):
-        sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy="suffix")
+        sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy="last_query")
     with pytest.raises(sl.errors.ConfigError, match="expected 'auto' or one of"):
         sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy="fast")
     with pytest.raises(sl.errors.ConfigError, match="position_groups"):
         sl.patching.Strategy("suffix", position_groups=0)
-    # an opaque metric over every position: "prefix" and "full" both give TransformerLens's numbers
+    # an opaque metric over every position: "full", "prefix" and "suffix" give TransformerLens's numbers
     ref = _tl_reference(model, "get_act_patch_resid_pre", clean, corrupted, opaque)
-    for name in ("full", "prefix", "auto"):
+    for name in ("full", "prefix", "suffix", "auto"):
         res = sl.patching.activation_patch(model, clean, corrupted, opaque, "resid_pre", strategy=name)
         torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=name)
     # a position-specific steering vector: passes cover every position
@@ -233,6 +233,44 @@ def test_position_grouped_passes_equal_transformer_lens(monkeypatch):
         last.values[0, :15], torch.full((15, 4), last.corrupted_metric), atol=ATOL, rtol=0
     )
     torch.testing.assert_close(last.values, results[0][2:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_suffix_passes_with_a_metric_of_every_position_equal_transformer_lens(monkeypatch, family):
+    """A plain function of the whole logits (here a position-weighted log-probability, so the earlier
+    positions' logits count) runs suffix passes: positions < p0 take the corrupted run's logits (a
+    causal model cannot change them) and values equal TransformerLens's for every by-position kind,
+    rotary (llama) and learned (gpt2) positions, position-local sites included."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation
+
+    model = sl.random_model(family, n_layers=3, d_model=32, n_heads=4, d_vocab=53, n_ctx=32, seed=2)
+    clean, corrupted = _pair(53, pos=12, seed=31)
+    weights = torch.linspace(1.0, 2.0, 12)
+
+    def every_position(logits):  # opaque to the sweep: reads all positions and the whole vocabulary
+        lp = logits.log_softmax(-1)[..., 3]
+        return (lp * weights.to(lp.device)).mean()
+
+    _, cache = model.run_with_cache(clean)
+    calls, run = [], activation._Runner.run
+
+    def spy(self, layer, n, hooks, p0=0, p1=None):
+        calls.append((p0, p1 is not None and self.local_ok(layer, p1)))
+        return run(self, layer, n, hooks, p0=p0, p1=p1)
+
+    monkeypatch.setattr(activation._Runner, "run", spy)
+    strategy = sl.patching.Strategy("suffix", position_groups=4)
+    for hook, by, fn in [TL_CASES[i] for i in (0, 1, 3, 4, 5, 7, 13)]:
+        res = sl.patching.activation_patch(model, clean, corrupted, every_position, hook, by=by, strategy=strategy)
+        ref = getattr(tlp, fn)(model, corrupted, cache, every_position)
+        torch.testing.assert_close(res.values, ref.float(), atol=ATOL, rtol=0, msg=f"{family} {hook} {by}")
+        assert res.values.std() > 0
+    assert any(p0 > 0 for p0, _ in calls) and any(local for _, local in calls)
+    # "auto" picks the suffix passes for such a metric
+    assert sl.patching.choose_strategy(model, last_position_metric=False, n_pos=12).name == "suffix"
 
 
 def _spy_last_query(activation):

@@ -1,8 +1,8 @@
 """The runner of the patching sweep: forward passes of the stacked corrupted batch that start at a block.
 
 :class:`_Runner` starts each pass at the patched block from the corrupted run's cached block input
-and, for last-position metrics, computes only the positions (and, in the last block, only the query)
-a site can change. :func:`steer_lens.patching._sweep._sweep` drives it; see
+and computes only the positions a site can change (and, for last-position metrics, in the last block
+only the query). :func:`steer_lens.patching._sweep._sweep` drives it; see
 :mod:`steer_lens.patching.activation` for the method and its references.
 """
 
@@ -26,9 +26,10 @@ class _Runner:
 
     * ``prefix``: start at block ``l`` from the corrupted run's input to that block.
     * ``last_only``: the metric reads the last position only: unembed it alone.
-    * ``suffix``: (with ``last_only``) a site at position ``p`` cannot change positions ``< p`` (causal
-      attention), so blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's
-      keys and values of the earlier positions through a frozen key/value cache.
+    * ``suffix``: a site at position ``p`` cannot change positions ``< p`` (causal attention), so
+      blocks ``>= l`` run on positions ``>= p0`` only, attending to the corrupted run's keys and values
+      of the earlier positions through a frozen key/value cache; without ``last_only`` the logits of
+      positions ``< p0`` are the corrupted run's (:meth:`_with_prefix`).
     * ``p1`` (in :meth:`run`): sites local to their position run block ``l`` on ``p0..p1`` only.
     * ``last`` (the ``"last_query"`` strategy, with ``suffix``): a :class:`_LastBlock`; the last block computes the query, attention
       output and MLP of the last position only; for the earlier positions it computes just the keys
@@ -43,14 +44,15 @@ class _Runner:
         self.hooks = hooks
         self.prefix = strategy.prefix
         self.last_only = last_only and self.prefix
-        self.suffix = self.last_only and strategy.suffix
+        self.suffix = self.prefix and strategy.suffix
+        self.corrupted_logits: Tensor | None = None  # suffix passes of a whole-logits metric: positions < p0
         self.block_inputs: dict[int, Tensor] = {}
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.attention_mask: Tensor | None = None
         self.patches: dict[str, Callable] | None = None  # set inside `session`
         # the last block on the last position's query only (composed, not inherited)
-        self.last = _LastBlock(self) if self.suffix and strategy.last_query else None
+        self.last = _LastBlock(self) if self.suffix and self.last_only and strategy.last_query else None
 
     @property
     def last_query(self) -> bool:
@@ -116,6 +118,8 @@ class _Runner:
                 out = self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))[:, -1:]
             else:
                 out = self.model(tokens)
+        if self.suffix and not self.last_only:
+            self.corrupted_logits = out[b:]
         return out[b:], (None if clean is None else out[:b]), clean_acts
 
     def padding_mask(self) -> Tensor | None:
@@ -209,7 +213,8 @@ class _Runner:
                 mask = _rep(mask, n_copies)
             x = _rep(x, n_copies)
             if not self.last_only:
-                return self.model(x, start_at_layer=layer, attention_mask=mask)
+                logits = self.model(x, start_at_layer=layer, attention_mask=mask, past_kv_cache=cache)
+                return self._with_prefix(logits, n_copies, p0)
             resid = self.model(
                 x, start_at_layer=layer, stop_at_layer=n_layers, attention_mask=mask, past_kv_cache=cache
             )
@@ -222,18 +227,24 @@ class _Runner:
     def _run_local(self, layer: int, n_copies: int, hooks: list, p0: int, p1: int) -> Tensor:
         """:meth:`run` for sites local to their position: block ``layer`` on positions ``p0..p1`` only."""
 
-        n_layers = int(self.model.cfg.n_layers)
         mask = self.attention_mask
         with self.hooked(hooks):
             x = self.local_block(layer, n_copies, p0, p1)
-            resid = self.model(
+            out = self.model(
                 x,
                 start_at_layer=layer + 1,
-                stop_at_layer=n_layers,
+                stop_at_layer=int(self.model.cfg.n_layers) if self.last_only else None,
                 attention_mask=None if mask is None else _rep(mask, n_copies),
                 past_kv_cache=self.cache(layer + 1, n_copies, p0) if p0 > 0 else None,
             )
-        return resid[:, -1:]
+        return out[:, -1:] if self.last_only else self._with_prefix(out, n_copies, p0)
+
+    def _with_prefix(self, logits: Tensor, n_copies: int, p0: int) -> Tensor:
+        """Logits of every position: the corrupted run's for positions ``< p0`` (a patch at ``p0`` or
+        later cannot reach them), then the pass's ``logits`` ``[n_copies * batch, T - p0, d_vocab]``."""
+        if p0 == 0:
+            return logits
+        return torch.cat([_rep(self.corrupted_logits[:, :p0], n_copies).to(logits.dtype), logits], dim=1)
 
     def local_block(self, layer: int, n_copies: int, p0: int, p1: int) -> Tensor:
         """Block ``layer`` on positions ``p0..p1`` only (under the current hooks): the input of block

@@ -12,10 +12,12 @@ for it here (which work the passes may skip), and the engine *executes* it
   from the corrupted run's cached block input; a last-position metric unembeds the last position
   only, and all passes' final residuals are unembedded together at the end (only the metric's
   columns for ``logit_diff``-like metrics).
-* ``"suffix"``: (last-position metrics) a site at position ``p`` cannot change positions ``< p``:
-  passes of a by-position sweep cover positions ``>= p0`` only, attending to the corrupted run's
-  cached keys/values of the earlier ones; sites local to their position run their own block on the
-  pass's positions alone; last-block sites before the last position need no pass.
+* ``"suffix"``: a site at position ``p`` cannot change positions ``< p``: passes of a by-position
+  sweep cover positions ``>= p0`` only, attending to the corrupted run's cached keys/values of the
+  earlier ones; sites local to their position run their own block on the pass's positions alone. A
+  metric of every position (any plain function of the logits) gets the corrupted run's logits for the
+  positions ``< p0`` (they are unchanged, the model being causal); with a last-position metric,
+  last-block sites before the last position need no pass.
 * ``"last_query"``: (last-position metrics) the last block runs its query, attention output and MLP
   for the last position only; every pass's last block goes into a few merged calls.
 
@@ -100,15 +102,15 @@ def _limits(model, *, last_position_metric: bool, positional: bool, n_pos: int) 
         prefix = "shortformer positional embeddings are added at every block (no start_at_layer)"
     suffix = prefix
     if suffix is None:
-        if not last_position_metric:
-            suffix = "the metric reads more than the last position (a Metric with last_position_only)"
-        elif pos_type not in ("standard", "rotary"):
+        if pos_type not in ("standard", "rotary"):
             suffix = f"{pos_type!r} positional embeddings cannot resume from a key/value cache"
         elif getattr(cfg, "use_qk_norm", False) and not hasattr(model.blocks[0].attn, "_apply_qk_norm"):
             suffix = "this TransformerLens cannot apply the q/k norm to cached keys"
         elif positional:
             suffix = "the steering vectors are position-specific (positions other than 'all')"
     last = suffix
+    if last is None and not last_position_metric:
+        last = "the metric reads more than the last position (a Metric with last_position_only)"
     if last is None:
         last = _last_query_limit(model, n_pos)
     return [prefix, suffix, last]
