@@ -34,7 +34,6 @@ Methods: activation addition (Turner et al. 2023), contrastive activation additi
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,14 +43,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from steer_lens import _steering_settings as _settings
 from steer_lens._utils import Conversation, Prompt, check_token_ids, device_of, is_conversation
 from steer_lens.caa import difference_of_means
-from steer_lens.errors import (
-    ConfigError,
-    HookNameError,
-    NonFiniteError,
-    ShapeMismatchError,
-)
+from steer_lens.errors import ConfigError, HookNameError, NonFiniteError, ShapeMismatchError  # noqa: F401 (the last two: named in the docstrings' Raises, linked by the API docs)
 from steer_lens.generation import Generation, sample_tokens
 from steer_lens.hooks import (
     PositionContext,
@@ -134,29 +129,12 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(hooks, str):
-            hooks = [hooks]
-        if not isinstance(hooks, Sequence) or not all(isinstance(h, str) for h in hooks):
-            raise ConfigError(f"hooks: expected a hook name or a list of hook names, got {hooks!r}. "
-                              "Fix: e.g. hooks=['blocks.1.hook_resid_pre'].")
-        hooks = list(hooks)
-        if not hooks:
-            raise ConfigError("hooks: expected at least one hook name, got an empty list.")
+        hooks = _settings.check_hooks(hooks)
         d_model = int(model.cfg.d_model)
         shapes = vector_shapes(model, hooks)
-        self._check_scale(scale)
-        positions = self._check_positions(positions)
-        if vectors is None:
-            vectors = SteeringVectors(
-                hooks, d_model, init=init, init_norm=init_norm, seed=seed,
-                shapes={h: s for h, s in shapes.items() if s != (d_model,)},
-            )
-        elif list(vectors.hook_names) != hooks or vectors.d_model != d_model or dict(vectors.shapes) != shapes:
-            raise ShapeMismatchError(
-                f"vectors: given vectors are at {list(vectors.hook_names)} with d_model "
-                f"{vectors.d_model} and shapes {dict(vectors.shapes)}; expected hooks {hooks}, d_model "
-                f"{d_model} and shapes {shapes}."
-            )
+        _settings.check_scale(scale)
+        positions = _settings.check_positions(positions)
+        vectors = _settings.checked_vectors(vectors, hooks, d_model, shapes, init=init, init_norm=init_norm, seed=seed)
         object.__setattr__(self, "model", model)  # not a submodule: parameters() = vectors only
         self.vectors = vectors.to(device_of(model))
         self._scale = float(scale)
@@ -166,27 +144,6 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         self._active: frozenset[str] | None = None  # see only_hooks
         self._ctx = PositionContext()
         self.training_config: dict[str, Any] | None = None
-
-    # -- validation -----------------------------------------------------------------------------
-    @staticmethod
-    def _check_scale(scale: float) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise NonFiniteError(f"scale: expected a finite number, got {scale!r}.")
-
-    @staticmethod
-    def _check_positions(positions: PositionSpec) -> PositionSpec:
-        if isinstance(positions, Tensor):
-            if positions.dtype != torch.bool or positions.ndim not in (1, 2):
-                raise ConfigError(
-                    "positions: an explicit mask must be a bool tensor [pos] or [batch, pos], got "
-                    f"dtype {positions.dtype} and shape {list(positions.shape)}."
-                )
-            return positions.detach().clone()
-        if positions not in ("all", "prompt", "generated"):
-            raise ConfigError(
-                f"positions: expected 'all', 'prompt', 'generated' or a bool mask, got {positions!r}."
-            )
-        return positions
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -201,7 +158,7 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._check_scale(value)
+        _settings.check_scale(value)
         self._scale = float(value)
 
     @property
@@ -211,7 +168,7 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
 
     @positions.setter
     def positions(self, value: PositionSpec) -> None:
-        self._positions = self._check_positions(value)
+        self._positions = _settings.check_positions(value)
 
     @property
     def cfg(self):
@@ -308,6 +265,21 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
             prompt_end = self._ctx.prompt_end
         self._ctx = PositionContext(offset=int(offset), prompt_end=prompt_end, tokens=pass_token_ids(tokens))
 
+    @property
+    def position_context(self) -> PositionContext:
+        """Where the current pass lies for the steering hooks (set by :meth:`steering` / :meth:`set_offset`).
+
+        Settable, to restore a context read earlier (``recompute_blocks`` replays a forward's context in
+        the backward recomputation); a value that is not a ``PositionContext`` raises :class:`ConfigError`.
+        """
+        return self._ctx
+
+    @position_context.setter
+    def position_context(self, ctx: PositionContext) -> None:
+        if not isinstance(ctx, PositionContext):
+            raise ConfigError(f"position_context: expected a PositionContext, got {type(ctx).__name__}.")
+        self._ctx = ctx
+
     @contextlib.contextmanager
     def only_hooks(self, hooks: Sequence[str]) -> Iterator[SteeredTransformer]:
         """Context manager: only the vectors at ``hooks`` are added inside it (the others add nothing).
@@ -368,7 +340,7 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
     @contextlib.contextmanager
     def scaled(self, scale: float) -> Iterator[SteeredTransformer]:
         """Context manager: use ``scale`` for the calls inside it, then restore the previous scale."""
-        self._check_scale(scale)
+        _settings.check_scale(scale)
         prev = self._scale
         self._scale = float(scale)
         try:
@@ -577,31 +549,10 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         steered.training_config = saved.training
         return steered
 
-    def _vector_rows(self) -> list[tuple[str, str, float]]:
-        """``(hook, shape, norm)`` per vector, for the reprs."""
-        with torch.no_grad():
-            norms = self.vectors.norms()
-            return [(h, "[" + ", ".join(str(d) for d in self.vectors.direction(h).shape) + "]", float(norms[h]))
-                    for h in self.hook_names]
-
-    def _positions_label(self) -> str:
-        return repr(self._positions) if isinstance(self._positions, str) else f"mask{list(self._positions.shape)}"
-
     def __repr__(self) -> str:
         """A short summary: model, kind, scale, positions, and per hook the vector's shape and norm."""
-        head = (f"SteeredTransformer(model={self.info.name!r}, {type(self.vectors).__name__} "
-                f"({self.vectors.kind}), scale={self._scale:g}, positions={self._positions_label()}"
-                + ("" if self._enabled else ", disabled"))
-        rows = [f"  {h}: {shape}, norm {n:.4g}" for h, shape, n in self._vector_rows()]
-        return head + (":\n" + "\n".join(rows) + "\n)" if rows else ")")
+        return _settings.summary_repr(self)
 
     def _repr_html_(self) -> str:
         """Jupyter view: the summary line and a table of hooks, vector shapes and norms."""
-        import html
-
-        body = "".join(f"<tr><td><code>{html.escape(h)}</code></td><td>{shape}</td><td>{n:.4g}</td></tr>"
-                       for h, shape, n in self._vector_rows())
-        return (f"<b>SteeredTransformer</b> on <code>{html.escape(self.info.name)}</code>: "
-                f"{type(self.vectors).__name__}, scale {self._scale:g}, positions "
-                f"{html.escape(self._positions_label())}<table><tr><th>hook</th><th>shape</th>"
-                f"<th>norm</th></tr>{body}</table>")
+        return _settings.summary_html(self)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import itertools
 import os
 import sys
 import warnings
@@ -14,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steer_lens.patching._results_view import attribution_table, patch_figure, patch_table, path_table
 from steer_lens.results import Result
 
 __all__ = [
@@ -206,20 +206,7 @@ class PatchResult(Result):
 
     def to_pandas(self):
         """Long table: one row per site with the axis indices, their labels, ``value`` and ``effect``."""
-        import pandas as pd
-
-        rows = []
-        vals = self.values.reshape(-1).tolist()
-        eff = self.effect.reshape(-1).tolist()
-        for flat, multi in enumerate(itertools.product(*(range(n) for n in self.values.shape))):
-            row = {}
-            for a, i in zip(self.axes, multi, strict=True):
-                row[a] = i
-                row[f"{a}_label"] = self.labels[a][i]
-            row["value"] = vals[flat]
-            row["effect"] = eff[flat]
-            rows.append(row)
-        return pd.DataFrame(rows)
+        return patch_table(self)
 
     def plot(self, *, normalized: bool = False):
         """Plotly figure: a heatmap for 2 axes (layer × position with token labels, layer × head), one
@@ -228,50 +215,7 @@ class PatchResult(Result):
         Args:
             normalized: plot :meth:`normalized` (fraction of the gap recovered) instead of the values.
         """
-        from steer_lens import plotting
-
-        v = self.normalized() if normalized else self.values
-        what = "fraction recovered" if normalized else self.metric_name
-        title = f"{self.kind} patching of {self.hook} ({what})"
-        if v.ndim == 1:
-            return plotting.bar(v, self.labels[self.axes[0]], title=title, y_title=what)
-        zmid = None if (self.kind != "attribution" and not normalized) else 0.0
-        if v.ndim == 2:
-            return plotting.heatmap(
-                v,
-                x_labels=self.labels[self.axes[1]],
-                y_labels=self.labels[self.axes[0]],
-                title=title,
-                x_title=self.axes[1],
-                y_title=self.axes[0],
-                colorbar_title=what,
-                zmid=zmid,
-            )
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        flat = v.reshape(v.shape[0], v.shape[1], -1)
-        fig = make_subplots(
-            rows=v.shape[0],
-            cols=1,
-            subplot_titles=[f"{self.axes[0]} {lab}" for lab in self.labels[self.axes[0]]],
-        )
-        for i in range(v.shape[0]):
-            fig.add_trace(
-                go.Heatmap(
-                    z=flat[i].float().T.tolist(),
-                    x=self.labels[self.axes[1]],
-                    y=self.labels[self.axes[2]],
-                    colorscale="RdBu",
-                    zmid=0.0 if zmid is not None else None,
-                    coloraxis=None,
-                    showscale=i == 0,
-                ),
-                row=i + 1,
-                col=1,
-            )
-        fig.update_layout(title=title, height=max(300, 260 * v.shape[0]))
-        return fig
+        return patch_figure(self, normalized)
 
     def token_view(self, *, normalized: bool = False):
         """circuitsvis colored-tokens view of the effect per position (summed over the other axes).
@@ -354,23 +298,7 @@ class VectorAttribution(Result):
 
     def to_pandas(self):
         """One row per (hook, sequence, position) with the token and the attribution."""
-        import pandas as pd
-
-        rows = []
-        for h, hook in enumerate(self.hooks):
-            for b in range(self.values.shape[1]):
-                for p in range(self.values.shape[2]):
-                    tok = self.tokens[b][p] if self.tokens is not None else str(p)
-                    rows.append(
-                        {
-                            "hook": hook,
-                            "batch": b,
-                            "pos": p,
-                            "token": tok,
-                            "attribution": float(self.values[h, b, p]),
-                        }
-                    )
-        return pd.DataFrame(rows)
+        return attribution_table(self)
 
     def plot(self, *, batch_index: int | None = None):
         """Bar chart per position (summed over the batch, or one sequence), first hook.
@@ -480,40 +408,7 @@ class PathPatchResult(Result):
         variant's name), ``part`` (``z``: the head's output, ``q`` / ``k`` / ``v``), ``unit`` (``head``,
         ``kv-head``, ``group``, ``all heads``), ``head`` (query head or key-value head / group index),
         ``route`` (``all`` / ``residual`` / ``mlp``) and ``kl`` (mean per-token KL, when computed)."""
-        import pandas as pd
-
-        tot = self.total_effect
-        rows = [
-            {"group": "path", "name": k, "effect": v, "fraction": v / tot if tot else float("nan")}
-            for k, v in self.effects.items()
-        ]
-        kl = self.variant_kl or {}
-        rows += [
-            {"group": "variant", "name": k, "effect": v, "fraction": v / tot if tot else float("nan"),
-             **self._variant_parts(k), "kl": float(kl[k].nanmean()) if k in kl else float("nan")}
-            for k, v in self.variants.items()
-        ]
-        rows.append({"group": "total", "name": "total", "effect": tot, "fraction": 1.0})
-        rows.append(
-            {"group": "total", "name": "sum of paths", "effect": self.path_sum, "fraction": self.additivity}
-        )
-        df = pd.DataFrame(rows)
-        if "head" in df:
-            df["head"] = df["head"].astype("Int64")  # integers with <NA> for the rows without a head
-        return df
-
-    @staticmethod
-    def _variant_parts(name: str) -> dict:
-        """``kind``, ``part``, ``unit``, ``head``, ``route`` of a variant name (see :meth:`to_pandas`)."""
-        import re
-
-        m = re.fullmatch(r"(knockout|only) (?:([qkv]) )?(head|kv-head|groups|group|all heads)(?: (\d+(?:\+\d+)*))?"
-                         r"(?: -> (\w+))?", name)
-        if m is None:  # a whole-block variant: skip_attention, skip_layer, attn_to_*
-            return {"kind": name, "part": None, "unit": None, "head": None, "route": None}
-        kind, part, unit, head, route = m.groups()
-        return {"kind": kind, "part": part or "z", "unit": unit, "head": None if head is None or "+" in head else int(head),
-                "route": route or "all"}
+        return path_table(self)
 
     def plot(self, *, variants: bool = False):
         """Bar chart of path contributions (with the total and the sum of paths), or of the variants."""

@@ -162,7 +162,7 @@ class _Snapshot:
         self.flags = [(p, p.requires_grad) for p in block.parameters()]
         self.steered = steered
         # the steering hooks read the wrapper's position context when they run (positions, token kinds)
-        self.ctx = getattr(steered, "_ctx", None)
+        self.ctx = steered.position_context if steered is not None else None
         self.grad = steered.records_gradients if steered is not None else False
         self.thread = threading.get_ident()  # the backward may run on torch's device thread (CUDA)
 
@@ -170,7 +170,7 @@ class _Snapshot:
     def restored(self) -> Iterator[None]:
         live = [{k: getattr(m, k) for k in h} for m, h in zip(self.modules, self.hooks, strict=True)]
         flags = [(p, p.requires_grad) for p, _ in self.flags]
-        ctx = getattr(self.steered, "_ctx", None)
+        ctx = self.steered.position_context if self.steered is not None else None
         try:
             for m, h in zip(self.modules, self.hooks, strict=True):
                 for k, v in h.items():
@@ -178,7 +178,7 @@ class _Snapshot:
             for p, f in self.flags:
                 p.requires_grad_(f)
             if self.steered is not None:
-                self.steered._ctx = self.ctx
+                self.steered.position_context = self.ctx
             with acting_for(self.thread), (self.steered.gradients(self.grad) if self.steered is not None
                                            else contextlib.nullcontext()):
                 yield
@@ -189,4 +189,4 @@ class _Snapshot:
             for p, f in flags:
                 p.requires_grad_(f)
             if self.steered is not None:
-                self.steered._ctx = ctx
+                self.steered.position_context = ctx
