@@ -121,10 +121,16 @@ if [ "$QUICK" = 1 ]; then
     --json "$WORK/lora.json"
   step sft_step 120 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
     --steps 1 --repeats 1 --json "$WORK/sft_step.json"
+  step rl_step 120 $PY benchmarks/bench_rl_step.py --device "$DEVICE" --model-config "$CONFIG" --prompts 2 --group 2 \
+    --new-tokens 4 --steps 1 --json "$WORK/rl_step.json"
+  step patching_smol_opaque 120 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
+    --model-config "$CONFIG" --sweeps resid_pre --metric opaque --tl-sites 8 --no-plain --repeats 1 --no-memory \
+    --json "$WORK/patching_smol_opaque.json"
 else
   # P1 and P3 on the 30-layer shape first: the figures the issue asks for
   step patching_smol 75 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol --model-config "$CONFIG" \
-    --sweeps resid_pre --repeats 2 --no-memory --json "$WORK/patching_smol.json"
+    --sweeps resid_pre,head_out_by_pos --tl-sites 300 --no-plain --repeats 2 --no-memory \
+    --json "$WORK/patching_smol.json"
   step rl_smol_fp32 60 $PY benchmarks/bench_rl.py --device "$DEVICE" --model-config "$CONFIG" --batch 64 --new 128 \
     --repeats 2 --json "$WORK/rl_smol_fp32.json"
   step rl_smol_bf16 50 $PY benchmarks/bench_rl.py --device "$DEVICE" --model-config "$CONFIG" --dtype bfloat16 \
@@ -147,6 +153,12 @@ else
   step lora 40 $PY benchmarks/bench_lora.py --device "$DEVICE" --repeat 2 --train-steps 10 --json "$WORK/lora.json"
   step sft_step 40 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
     --steps 3 --repeats 3 --json "$WORK/sft_step.json"
+  # P5: one RL step of the Sinii recipe at the paper's 16 x 16, both samplers
+  step rl_step 60 $PY benchmarks/bench_rl_step.py --device "$DEVICE" --model-config "$CONFIG" --prompts 16 \
+    --group 16 --new-tokens 128 --micro-batch 64 --steps 2 --json "$WORK/rl_step.json"
+  step patching_smol_opaque 45 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
+    --model-config "$CONFIG" --sweeps resid_pre,head_out_by_pos --metric opaque --tl-sites 200 --no-plain \
+    --repeats 2 --no-memory --json "$WORK/patching_smol_opaque.json"
 fi
 
 [ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$OUT/tests.log"

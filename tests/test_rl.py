@@ -137,6 +137,23 @@ def test_masked_tokens_change_nothing(tiny):
     assert logp.shape == cmask.shape
 
 
+@pytest.mark.parametrize("hooks", [[HOOK], [HOOK, "ln_final.hook_normalized"]])
+def test_completion_logprobs_equal_full_logits(tiny, hooks):
+    """The scored positions' log-probs equal log_softmax of the whole forward's logits (read at
+    ``prompt_len - 1 .. -2``), with the unembedding run on those positions alone (vectors in the blocks)
+    and with the whole forward (a vector at the final norm, which that shortcut would skip)."""
+    steered = sl.SteeredTransformer(tiny, hooks, init="random", init_norm=3.0, seed=4)
+    tokens, attn, cmask, P, *_ = _batch(seed=3)
+    logp, ent = completion_logprobs(steered, tokens, attn, P)
+    full = steered(tokens, attention_mask=attn, prompt_lengths=torch.full((3,), P))[:, P - 1 : -1].log_softmax(-1)
+    ref = full.gather(-1, tokens[:, P:, None])[..., 0]
+    torch.testing.assert_close(logp[cmask], ref[cmask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[cmask], -(full.exp() * full).sum(-1)[cmask], atol=1e-5, rtol=1e-5)
+    from steer_lens.train.rl.loss import _unembed_apart
+
+    assert _unembed_apart(steered) == (len(hooks) == 1)
+
+
 def test_kl_estimator_nonnegative_and_zero_for_zero_vector(tiny_llama):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=g) * 3, torch.randn(1000, generator=g) * 3

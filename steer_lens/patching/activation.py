@@ -13,11 +13,12 @@ per site and reads the metric back to the host after each. Here:
 * **The unchanged prefix is computed once.** A site at layer ``l`` cannot change anything before
   block ``l``, so (for a ``HookedTransformer``) the sweep starts at block ``l`` from the corrupted
   run's input to that block (``start_at_layer``): on average half the model is skipped.
-* **Last-position metrics skip the rest.** For a metric that reads only the last position (the
-  factories' default ``pos=-1``) the final norm and unembedding run at that position only, and a
-  site at position ``p`` cannot change earlier positions (causal attention): large by-position
-  sweeps are split into a few passes by position, each computing positions ``>= p0`` against the
-  corrupted run's cached keys and values of the earlier ones.
+* **Positions before a site are not recomputed.** A site at position ``p`` cannot change earlier
+  positions (causal attention): large by-position sweeps are split into a few passes by position,
+  each computing positions ``>= p0`` against the corrupted run's cached keys and values of the
+  earlier ones; a metric of every position (a plain function of the logits) reads the corrupted
+  run's logits there. For a metric that reads only the last position (the factories' default
+  ``pos=-1``) the final norm and unembedding run at that position only.
 * **Sites local to their position** (``z``, ``q``, ``pattern``, ``resid_mid``, ``attn_out``, ...)
   change their block's output at their own position only: their block runs on the pass's site
   positions alone, and the next block takes the corrupted run's input for the later positions; in the
@@ -155,7 +156,7 @@ def activation_patch(
         HookNameError: unknown hook, or not in this model (e.g. ``resid_mid`` with parallel attention).
         ConfigError: bad ``by``, a layer/head/position index out of range (also the layer of a full hook
             name), ``layers`` that disagree with a full hook name, ``max_batch`` below the batch,
-            a ``strategy`` this run does not allow (e.g. ``"suffix"`` with a metric of every position).
+            a ``strategy`` this run does not allow (e.g. ``"last_query"`` with a metric of every position).
         ShapeMismatchError: clean and corrupted shapes differ (and no ``align``), bad ``align``.
         MetricError: the metric returns the wrong shape, or NaN/inf.
 
