@@ -144,7 +144,16 @@ def test_completion_logprobs_equal_full_logits(tiny, hooks):
     and with the whole forward (a vector at the final norm, which that shortcut would skip)."""
     steered = sl.SteeredTransformer(tiny, hooks, init="random", init_norm=3.0, seed=4)
     tokens, attn, cmask, P, *_ = _batch(seed=3)
-    logp, ent = completion_logprobs(steered, tokens, attn, P)
+    flags = [p.requires_grad for p in tiny.parameters()]
+    tiny.requires_grad_(True)  # a user's model whose weights require grad (TransformerLens's default)
+    try:
+        logp, ent = completion_logprobs(steered, tokens, attn, P)
+        (logp[cmask].sum() + ent[cmask].sum()).backward()
+        assert all(p.grad is None for p in tiny.parameters())  # gradients reach the vectors only
+        assert all(steered.vectors[h].grad is not None for h in hooks)
+    finally:
+        for p, f in zip(tiny.parameters(), flags, strict=True):
+            p.requires_grad_(f)
     full = steered(tokens, attention_mask=attn, prompt_lengths=torch.full((3,), P))[:, P - 1 : -1].log_softmax(-1)
     ref = full.gather(-1, tokens[:, P:, None])[..., 0]
     torch.testing.assert_close(logp[cmask], ref[cmask], atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from steer_lens.hooks import frozen_parameters
 from steer_lens.steering import SteeredTransformer
 
 __all__ = ["completion_logprobs", "k3_kl", "policy_loss"]
@@ -66,7 +67,8 @@ def completion_logprobs(
         if _unembed_apart(steered):  # the final norm and unembedding on the scored positions only
             n_layers = int(steered.model.cfg.n_layers)
             resid = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths, stop_at_layer=n_layers)
-            logits = steered.model(resid[:, prompt_len - 1 : -1], start_at_layer=n_layers)
+            with frozen_parameters(steered.model):  # as in the steered call: no gradient into the weights
+                logits = steered.model(resid[:, prompt_len - 1 : -1], start_at_layer=n_layers)
         else:
             logits = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths)[:, prompt_len - 1 : -1]
     logits = logits.float()
