@@ -588,3 +588,22 @@ def test_damaged_folders_raise_named_errors(tiny_model, tmp_path, damage):
         expected = NonFiniteError
     with pytest.raises(expected, match=r"config\.json|vectors\.safetensors"):
         sl.SteeredTransformer.load(folder, tiny_model)
+
+
+def test_position_context_reads_back_and_refuses_other_values(tiny_model):
+    """``position_context`` returns what ``set_offset`` made and restores a saved one (what
+    ``recompute_blocks`` replays); anything else is refused before the wrapper changes."""
+    import steer_lens as sl
+    from steer_lens.hooks import PositionContext
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.1.hook_resid_pre"])
+    saved = s.position_context
+    s.set_offset(5, prompt_end=torch.tensor([3]))
+    moved = s.position_context
+    assert isinstance(moved, PositionContext) and moved.offset == 5 and moved.prompt_end.tolist() == [3]
+    s.position_context = saved
+    assert s.position_context is saved and s.position_context.offset == 0
+    # ConfigError (TypeCheckError first under the tests' jaxtyping + beartype, which read the hint)
+    with pytest.raises((sl.errors.ConfigError, TypeError), match="PositionContext"):
+        s.position_context = {"offset": 1}
+    assert s.position_context is saved
