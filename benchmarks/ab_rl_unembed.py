@@ -2,7 +2,7 @@
 
 Real SmolLM2-135M-Instruct, vectors at all 30 ``hook_mlp_out`` (small random values), batch 16 x (75 prompt
 + 13 completion) random tokens; forward + backward of ``completion_logprobs``, the two paths interleaved,
-median of ``--repeats``. The reference is the same call with ``_unembed_apart`` forced off (every
+median of ``--repeats``. The reference is the same call with ``steer_lens.train.scored.unembeds_apart`` forced off (every
 position unembedded, then sliced: the path before the saving).
 
     cd benchmarks && HF_HUB_CACHE=../../shared/models/hub HF_HUB_OFFLINE=1 python ab_rl_unembed.py --threads 2
@@ -21,6 +21,7 @@ from bench_rl_step import SMOL, SMOL_FILE
 
 import steer_lens as sl
 from steer_lens import recipes
+from steer_lens.train import scored
 from steer_lens.train.rl import loss
 
 
@@ -40,10 +41,10 @@ def main(argv=None) -> int:
     prompt_len, new, batch = 75, 13, 16
     tokens = torch.randint(3, model.cfg.d_vocab, (batch, prompt_len + new), generator=g)
     mask = torch.ones_like(tokens)
-    saved = loss._unembed_apart
+    saved = scored.unembeds_apart
 
     def step(apart: bool):
-        loss._unembed_apart = saved if apart else (lambda s: False)
+        scored.unembeds_apart = saved if apart else (lambda s: False)
         try:
             t = time.perf_counter()
             logp, ent = loss.completion_logprobs(steered, tokens, mask, prompt_len)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
             steered.vectors.zero_grad(set_to_none=True)
             return time.perf_counter() - t, logp.detach()
         finally:
-            loss._unembed_apart = saved
+            scored.unembeds_apart = saved
 
     step(True), step(False)  # warm-up
     times: dict[bool, list[float]] = {True: [], False: []}

@@ -68,15 +68,15 @@ def task(args):
 @contextlib.contextmanager
 def unembed_apart(enabled: bool):
     """``enabled=False``: the policy loss unembeds every position (the path before the saving)."""
-    from steer_lens.train.rl import loss
+    from steer_lens.train import scored
 
-    saved = loss._unembed_apart
+    saved = scored.unembeds_apart
     if not enabled:
-        loss._unembed_apart = lambda steered: False
+        scored.unembeds_apart = lambda steered: False
     try:
         yield
     finally:
-        loss._unembed_apart = saved
+        scored.unembeds_apart = saved
 
 
 def run(model, prompts, reward, args, sampler: str, hf=None) -> dict:

@@ -16,10 +16,11 @@ raincandy-u/TinyStories-656K and its Hugging Face model):
   gate/up/down)`` on every layer of the Hugging Face model (the usual peft fine-tune), one step = forward
   with ``labels`` (Hugging Face's shifted cross-entropy), backward, ``clip_grad_norm_(1)``, AdamW
   (lr 1e-3); the reference of the goal;
-* with ``--recompute``, **vector, one hook, recompute** and **vector, every hook_mlp_out, recompute**
-  (``vector_one_rc``, ``vector_mlp_out_rc``): the same with ``SFTConfig(recompute=True)``
-  (:func:`~steer_lens.train.recompute.recompute_blocks`: the blocks from the first vector on recompute
-  their activations in the backward pass);
+* with ``--recompute``, the two vector steps again with ``SFTConfig(recompute="full")`` (``vector_one_rc``,
+  ``vector_mlp_out_rc``: the blocks from the first vector on keep only their input and rerun their forward
+  in the backward pass) and with ``SFTConfig(recompute="selective")`` (``vector_one_sel``,
+  ``vector_mlp_out_sel``: they keep their matrix products' outputs and rerun the element-wise ops), see
+  :func:`~steer_lens.train.recompute.recompute_blocks`;
 * **LoRA, one down_proj**: the same on the ``down_proj`` of layer ``n_layers // 2`` only (the LoRA
   closest to the one-hook vector).
 
@@ -29,13 +30,18 @@ the built models hold: on CUDA ``torch.cuda.max_memory_allocated`` minus ``memor
 (in this process, peak stats reset per measurement); on CPU each measurement runs in a fresh subprocess,
 which builds the model, records its resident set (``VmRSS``), resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs`` 5) and reports ``VmHWM`` minus that after its steps (``ru_maxrss`` where the
-reset is refused). ``--no-memory`` skips it.
+reset is refused), with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_=65536``) so that
+every tensor above that size is its own mapping, returned to the kernel when freed: the RSS then follows
+the live tensors instead of the allocator's retained heap. ``--no-memory`` skips it. Also, on every device
+and deterministic: **held MiB**, the bytes of the tensors a training forward (up to the loss) leaves alive
+for the backward pass, parameters excluded (:class:`~steer_lens.train.recompute.HeldMemory`), for the
+vector steps and the LoRA step alike.
 
 Usage::
 
     HF_HUB_CACHE=../shared/models/hub HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/bench_sft_step.py
     python benchmarks/bench_sft_step.py --model-config benchmarks/smollm2_135m_config.json --batch 4 --seq 64
-    python benchmarks/bench_sft_step.py ... --recompute   # also the vector steps with SFTConfig(recompute=True)
+    python benchmarks/bench_sft_step.py ... --recompute   # also the vector steps with recompute="full" and "selective"
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,7 +66,13 @@ import steer_lens as sl
 REAL = "raincandy-u/TinyStories-656K"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = ("vector_one", "vector_mlp_out", "lora_all", "lora_down")
-RECOMPUTED = ("vector_one_rc", "vector_mlp_out_rc")  # with --recompute: SFTConfig(recompute=True)
+# with --recompute: SFTConfig(recompute="full") (_rc) and recompute="selective" (_sel)
+RECOMPUTED = ("vector_one_rc", "vector_mlp_out_rc", "vector_one_sel", "vector_mlp_out_sel")
+
+
+def recompute_mode(kind: str) -> bool | str:
+    """The ``SFTConfig.recompute`` setting of measurement ``kind``."""
+    return {"_rc": "full", "_sel": "selective"}.get(kind[kind.rfind("_"):], False)
 
 
 def kinds(args) -> tuple[str, ...]:
@@ -92,12 +105,12 @@ def batch_tokens(args, vocab: int) -> torch.Tensor:
 
 
 def vector_hooks(kind: str, n_layers: int, hooks: str | None) -> list[str]:
-    if kind.removesuffix("_rc") == "vector_mlp_out":
+    if kind.removesuffix("_rc").removesuffix("_sel") == "vector_mlp_out":
         return [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
     return hooks.split(",") if hooks else [f"blocks.{n_layers // 2}.hook_resid_post"]
 
 
-def vector_runner(tl, tokens: torch.Tensor, hooks: list[str], steps: int, recompute: bool = False):
+def vector_runner(tl, tokens: torch.Tensor, hooks: list[str], steps: int, recompute: bool | str = False):
     """A function running ``sl.train.sft`` for ``steps`` steps; returns seconds per step (the loop's own clock)."""
     steered = sl.SteeredTransformer(tl, hooks)
     examples = list(tokens.cpu())  # token ids, first token the prompt, the rest targets
@@ -145,8 +158,28 @@ def runner(kind: str, tl, hf, tokens, args, steps: int):
     """The timed function of measurement ``kind`` (seconds per step)."""
     if kind.startswith("vector"):
         return vector_runner(tl, tokens, vector_hooks(kind, tl.cfg.n_layers, args.hooks), steps,
-                             recompute=kind.endswith("_rc"))
+                             recompute=recompute_mode(kind))
     return lora_runner(lora_model(hf, kind), tokens, steps)
+
+
+def held_mib(kind: str, tl, hf, tokens, args) -> float:
+    """MiB a training forward of ``kind`` (up to its loss) leaves alive for the backward (``HeldMemory``)."""
+    from steer_lens.train.recompute import HeldMemory, recompute_context
+
+    if kind.startswith("lora"):
+        pm = lora_model(hf, kind)
+        pm.train()
+        with HeldMemory(pm) as held:
+            loss = pm(input_ids=tokens, labels=tokens).loss
+    else:
+        steered = sl.SteeredTransformer(tl, vector_hooks(kind, tl.cfg.n_layers, args.hooks))
+        with recompute_context(steered, recompute_mode(kind)), HeldMemory(tl) as held:
+            with steered.gradients():
+                logits = steered(tokens)
+            loss = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).mean()
+            del logits
+    del loss
+    return held.bytes / 2**20
 
 
 def forward_runner(model, tokens: torch.Tensor, steps: int):
@@ -201,8 +234,9 @@ def cpu_memory_child(args) -> None:
 
 
 def cpu_memory(kind: str, argv: list[str]) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS follows the live tensors (module docstring)
     out = subprocess.run([sys.executable, __file__, *argv, "--child", kind], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -230,7 +264,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
                                                   "(default blocks.{n_layers//2}.hook_resid_post)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--recompute", action="store_true", help="also measure the vector steps with "
-                                                             "SFTConfig(recompute=True)")
+                                                             "SFTConfig(recompute='full') and 'selective'")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_args(ap, model_config=True)
     args = ap.parse_args()
@@ -256,6 +290,8 @@ def main() -> None:
           f"{args.batch} x {args.seq}; best of {args.repeats} x {args.steps} steps")
     figures: dict = {"n_layers": n, "one_hook": vector_hooks("vector_one", n, args.hooks)}
     figures.update({f"{k}_step_s": v for k, v in timings(tl, hf, tokens, args).items()})
+    for kind in kinds(args):
+        figures[f"{kind}_held_mib"] = held_mib(kind, tl, hf, tokens, args)
     if not args.no_memory:
         for kind in kinds(args):
             figures[f"{kind}_peak_mib"] = cuda_memory(kind, tl, hf, tokens, args) if args.device.startswith("cuda") \
@@ -266,12 +302,13 @@ def main() -> None:
 
 def report(f: dict) -> None:
     mem = "lora_all_peak_mib" in f
-    print("| step | s/step | vs LoRA all | vs LoRA down_proj |" + (" peak MiB | vs LoRA all | vs LoRA down_proj |"
-                                                                  if mem else ""))
-    print("|---|---|---|---|" + ("---|---|---|" if mem else ""))
+    print("| step | s/step | vs LoRA all | vs LoRA down_proj | held MiB | vs LoRA all |"
+          + (" peak MiB | vs LoRA all | vs LoRA down_proj |" if mem else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|" if mem else ""))
     for kind in KINDS + tuple(k for k in RECOMPUTED if f"{k}_step_s" in f):
-        t = f[f"{kind}_step_s"]
-        row = f"| {kind} | {t:.4f} | {t / f['lora_all_step_s']:.2f}x | {t / f['lora_down_step_s']:.2f}x |"
+        t, h = f[f"{kind}_step_s"], f[f"{kind}_held_mib"]
+        row = (f"| {kind} | {t:.4f} | {t / f['lora_all_step_s']:.2f}x | {t / f['lora_down_step_s']:.2f}x | "
+               f"{h:.1f} | {h / f['lora_all_held_mib']:.2f}x |")
         if mem:
             m = f[f"{kind}_peak_mib"]
             row += f" {m:.1f} | {m / f['lora_all_peak_mib']:.2f}x | {m / f['lora_down_peak_mib']:.2f}x |"
@@ -280,6 +317,7 @@ def report(f: dict) -> None:
           f"{f['hf_forward_step_s']:.4f} s")
     for kind in ("vector_one", "vector_mlp_out", *(k for k in RECOMPUTED if f"{k}_step_s" in f)):
         f[f"{kind}_time_ratio_vs_lora_all"] = f[f"{kind}_step_s"] / f["lora_all_step_s"]
+        f[f"{kind}_held_ratio_vs_lora_all"] = f[f"{kind}_held_mib"] / f["lora_all_held_mib"]
         if mem:
             f[f"{kind}_memory_ratio_vs_lora_all"] = f[f"{kind}_peak_mib"] / f["lora_all_peak_mib"]
 

@@ -97,6 +97,17 @@ def _accepts(tp: Any, value: Any, path_like: bool) -> bool | None:
     return None
 
 
+def _names_strings(tp: Any) -> bool:
+    """Whether ``tp`` (or a member of its union) is a ``Literal`` of strings or ``str`` itself."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_names_strings(a) for a in typing.get_args(tp))
+    return False
+
+
 def check_field_types(config: Any) -> None:
     """Check every field of the dataclass instance ``config`` against its annotation.
 
@@ -119,6 +130,8 @@ def check_field_types(config: Any) -> None:
         hint = f" Fix: pass {_describe(tp)}, e.g. {f.name}={default!r} (the default)."
         if isinstance(value, str) and _accepts(tp, [value], path_like):
             hint = f" A bare string would be split into characters. Fix: pass a list, e.g. {f.name}=[{value!r}]."
+        elif isinstance(value, str) and _names_strings(tp):
+            hint = f" Fix: pass {_describe(tp)}, e.g. {f.name}={default!r} (the default); check the spelling."
         elif isinstance(value, str):
             hint = f" Fix: pass the value itself, not a string of it (e.g. {f.name}={default!r}, the default)."
         raise ConfigError(f"{cls.__name__}.{f.name}: expected {_describe(tp)}, got {value!r} "

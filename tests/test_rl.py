@@ -158,9 +158,9 @@ def test_completion_logprobs_equal_full_logits(tiny, hooks):
     ref = full.gather(-1, tokens[:, P:, None])[..., 0]
     torch.testing.assert_close(logp[cmask], ref[cmask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent[cmask], -(full.exp() * full).sum(-1)[cmask], atol=1e-5, rtol=1e-5)
-    from steer_lens.train.rl.loss import _unembed_apart
+    from steer_lens.train.scored import unembeds_apart
 
-    assert _unembed_apart(steered) == (len(hooks) == 1)
+    assert unembeds_apart(steered) == (len(hooks) == 1)
 
 
 def test_kl_estimator_nonnegative_and_zero_for_zero_vector(tiny_llama):

@@ -203,17 +203,52 @@ def test_training_input_errors(steered):
 def test_one_shot_mixed_objective_moves_probabilities(steered):
     """Dunefsky & Cohan one-shot mixed steering: promoted text up, suppressed text down."""
     from steer_lens.train import SFTConfig, sft
-    from steer_lens.train.supervised import _token_logprobs, collate, tokenize_examples
+    from steer_lens.train.data import next_token_logprobs
+    from steer_lens.train.supervised import collate, tokenize_examples
 
     ex = {"prompt": "Once upon a time, there was a", "completion": " dog", "suppress": " little girl"}
     data = tokenize_examples(steered, [ex], "mixed")
 
-    def lp(target):
+    def lp(target):  # the whole forward's log-probs of the target tokens
         b = collate(steered, [target])
-        return float((_token_logprobs(steered, b) * b.target_mask).sum())
+        with torch.no_grad():
+            return float((next_token_logprobs(steered(b.tokens), b.tokens) * b.target_mask).sum())
 
     promote, suppress = (data[0].prompt, data[0].completion), (data[0].suppress_prompt, data[0].suppress)
     before = lp(promote), lp(suppress)
     sft(steered, [ex], SFTConfig(steps=30, objective="mixed", progress=False))
     after = lp(promote), lp(suppress)
     assert after[0] > before[0] + 0.5 and after[1] < before[1] - 0.5
+
+
+@pytest.mark.parametrize("extra", [[], ["ln_final.hook_normalized"]])
+def test_target_logprobs_equal_the_whole_forward(tiny_model, extra):
+    """The SFT loss unembeds the target positions only (steer_lens.train.scored): its log-probs equal
+    log_softmax of the whole forward's logits at those positions, for right-padded chat rows with prompts
+    of different lengths; gradients reach the vectors and never the weights; a vector at the final
+    norm (which that shortcut would skip) takes the whole forward."""
+    import steer_lens as sl
+    from steer_lens.train.data import next_token_logprobs
+    from steer_lens.train.scored import unembeds_apart
+    from steer_lens.train.supervised import _target_logprobs, collate
+
+    hooks = ["blocks.1.hook_resid_pre", *extra]
+    steered = sl.SteeredTransformer(tiny_model, hooks, init="random", init_norm=3.0, seed=2)
+    b = collate(steered, [([1, 20, 30, 40, 50], [10, 11]), ([1, 40], [41, 42, 43, 44]), ([1, 7, 8], [9])])
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    tiny_model.requires_grad_(True)  # a user's model whose weights require grad (TransformerLens's default)
+    try:
+        with steered.gradients():
+            lp = _target_logprobs(steered, b)
+        lp.sum().backward()
+        assert all(p.grad is None for p in tiny_model.parameters())
+        assert all(steered.vectors[h].grad is not None and steered.vectors[h].grad.abs().max() > 0 for h in hooks)
+    finally:
+        for p, f in zip(tiny_model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    with torch.no_grad():
+        full = steered(b.tokens, attention_mask=b.attention_mask, prompt_lengths=b.prompt_lengths)
+    ref = next_token_logprobs(full, b.tokens)[b.target_mask]
+    assert lp.shape == (7,) and int(b.target_mask.sum()) == 7
+    torch.testing.assert_close(lp.detach(), ref, atol=1e-5, rtol=1e-5)
+    assert unembeds_apart(steered) == (not extra)

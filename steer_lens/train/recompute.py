@@ -30,6 +30,7 @@ calls without gradient (``torch.no_grad()``) run the blocks as they are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 import threading
@@ -39,12 +40,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from steer_lens.errors import ConfigError
 from steer_lens.hooks import acting_for
 
-__all__ = ["first_vector_block", "recompute_blocks"]
+__all__ = ["MODES", "HeldMemory", "first_vector_block", "recompute_blocks", "recompute_context", "valid_recompute"]
+
+MODES = ("full", "selective")
+# ``"selective"`` keeps the outputs of these ops (the matrix products: projections, attention scores,
+# pattern @ values, the MLP's and the unembedding-free block's every linear map) and recomputes the rest
+_SAVED_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+)
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
@@ -65,7 +80,7 @@ def first_vector_block(hook_names, n_layers: int) -> int:
 
 
 @contextlib.contextmanager
-def recompute_blocks(steered_or_model, from_block: int | None = None) -> Iterator[None]:
+def recompute_blocks(steered_or_model, from_block: int | None = None, mode: str = "full") -> Iterator[None]:
     """Context manager: blocks ``from_block`` .. last recompute their activations in the backward pass.
 
     Inside it, each of those blocks' ``forward`` (an instance attribute, removed on exit, also on an
@@ -79,9 +94,17 @@ def recompute_blocks(steered_or_model, from_block: int | None = None) -> Iterato
             the recomputation) or a ``HookedTransformer``.
         from_block: the first block to recompute; ``None``: the first block holding a vector
             (:func:`first_vector_block` of the wrapper's hook names), 0 for a bare model.
+        mode: ``"full"``: a block keeps only its input residual and reruns its whole forward in the
+            backward pass (about one more forward per step). ``"selective"``: selective activation
+            checkpointing (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+            Transformer Models", Sec. 4; torch's ``create_selective_checkpoint_contexts``): the outputs
+            of the matrix products (``aten.mm``/``addmm``/``bmm``/``baddbmm``, fused attention) are kept
+            and only the other ops (norms, rotary, masking, softmax, activation functions, hook points,
+            the steering additions) are rerun: most of the memory of a TransformerLens block is those
+            element-wise intermediates, and rerunning them costs a fraction of a forward.
 
     Raises:
-        ConfigError: ``from_block`` outside ``[0, n_layers]``, a model without ``blocks``, blocks whose
+        ConfigError: ``from_block`` outside ``[0, n_layers]``, ``mode`` not in :data:`MODES`, a model without ``blocks``, blocks whose
             ``forward`` is already replaced (a nested use), and, inside the context, a block called
             with a key/value cache entry or ``run_with_cache`` on the model.
     """
@@ -89,19 +112,43 @@ def recompute_blocks(steered_or_model, from_block: int | None = None) -> Iterato
     model = steered.model if steered is not None else steered_or_model
     blocks = _blocks(model)
     start = _start(steered, len(blocks), from_block)
+    if mode not in MODES:
+        raise ConfigError(f"recompute_blocks: mode must be one of {MODES}, got {mode!r}.")
     todo = list(blocks)[start:]
     if any("forward" in vars(b) for b in todo) or "run_with_cache" in vars(model):
         raise ConfigError("recompute_blocks: the model's blocks already have a replaced forward (a nested "
                           "recompute_blocks, or another patch). Fix: enter recompute_blocks once.")
     try:
         for block in todo:
-            block.forward = _checkpointed(block, block.forward, steered)
+            block.forward = _checkpointed(block, block.forward, steered, mode)
         model.run_with_cache = _refuse_cache
         yield
     finally:
         for block in todo:
             vars(block).pop("forward", None)
         vars(model).pop("run_with_cache", None)
+
+
+def valid_recompute(value: Any) -> bool:
+    """Whether ``value`` is a valid ``recompute`` setting of a config: ``False``, ``True`` (= ``"full"``),
+    ``"full"`` or ``"selective"`` (see :func:`recompute_blocks`)."""
+    return isinstance(value, bool) or (isinstance(value, str) and value in MODES)
+
+
+def recompute_context(steered, recompute: bool | str) -> contextlib.AbstractContextManager:
+    """The context a training forward runs in for a config's ``recompute`` setting.
+
+    ``False``: none (``contextlib.nullcontext``); ``True`` or ``"full"``: :func:`recompute_blocks` with
+    ``mode="full"``; ``"selective"``: with ``mode="selective"``.
+
+    Raises:
+        ConfigError: a setting :func:`valid_recompute` refuses.
+    """
+    if not valid_recompute(recompute):
+        raise ConfigError(f"recompute: expected False, True, 'full' or 'selective', got {recompute!r}.")
+    if recompute is False:
+        return contextlib.nullcontext()
+    return recompute_blocks(steered, mode="full" if recompute is True else recompute)
 
 
 def _blocks(model) -> nn.ModuleList:
@@ -126,9 +173,16 @@ def _refuse_cache(*args: Any, **kwargs: Any) -> Any:
                       "(or with SFTConfig/RLConfig recompute=False).")
 
 
-def _checkpointed(block: nn.Module, forward, steered):
+def _save_matmuls(ctx, op, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """The ``"selective"`` policy: keep the outputs of the matrix products, rerun everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(block: nn.Module, forward, steered, mode: str = "full"):
     """``block``'s ``forward`` under non-reentrant checkpointing, the recomputation under a snapshot."""
     signature = inspect.signature(forward)
+    extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls)} \
+        if mode == "selective" else {}
 
     def wrapped(resid_pre: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         bound = signature.bind(resid_pre, *args, **kwargs).arguments
@@ -148,7 +202,7 @@ def _checkpointed(block: nn.Module, forward, steered):
             with snapshot.restored():  # the recomputation in the backward pass
                 return forward(x, *args, **kwargs)
 
-        return checkpoint(run, resid_pre, use_reentrant=False)
+        return checkpoint(run, resid_pre, use_reentrant=False, **extra)
 
     return wrapped
 
@@ -190,3 +244,46 @@ class _Snapshot:
                 p.requires_grad_(f)
             if self.steered is not None:
                 self.steered.position_context = ctx
+
+
+class HeldMemory(TorchDispatchMode):
+    """Context manager: the bytes of the tensors created inside it that are still alive when it exits.
+
+    Around a training forward (up to the loss, before ``backward``) that is the memory the step holds
+    for its backward pass: the activations autograd saved (or, under :func:`recompute_blocks`, what
+    the checkpoints keep) plus the outputs still referenced. Storages of ``model``'s parameters and
+    buffers (and views of them) are not counted, nor is any storage twice. Deterministic, unlike the
+    process's resident memory, and the same on every device; it does not see the transient peak
+    inside the backward pass. Method: a ``TorchDispatchMode`` records a weak reference
+    (``StorageWeakRef``) to the storage of every op's output; :attr:`bytes` sums those alive.
+
+    Example::
+
+        with HeldMemory(model) as held:
+            loss = loss_fn(steered(tokens))
+        print(held.bytes / 2**20, "MiB held for the backward")
+
+    Args:
+        model: the ``nn.Module`` whose parameters and buffers are not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self._refs: list[tuple[StorageWeakRef, int]] = []
+        self.bytes: int = 0  # set on exit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._skip:
+                    self._refs.append((StorageWeakRef(storage), storage.nbytes()))
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        alive = {ref.cdata: n for ref, n in self._refs if not ref.expired()}
+        self.bytes = sum(alive.values())
+        self._refs.clear()

@@ -21,7 +21,6 @@ Vectors from Pretrained Language Models".
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -42,8 +41,6 @@ from steer_lens.train.data import (
     collate_rows,
     epoch_order,
     is_token_ids,
-    masked_nll,
-    next_token_logprobs,
     normalise_example,
     token_ids,
 )
@@ -58,7 +55,8 @@ from steer_lens.train.loop import (
     run_loop,
     typical_resid_rms,
 )
-from steer_lens.train.recompute import recompute_blocks
+from steer_lens.train.recompute import recompute_context, valid_recompute
+from steer_lens.train.scored import scored_logits
 from steer_lens.train.side_effects import (
     SideEffects,
     SideEffectWarning,
@@ -114,11 +112,14 @@ class SFTConfig(OptimConfig):
         side_effect_tokens: tokens per side-effect sample.
         measure_side_effects: ``False`` skips the side-effect measures and warning.
         recompute: run the training forwards of the objective under
-            :func:`~steer_lens.train.recompute.recompute_blocks`: the blocks from the first vector on
-            keep only their input residual and recompute their activations in the backward pass.
-            Buys activation memory (the saved tensors of a step drop by the factor in
-            ``docs/benchmarks/lora.md``, P4); costs about one extra forward per step. The gradients
-            are the same (to float rounding). The KL term's forward (``kl_coef``) is not recomputed.
+            :func:`~steer_lens.train.recompute.recompute_blocks` (activation recomputation over the
+            blocks from the first vector on). ``True`` / ``"full"``: the blocks keep only their input
+            residual and rerun their forward in the backward pass (the activation memory of a step
+            drops to about a quarter, one extra forward per step). ``"selective"``: they keep the
+            outputs of their matrix products and rerun only the element-wise ops (about half the memory
+            of no recomputation at a fraction of a forward). Figures: ``docs/benchmarks/lora.md``, P4.
+            The gradients are those without recomputation (the same ops run again: bit-identical on
+            CPU). The KL term's forward (``kl_coef``) is not recomputed.
 
     Defaults: AdamW with ``lr=1e-2`` in *relative* units (1% of the hook's typical per-coordinate
     residual RMS per step; see :mod:`steer_lens.train.loop`), 200 steps, batch 16, gradient clipping at 1.
@@ -140,7 +141,7 @@ class SFTConfig(OptimConfig):
     side_effect_prompts: Sequence[str | TokenIds] | Tensor | None = None
     side_effect_tokens: int = 32
     measure_side_effects: bool = True
-    recompute: bool = False
+    recompute: bool | Literal["full", "selective"] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,7 +156,7 @@ class SFTConfig(OptimConfig):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
         require(isinstance(self.measure_side_effects, bool), "measure_side_effects", self.measure_side_effects,
                 "True or False")
-        require(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
+        require(valid_recompute(self.recompute), "recompute", self.recompute, "False, True, 'full' or 'selective'")
         for name in ("eval_texts", "side_effect_prompts", "kl_prompts"):
             object.__setattr__(self, name, _as_sequences(getattr(self, name), name))
 
@@ -270,20 +271,26 @@ def collate(steered, rows: Sequence[tuple[list[int], list[int]]]) -> Batch:
     return collate_rows(rows, steered.pad_token_id, steered.device)
 
 
-def _token_logprobs(steered, batch: Batch) -> Float[Tensor, "batch pos_minus_1"]:
-    logits = steered(batch.tokens, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths)
-    return next_token_logprobs(logits, batch.tokens)
+def _target_logprobs(steered, batch: Batch) -> Float[Tensor, " n_targets"]:
+    """``log p`` (nats, fp32) of the target tokens, in row-major order of ``batch.target_mask``; only
+    those positions are unembedded (:func:`~steer_lens.train.scored.scored_logits`): a chat example's
+    prompt positions cost neither the unembedding nor ``d_vocab`` floats each."""
+    mask = batch.target_mask
+    logits = scored_logits(steered, batch.tokens, lambda x: x[:, :-1][mask],
+                           attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths)
+    return logits.float().log_softmax(-1).gather(-1, batch.tokens[:, 1:][mask][:, None])[:, 0]
 
 
 def _promotion_loss(steered, batch: Batch) -> Tensor:
-    return masked_nll(_token_logprobs(steered, batch), batch.target_mask)
+    lp = _target_logprobs(steered, batch)
+    return -lp.sum() / max(lp.numel(), 1)
 
 
 def _suppression_loss(steered, batch: Batch) -> Tensor:
-    lp = _token_logprobs(steered, batch)
+    lp = _target_logprobs(steered, batch)
     # -log(1 - p) computed stably from log p
     nll = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6))
-    return (nll * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1)
+    return nll.sum() / max(lp.numel(), 1)
 
 
 _Rows = list[tuple[list[int], list[int]]]
@@ -413,7 +420,7 @@ def _step_fn(steered, data: list[_Tokenized], config: SFTConfig, eval_batch: Bat
     def step_fn(step: int):
         items = [data[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
         # distributed: this process's shard of the global batch `items`, normalised by the global token counts
-        with recompute_blocks(steered) if config.recompute else contextlib.nullcontext():
+        with recompute_context(steered, config.recompute):
             loss, metrics = _batch_loss(steered, distributed.shard(items), config.objective,
                                         config.micro_batch_size, whole=items)
         if metrics:  # the mixed objective's per-term losses: shards' parts summed over processes
@@ -526,8 +533,7 @@ def heldout_loss(steered_or_model, texts: Sequence[str | TokenIds] | Tensor, *, 
     count = torch.zeros((), dtype=torch.float64, device=steered.device)
     for chunk in batched(texts, batch_size):
         b = _text_batch(steered, chunk)
-        lp = _token_logprobs(steered, b)
-        total += -(lp * b.target_mask).sum().double()
+        total += -_target_logprobs(steered, b).sum().double()
         count += b.target_mask.sum().double()
     return float(total / count)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from steer_lens.errors import ConfigError
 from steer_lens.train.loop import OptimConfig, check_micro_batch_size, is_int, require
+from steer_lens.train.recompute import valid_recompute
 from steer_lens.train.rl.advantages import advantage_names, get_advantage
 
 __all__ = ["DEFAULT_RL_LR", "SAMPLERS", "RLConfig"]
@@ -63,11 +64,12 @@ class RLConfig(OptimConfig):
             ``"transformer_lens"`` samples for a seed; constant vectors at ``positions="all"`` only,
             and a second copy of the weights in memory). The policy loss is computed by TransformerLens
             either way.
-        recompute: score the policy loss under :func:`~steer_lens.train.recompute.recompute_blocks`:
-            the blocks from the first vector on keep only their input residual and recompute their
-            activations in the backward pass. Buys activation memory of the update (see
-            ``docs/benchmarks/lora.md``, P4); costs about one extra forward per step; same gradients
-            (to float rounding). Sampling and the reference forward are unaffected.
+        recompute: score the policy loss under :func:`~steer_lens.train.recompute.recompute_blocks`
+            (activation recomputation over the blocks from the first vector on): ``True`` / ``"full"``
+            keeps only each block's input residual (about one extra forward per step), ``"selective"``
+            keeps the outputs of the matrix products and reruns the element-wise ops (a fraction of a
+            forward). Buys activation memory of the update (see ``docs/benchmarks/lora.md``, P4); same
+            gradients (to float rounding). Sampling and the reference forward are unaffected.
 
     Defaults: ``steps=100`` and ``lr=5e-2`` in relative units (measured to lift the "dog" rate on
     TinyStories-656K at both ``blocks.0`` and ``blocks.1.hook_resid_pre``; see ``docs/rl.md``).
@@ -96,7 +98,7 @@ class RLConfig(OptimConfig):
     heldout_every: int = 10
     micro_batch_size: int | None = None
     sampler: str = "transformer_lens"
-    recompute: bool = False
+    recompute: bool | Literal["full", "selective"] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,7 +129,7 @@ class RLConfig(OptimConfig):
         need(isinstance(self.log_kl, bool), "log_kl", "True or False")
         check_micro_batch_size(self.micro_batch_size)
         need(self.sampler in SAMPLERS, "sampler", f"one of {list(SAMPLERS)}")
-        need(isinstance(self.recompute, bool), "recompute", "True or False")
+        need(valid_recompute(self.recompute), "recompute", "False, True, 'full' or 'selective'")
         if self.heldout_texts is not None:
             if isinstance(self.heldout_texts, str):
                 raise ConfigError("heldout_texts: expected a list of texts, got one string. Fix: [text].")

@@ -20,8 +20,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from steer_lens.hooks import frozen_parameters
 from steer_lens.steering import SteeredTransformer
+from steer_lens.train.scored import scored_logits
 
 __all__ = ["completion_logprobs", "k3_kl", "policy_loss"]
 
@@ -64,13 +64,9 @@ def completion_logprobs(
     batch = tokens.shape[0]
     lengths = torch.full((batch,), prompt_len, device=tokens.device)
     with steered.gradients():  # a training forward: the policy's log-probs carry the vectors' graph
-        if _unembed_apart(steered):  # the final norm and unembedding on the scored positions only
-            n_layers = int(steered.model.cfg.n_layers)
-            resid = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths, stop_at_layer=n_layers)
-            with frozen_parameters(steered.model):  # as in the steered call: no gradient into the weights
-                logits = steered.model(resid[:, prompt_len - 1 : -1], start_at_layer=n_layers)
-        else:
-            logits = steered(tokens, attention_mask=attention_mask, prompt_lengths=lengths)[:, prompt_len - 1 : -1]
+        # the final norm and unembedding on the scored positions only (steer_lens.train.scored)
+        logits = scored_logits(steered, tokens, lambda x: x[:, prompt_len - 1 : -1],
+                               attention_mask=attention_mask, prompt_lengths=lengths)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -82,21 +78,6 @@ def completion_logprobs(
             lp = logp_all if entropy_grad else logp_all.detach()
             ent = -(lp.exp() * lp).sum(-1)
     return logp, ent
-
-
-def _unembed_apart(steered: SteeredTransformer) -> bool:
-    """Whether the scored positions can be unembedded apart from the blocks' run: a HookedTransformer
-    (``stop_at_layer`` / ``start_at_layer``) with no vector at the final norm or the unembedding.
-
-    The prompt positions' logits are never scored; skipping them saves ``prompt_len / seq`` of the
-    unembedding (a ``d_model x d_vocab`` matmul per position, about a fifth of SmolLM2-135M's forward
-    FLOPs) in the forward and the backward, and their ``[batch, prompt_len, d_vocab]`` logits.
-    """
-    from transformer_lens import HookedTransformer
-
-    return isinstance(steered.model, HookedTransformer) and not any(
-        h.startswith(("ln_final", "unembed")) for h in steered.hook_names
-    )
 
 
 def k3_kl(

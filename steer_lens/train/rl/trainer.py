@@ -10,7 +10,6 @@ step is an :class:`RLState`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from steer_lens.train.loop import (
     run_loop,
     typical_resid_rms,
 )
-from steer_lens.train.recompute import recompute_blocks
+from steer_lens.train.recompute import recompute_context
 from steer_lens.train.rewards import reward_name
 from steer_lens.train.rl.advantages import AdvantageEstimator, estimator_state, get_advantage
 from steer_lens.train.rl.config import RLConfig
@@ -154,7 +153,7 @@ class RLState:
         fresh: list[Tensor] = []  # log-probs of the sampling policy, collected for later PPO epochs
 
         def chunk_loss(rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
-            with recompute_blocks(self.steered) if config.recompute else contextlib.nullcontext():
+            with recompute_context(self.steered, config.recompute):
                 logp, ent = completion_logprobs(
                     self.steered, g.tokens[rows], g.attention_mask[rows], g.prompt_len,
                     entropy_grad=config.entropy_coef > 0, temperature=config.logprob_temperature,
