@@ -4,13 +4,15 @@ Every ``benchmarks/bench_*.py`` calls :func:`header` once (it prints the referen
 thread count and the versions) and :func:`write_json` at the end (``--json PATH``, added by
 :func:`add_args`), so that the tables in ``docs/benchmarks/`` can be regenerated from runs. The JSON
 holds ``{"benchmark", "reference", "machine", "args", "figures"}``; ``figures`` is whatever the script
-measured (seconds, tokens/s, MiB, ratios), with units in the key names.
+measured (seconds, tokens/s, MiB, ratios), with units in the key names. The file is strict JSON: a
+figure that was not measured (NaN) or is infinite is written as ``null``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -77,12 +79,32 @@ def header(benchmark: str, reference: str, device: str | torch.device | None = N
     return {"benchmark": benchmark, "reference": reference, "machine": m, "versions": v}
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), recursively.
+
+    Walks dicts (keys kept), lists and tuples (tuples become lists, as JSON writes them); every other
+    value is returned as it is. Strict JSON has no ``NaN`` / ``Infinity``, which ``json.dumps`` would
+    otherwise write for a skipped figure.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike | None, head: dict[str, Any], figures: Any,
                args: argparse.Namespace | None = None) -> None:
-    """Write ``head`` (from :func:`header`), the arguments and ``figures`` to ``path`` (None: nothing)."""
+    """Write ``head`` (from :func:`header`), the arguments and ``figures`` to ``path`` (None: nothing).
+
+    The file is strict JSON: NaN and infinite floats (a skipped figure) become ``null``
+    (:func:`finite_or_null`); objects JSON cannot hold are written as their ``str``.
+    """
     if not path:
         return
     doc = {**head, "args": vars(args) if args is not None else None, "figures": figures}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    Path(path).write_text(json.dumps(finite_or_null(doc), indent=1, default=str, allow_nan=False) + "\n")
     print(f"# figures written to {path}")

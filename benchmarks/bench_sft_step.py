@@ -1,7 +1,8 @@
 """Benchmark of issue 19 goal P4: one vector training step (SFT) against one rank-4 peft LoRA step.
 
 Measured side by side in one run, on the same batch (``--batch`` x ``--seq`` random token ids, every token
-after the first a target) and the same weights (``--model-config``: a random-weight model of that Hugging
+after the first ``--prompt-len`` (default 1) a target: a chat SFT batch with ``--prompt-len P``; the LoRA
+step's labels are -100 on the prompt) and the same weights (``--model-config``: a random-weight model of that Hugging
 Face config, TransformerLens converted from it, see ``benchmarks/_models.py``; otherwise the real
 raincandy-u/TinyStories-656K and its Hugging Face model):
 
@@ -98,6 +99,16 @@ def build(args, need: str):
     return tl, hf
 
 
+prompt_len = [1]  # --prompt-len: tokens per row that are prompt (not targets); set by main()
+
+
+def lora_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """Hugging Face labels of the batch: the prompt positions ignored (-100), as the vector's targets."""
+    labels = tokens.clone()
+    labels[:, : prompt_len[0]] = -100
+    return labels
+
+
 def batch_tokens(args, vocab: int) -> torch.Tensor:
     """The one batch every measurement uses: ``[batch, seq]`` random ids (seeded), on the device."""
     g = torch.Generator().manual_seed(0)
@@ -113,7 +124,8 @@ def vector_hooks(kind: str, n_layers: int, hooks: str | None) -> list[str]:
 def vector_runner(tl, tokens: torch.Tensor, hooks: list[str], steps: int, recompute: bool | str = False):
     """A function running ``sl.train.sft`` for ``steps`` steps; returns seconds per step (the loop's own clock)."""
     steered = sl.SteeredTransformer(tl, hooks)
-    examples = list(tokens.cpu())  # token ids, first token the prompt, the rest targets
+    p = prompt_len[0]  # the first p tokens of a row its prompt, the rest its targets
+    examples = [(row[:p].tolist(), row[p:].tolist()) for row in tokens.cpu()]
     cfg = sl.train.SFTConfig(steps=steps, batch_size=len(examples), measure_side_effects=False,
                              eval_every=10**6, progress=False, recompute=recompute)
     return lambda: sl.train.sft(steered, examples, cfg).seconds / steps
@@ -139,7 +151,7 @@ def lora_runner(pm, tokens: torch.Tensor, steps: int):
         t = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = pm(input_ids=tokens, labels=tokens).loss
+            loss = pm(input_ids=tokens, labels=lora_labels(tokens)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -165,18 +177,19 @@ def runner(kind: str, tl, hf, tokens, args, steps: int):
 def held_mib(kind: str, tl, hf, tokens, args) -> float:
     """MiB a training forward of ``kind`` (up to its loss) leaves alive for the backward (``HeldMemory``)."""
     from steer_lens.train.recompute import HeldMemory, recompute_context
+    from steer_lens.train.scored import scored_logits
 
     if kind.startswith("lora"):
         pm = lora_model(hf, kind)
         pm.train()
         with HeldMemory(pm) as held:
-            loss = pm(input_ids=tokens, labels=tokens).loss
+            loss = pm(input_ids=tokens, labels=lora_labels(tokens)).loss
     else:
         steered = sl.SteeredTransformer(tl, vector_hooks(kind, tl.cfg.n_layers, args.hooks))
         with recompute_context(steered, recompute_mode(kind)), HeldMemory(tl) as held:
-            with steered.gradients():
-                logits = steered(tokens)
-            loss = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).mean()
+            with steered.gradients():  # the SFT loss's path: the target positions alone unembedded
+                logits = scored_logits(steered, tokens, lambda x: x[:, prompt_len[0] - 1 : -1])
+            loss = -logits.float().log_softmax(-1).gather(-1, tokens[:, prompt_len[0]:, None]).mean()
             del logits
     del loss
     return held.bytes / 2**20
@@ -265,9 +278,20 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--recompute", action="store_true", help="also measure the vector steps with "
                                                              "SFTConfig(recompute='full') and 'selective'")
+    ap.add_argument("--prompt-len", type=int, default=1, help="tokens per row that are prompt, not targets "
+                                                                "(a chat SFT batch; default 1: plain text)")
+    ap.add_argument("--full-unembed", action="store_true", help="A/B: the vector steps unembed every position "
+                                                                 "(the SFT loss before it scored the targets alone)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_args(ap, model_config=True)
     args = ap.parse_args()
+    if not 1 <= args.prompt_len < args.seq:
+        ap.error(f"--prompt-len must be in [1, --seq), got {args.prompt_len}")
+    prompt_len[0] = args.prompt_len
+    if args.full_unembed:
+        from steer_lens.train import scored
+
+        scored.unembeds_apart = lambda steered: False
     argv = [a for a in sys.argv[1:] if a != "--no-memory"]
     if "--json" in argv:
         i = argv.index("--json")

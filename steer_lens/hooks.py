@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from steer_lens._utils import device_of
 from steer_lens.errors import HookNameError
 from steer_lens.hook_sites import HookSite
 from steer_lens.models import check_hook_names
 
-__all__ = ["PositionContext", "PositionSpec", "acting_for", "acting_thread", "frozen_parameters", "hook_shapes",
+__all__ = ["PositionContext", "PositionSpec", "acting_for", "acting_thread", "frozen_parameters", "hook_shapes", "shared_weights",
            "vector_shapes"]
 
 PositionSpec = str | Tensor  # "all", "prompt", "generated" or a bool mask (checked at run time)
@@ -110,6 +111,47 @@ def frozen_parameters(model) -> Iterator[None]:
                     p.requires_grad_(True)
             else:
                 _FROZEN[key] = (depth - 1, thawed)
+
+
+class _SharedWeights(TorchFunctionMode):
+    """``Tensor.contiguous`` on the plain transpose of a 2-D parameter of a model returns that transpose."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self._storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.ndim == 2}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is Tensor.contiguous and not kwargs and len(args) == 1 and self._is_transpose(args[0]):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+    def _is_transpose(self, t: Tensor) -> bool:
+        base = t._base
+        return (base is not None and t.ndim == 2 and base.ndim == 2 and t.shape == base.shape[::-1]
+                and t.stride() == base.stride()[::-1] and t.data_ptr() == base.data_ptr()
+                and base.untyped_storage().data_ptr() in self._storages)
+
+
+@contextlib.contextmanager
+def shared_weights(model) -> Iterator[None]:
+    """Context manager: TransformerLens's linear maps use the model's weights without copying them.
+
+    TransformerLens 3.x's gated MLP and unembedding compute ``F.linear(x, W.T.contiguous())``
+    (``transformer_lens/components/mlps/gated_mlp.py`` L58-76, ``components/unembed.py`` L39; the copy
+    matches Hugging Face's bf16 accumulation order). Every forward thus copies ``W_gate``, ``W_in``,
+    ``W_out`` and ``W_U``, and in a training forward autograd keeps each copy for the backward (the
+    activation gradient needs the weight): on SmolLM2-135M that is 402 MiB held per step whatever the
+    batch, more than the activations of a small batch. Inside this context (a
+    ``torch.overrides.TorchFunctionMode``), ``.contiguous()`` on the plain transpose of one of
+    ``model``'s 2-D parameters returns the transpose itself: ``F.linear`` takes it as it is, nothing
+    is copied, and autograd keeps a view of the parameter. Values are unchanged up to the matmul's
+    accumulation order (bit-identical in fp32 on CPU, measured); any other ``contiguous`` call, and
+    every other function, runs as usual. The steered training forwards run under it
+    (:meth:`~steer_lens.SteeredTransformer.forward` while gradients are recorded). Figures:
+    ``docs/benchmarks/lora.md`` (P4).
+    """
+    with _SharedWeights(model):
+        yield
 
 
 @dataclass

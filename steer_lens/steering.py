@@ -54,6 +54,7 @@ from steer_lens.hooks import (
     acting_thread,
     frozen_parameters,
     hook_shapes,
+    shared_weights,
     vector_shapes,
 )
 from steer_lens.models import ModelInfo, model_info
@@ -385,8 +386,13 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
             tokens = self.to_tokens(tokens)[None]
         if isinstance(tokens, Tensor) and not tokens.is_floating_point():  # (float: residual input)
             check_token_ids(tokens, self.model.cfg)
-        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths), tokens=tokens):
+        with self._grad_call(grad), self.steering(prompt_end=self._prompt_end(prompt_lengths), tokens=tokens), \
+                self._training_weights():
             return self.model(tokens, *args, **kwargs)
+
+    def _training_weights(self) -> contextlib.AbstractContextManager:
+        """:func:`shared_weights` for a call that records gradients (no weight copies kept for the backward)."""
+        return shared_weights(self.model) if self._grad and torch.is_grad_enabled() else contextlib.nullcontext()
 
     def _grad_call(self, grad: bool) -> contextlib.AbstractContextManager:
         if not isinstance(grad, bool):

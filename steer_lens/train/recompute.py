@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from steer_lens.errors import ConfigError
-from steer_lens.hooks import acting_for
+from steer_lens.hooks import acting_for, shared_weights
 
 __all__ = ["MODES", "HeldMemory", "first_vector_block", "recompute_blocks", "recompute_context", "valid_recompute"]
 
@@ -234,8 +234,9 @@ class _Snapshot:
             if self.steered is not None:
                 self.steered.position_context = self.ctx
             with acting_for(self.thread), (self.steered.gradients(self.grad) if self.steered is not None
-                                           else contextlib.nullcontext()):
-                yield
+                                           else contextlib.nullcontext()), \
+                    (shared_weights(self.steered.model) if self.grad else contextlib.nullcontext()):
+                yield  # the forward's ops again: a training forward of the wrapper copies no weights
         finally:
             for m, h in zip(self.modules, live, strict=True):
                 for k, v in h.items():

@@ -12,12 +12,13 @@ final norm acts position by position); measured A/B in ``benchmarks/ab_rl_unembe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-from steer_lens.hooks import frozen_parameters
+from steer_lens.hooks import frozen_parameters, shared_weights
 from steer_lens.steering import SteeredTransformer
 
 __all__ = ["scored_logits", "unembeds_apart"]
@@ -62,6 +63,8 @@ def scored_logits(steered: Any, tokens: Tensor, select: Callable[[Tensor], Tenso
     n_layers = int(steered.model.cfg.n_layers)
     resid = select(steered(tokens, stop_at_layer=n_layers, **forward_kwargs))
     flat = resid.ndim == 2  # a boolean mask's [n, d_model]: the unembedding takes [batch, pos, d_model]
-    with frozen_parameters(steered.model):  # as in the steered call: no gradient into the weights
+    # as in the steered call: no gradient into the weights, and none of them copied for the backward
+    with frozen_parameters(steered.model), shared_weights(steered.model) if steered.records_gradients \
+            else contextlib.nullcontext():
         logits = steered.model(resid[None] if flat else resid, start_at_layer=n_layers)
     return logits[0] if flat else logits
