@@ -121,6 +121,8 @@ if [ "$QUICK" = 1 ]; then
     --json "$WORK/lora.json"
   step sft_step 120 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
     --steps 1 --repeats 1 --json "$WORK/sft_step.json"
+  step ab_recompute 60 $PY benchmarks/ab_recompute.py --device "$DEVICE" --model-config "$CONFIG" --batch 2 --seq 16 \
+    --repeats 1 --json "$WORK/ab_recompute.json"
   step rl_step 120 $PY benchmarks/bench_rl_step.py --device "$DEVICE" --model-config "$CONFIG" --prompts 2 --group 2 \
     --new-tokens 4 --steps 1 --json "$WORK/rl_step.json"
   step patching_smol_opaque 120 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
@@ -151,8 +153,10 @@ else
   step core 75 $PY benchmarks/bench_core.py --device "$DEVICE" --json "$WORK/core.json"
   step sae 40 $PY benchmarks/bench_sae.py --device "$DEVICE" --texts 64 --json "$WORK/sae.json"
   step lora 40 $PY benchmarks/bench_lora.py --device "$DEVICE" --repeat 2 --train-steps 10 --json "$WORK/lora.json"
-  step sft_step 40 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
-    --steps 3 --repeats 3 --json "$WORK/sft_step.json"
+  step sft_step 50 $PY benchmarks/bench_sft_step.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
+    --steps 3 --repeats 3 --recompute --json "$WORK/sft_step.json"
+  step ab_recompute 25 $PY benchmarks/ab_recompute.py --device "$DEVICE" --model-config "$CONFIG" --batch 16 --seq 128 \
+    --repeats 5 --json "$WORK/ab_recompute.json"
   # P5: one RL step of the Sinii recipe at the paper's 16 x 16, both samplers
   step rl_step 60 $PY benchmarks/bench_rl_step.py --device "$DEVICE" --model-config "$CONFIG" --prompts 16 \
     --group 16 --new-tokens 128 --micro-batch 64 --steps 2 --json "$WORK/rl_step.json"
