@@ -148,7 +148,10 @@ def shared_weights(model) -> Iterator[None]:
     accumulation order (bit-identical in fp32 on CPU, measured); any other ``contiguous`` call, and
     every other function, runs as usual. The steered training forwards run under it
     (:meth:`~steer_lens.SteeredTransformer.forward` while gradients are recorded). Figures:
-    ``docs/benchmarks/lora.md`` (P4).
+    ``docs/benchmarks/lora.md`` (P4). Inference loops (generation, patching sweeps) use
+    :func:`steer_lens.models.matmul_layout` instead, which also avoids the attention weights'
+    rearranging copies but holds a second copy of the weights while it is active (this context holds
+    none; the attention's copies, about a fifth of the total on SmolLM2-135M, remain in training).
     """
     with _SharedWeights(model):
         yield
