@@ -262,7 +262,7 @@ class HeldMemory(TorchDispatchMode):
 
         with HeldMemory(model) as held:
             loss = loss_fn(steered(tokens))
-        print(held.bytes / 2**20, "MiB held for the backward")
+        held_mib = held.bytes / 2**20  # MiB held for the backward
 
     Args:
         model: the ``nn.Module`` whose parameters and buffers are not counted.

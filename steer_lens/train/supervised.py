@@ -114,10 +114,10 @@ class SFTConfig(OptimConfig):
         recompute: run the training forwards of the objective under
             :func:`~steer_lens.train.recompute.recompute_blocks` (activation recomputation over the
             blocks from the first vector on). ``True`` / ``"full"``: the blocks keep only their input
-            residual and rerun their forward in the backward pass (the activation memory of a step
-            drops to about a quarter, one extra forward per step). ``"selective"``: they keep the
-            outputs of their matrix products and rerun only the element-wise ops (about half the memory
-            of no recomputation at a fraction of a forward). Figures: ``docs/benchmarks/lora.md``, P4.
+            residual and rerun their forward in the backward pass (what a step holds for the backward
+            drops to a quarter or less, for about one extra forward per step). ``"selective"``: they
+            keep the outputs of their matrix products and rerun only the element-wise ops (about two
+            thirds of the memory of no recomputation, for a fraction of a forward). Figures: ``docs/benchmarks/lora.md``, P4.
             The gradients are those without recomputation (the same ops run again: bit-identical on
             CPU). The KL term's forward (``kl_coef``) is not recomputed.
 
