@@ -98,9 +98,7 @@ def _accepts(tp: Any, value: Any, path_like: bool) -> bool | None:
 
 
 def _names_strings(tp: Any) -> bool:
-    """Whether ``tp`` (or a member of its union) is a ``Literal`` of strings or ``str`` itself."""
-    if tp is str:
-        return True
+    """Whether ``tp`` (or a member of its union) is a ``Literal`` of strings."""
     if typing.get_origin(tp) is Literal:
         return any(isinstance(a, str) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -11,7 +11,8 @@ step (~1.3x the step time) and brings the activation memory from ``O(n_blocks * 
 ``O(n_blocks * d_model + one block)``. Method: Chen et al. 2016, "Training Deep Nets with Sublinear
 Memory Cost"; the non-reentrant variant is torch's (``torch/utils/checkpoint.py``,
 ``_checkpoint_without_reentrant_generator``), as transformers' ``gradient_checkpointing_enable``
-uses it.
+uses it. ``mode="selective"`` keeps the blocks' matrix-product outputs as well and reruns only their
+element-wise ops (less memory saved, less work rerun; see :func:`recompute_blocks`).
 
 The recomputation must see the block exactly as the forward did. A steering hook reads the
 wrapper's state (the position context, whether gradients are recorded) when it runs, and

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from steer_lens.hooks import frozen_parameters, shared_weights
@@ -64,7 +65,7 @@ def scored_logits(steered: Any, tokens: Tensor, select: Callable[[Tensor], Tenso
     resid = select(steered(tokens, stop_at_layer=n_layers, **forward_kwargs))
     flat = resid.ndim == 2  # a boolean mask's [n, d_model]: the unembedding takes [batch, pos, d_model]
     # as in the steered call: no gradient into the weights, and none of them copied for the backward
-    with frozen_parameters(steered.model), shared_weights(steered.model) if steered.records_gradients \
-            else contextlib.nullcontext():
+    with frozen_parameters(steered.model), shared_weights(steered.model) \
+            if steered.records_gradients and torch.is_grad_enabled() else contextlib.nullcontext():
         logits = steered.model(resid[None] if flat else resid, start_at_layer=n_layers)
     return logits[0] if flat else logits
