@@ -986,3 +986,69 @@ def test_column_metric_equals_full_metric_and_bad_ids(tiny_model):
     clean, corrupted = _pair(tiny_model.cfg.d_vocab, seed=8)
     with pytest.raises(MetricError, match="outside the vocabulary"):
         sl.patching.activation_patch(tiny_model, clean, corrupted, sl.patching.logit_diff(10**6, 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# sites before the first differing token
+# ---------------------------------------------------------------------------------------------------
+def _minimal_pair(d_vocab: int, *, batch: int = 2, pos: int = 7, first_diff: int = 4, seed: int = 31):
+    """Clean/corrupted rows equal before ``first_diff`` (row 0 differs there, row 1 one later)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (batch, pos), generator=g)
+    corrupted = clean.clone()
+    corrupted[0, first_diff:] = torch.randint(0, d_vocab, (pos - first_diff,), generator=g)
+    corrupted[1, first_diff + 1] = (clean[1, first_diff + 1] + 1) % d_vocab
+    assert (clean[:, first_diff] != corrupted[:, first_diff]).any()
+    return clean, corrupted
+
+
+def test_minimal_pairs_skip_the_shared_prefix_and_equal_transformer_lens(tiny_model, monkeypatch):
+    """Clean and corrupted prompts that share a prefix (a minimal pair): the sites before the first
+    differing position are not run (their patched run is the corrupted run) and every hook kind, every
+    strategy and a restricted, unordered ``positions=`` still give TransformerLens's numbers."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation as act
+
+    model = tiny_model
+    clean, corrupted = _minimal_pair(model.cfg.d_vocab)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    _, cache = model.run_with_cache(clean)
+    swept: list[tuple[int, ...]] = []
+    inner = act._sweep
+
+    def recording(model, plan, *args, **kwargs):
+        swept.append(plan.index.get("pos", ()))
+        return inner(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(act, "_sweep", recording)
+    for hook, by, fn in TL_CASES:
+        if hook == "resid_mid" and model.cfg.parallel_attn_mlp:
+            continue
+        ref = getattr(tlp, fn)(model, corrupted, cache, metric).float()
+        for name in sl.patching.STRATEGIES:
+            swept.clear()
+            res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=name)
+            torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=f"{name} {hook} {by}")
+            if by is not None and "pos" in by or by is None:
+                assert swept == [tuple(range(7)) if name == "full" else (4, 5, 6)], (name, hook, by)
+                if name != "full":  # the skipped sites hold the corrupted metric itself
+                    skipped = res.values.movedim(res.axes.index("pos"), 1)[:, :4]
+                    assert torch.equal(skipped, torch.full_like(skipped, res.corrupted_metric))
+    swept.clear()
+    res = sl.patching.activation_patch(model, clean, corrupted, metric, "resid_pre", positions=[6, 1, 4, 2])
+    assert swept == [(6, 4)]
+    ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, metric).float()[:, [6, 1, 4, 2]]
+    torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0)
+    assert res.labels["pos"][1].startswith("1")
+
+
+def test_identical_inputs_are_swept_and_shared_prefix_counts_every_row():
+    from steer_lens.patching.activation import _shared_prefix
+
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    b = torch.tensor([[1, 2, 9, 4], [1, 8, 3, 4]])
+    assert _shared_prefix(a, b) == 1  # row 1 differs at position 1
+    assert _shared_prefix(a, a) == 4
+    assert _shared_prefix(a, torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4]])) == 0

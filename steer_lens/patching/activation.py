@@ -73,6 +73,7 @@ from steer_lens.patching._runner import _Runner  # noqa: F401
 from steer_lens.patching._sites import (
     HOOKS,
     By,
+    _Plan,
     _check_align,
     _check_metric,
     _check_tokens,
@@ -180,6 +181,7 @@ def activation_patch(
             "corrupted position]."
         )
     al = _check_align(align, clean_tokens.shape[1], corrupted_tokens.shape[1], plan.kind)
+    full_plan, plan = plan, _changed_sites(base, plan, clean_tokens, corrupted_tokens, al, strategy)
     values, cm, km = _sweep(
         base,
         plan,
@@ -195,9 +197,53 @@ def activation_patch(
         progress=progress,
         **_steer_limits(model),
     )
+    values = _with_unchanged_sites(values, km, plan, full_plan)
     return _finish(
-        values, cm, km, plan=plan, model=base, tokens=corrupted_tokens, kind="activation", metric=metric
+        values, cm, km, plan=full_plan, model=base, tokens=corrupted_tokens, kind="activation", metric=metric
     )
+
+
+def _shared_prefix(clean_tokens: Tensor, corrupted_tokens: Tensor) -> int:
+    """Number of leading positions at which every clean row equals its corrupted row."""
+    n = min(clean_tokens.shape[1], corrupted_tokens.shape[1])
+    differs = (clean_tokens[:, :n] != corrupted_tokens[:, :n].to(clean_tokens.device)).any(0)
+    return int(differs.int().argmax()) if bool(differs.any()) else n
+
+
+def _changed_sites(model, plan: _Plan, clean_tokens: Tensor, corrupted_tokens: Tensor, align, strategy) -> _Plan:
+    """``plan`` without the sites whose clean and corrupted activations are equal, so the patched run is
+    the corrupted run (its metric is the corrupted metric, exactly as TransformerLens computes it).
+
+    In a causal model every hook's value at position ``p`` (``pattern``: destination ``p``) is a function
+    of the tokens ``<= p`` (and of the steering hooks, the same in both runs). Positions before the first
+    one where any clean row differs from its corrupted row therefore carry identical activations at every
+    layer: the BOS token always, and most of a minimal pair (IOI-style prompts that differ in one name).
+    Kept as is for ``strategy="full"`` (the reference), ``align``, sweeps without a ``pos`` axis, and a
+    non-causal model; when every swept position would go, the plan is kept (the inputs are identical).
+    """
+    if (
+        getattr(strategy, "name", strategy) == "full"
+        or align is not None
+        or "pos" not in plan.by
+        or getattr(model.cfg, "attention_dir", "causal") != "causal"
+    ):
+        return plan
+    same = _shared_prefix(clean_tokens, corrupted_tokens)
+    kept = tuple(p for p in plan.index["pos"] if p >= same)
+    if not kept or len(kept) == len(plan.index["pos"]):
+        return plan
+    return replace(plan, index={**plan.index, "pos": kept})
+
+
+def _with_unchanged_sites(values: Tensor, corrupted_m: Tensor, plan: _Plan, full_plan: _Plan) -> Tensor:
+    """``values`` of ``plan``'s sites spread over ``full_plan``'s grid, the corrupted metric at the
+    sites :func:`_changed_sites` dropped."""
+    if plan is full_plan:
+        return values
+    dim = full_plan.by.index("pos")  # the layer axis is dim 0 of values
+    full = corrupted_m.reshape(()).to(values.dtype).expand(len(full_plan.layers), *full_plan.grid).clone()
+    where = [i for i, p in enumerate(full_plan.index["pos"]) if p in set(plan.index["pos"])]
+    return full.index_copy_(dim, torch.tensor(where, device=values.device), values)
 
 
 BLOCK_EVERY_HOOKS = ("resid_pre", "attn_out", "mlp_out")
