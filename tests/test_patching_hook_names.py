@@ -189,3 +189,44 @@ def test_steering_patch_reports_the_hooks_before_the_vector(tiny_model):
         model, tokens, _pair(model.cfg.d_vocab, seed=9)[0], metric, "resid_post"
     )
     assert plain.vector_hooks == () and plain.before_vector == ()
+
+
+def test_steering_patch_does_not_run_the_layers_before_the_vector(tiny_model, monkeypatch):
+    """The layers whose hook fires before every vector hook carry equal steered and base activations:
+    they are not swept, their values are the baseline exactly, and TransformerLens (which runs them) and
+    ``strategy="full"`` (which runs them too) agree with the whole result."""
+    from transformer_lens import patching as tlp
+
+    import steer_lens as sl
+    from steer_lens.patching import activation as act
+
+    model = tiny_model
+    vec_hook = "blocks.1.hook_resid_pre"
+    steered = sl.SteeredTransformer(model, hooks=[vec_hook], init="random", init_norm=2.0, seed=0)
+    tokens, _ = _pair(model.cfg.d_vocab, seed=8)
+    metric = sl.patching.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 9]))
+    swept: list[tuple[int, ...]] = []
+    inner = act._sweep
+
+    def recording(model, plan, *args, **kwargs):
+        swept.append(plan.layers)
+        return inner(model, plan, *args, **kwargs)
+
+    monkeypatch.setattr(act, "_sweep", recording)
+    _, steered_cache = steered.run_with_cache(tokens)
+    ref = tlp.generic_activation_patch(
+        model, tokens, steered_cache, metric, tlp.layer_pos_patch_setter, "resid_post", ("layer", "pos")
+    )
+    den = sl.patching.steering_patch(steered, tokens, metric, "resid_post")
+    assert swept == [(1,)] and den.before_vector == (0,)
+    assert torch.equal(den.values[0], torch.full_like(den.values[0], den.corrupted_metric))
+    torch.testing.assert_close(den.values, ref, atol=ATOL, rtol=0)
+    swept.clear()
+    full = sl.patching.steering_patch(steered, tokens, metric, "resid_post", strategy="full")
+    assert swept == [(0, 1)]
+    torch.testing.assert_close(full.values, den.values, atol=ATOL, rtol=0)
+    # a vector in block 0: nothing comes before it, every layer is swept
+    swept.clear()
+    first = sl.SteeredTransformer(model, hooks=["blocks.0.hook_resid_pre"], init="random", init_norm=2.0, seed=0)
+    sl.patching.steering_patch(first, tokens, metric, "resid_post", mode="noise")
+    assert swept == [(0, 1)]

@@ -35,6 +35,9 @@ per site and reads the metric back to the host after each. Here:
 * **The unembedding runs once.** Last-position passes keep only the final residual; the final norm
   and unembedding run for all passes together at the end, and for a metric that reads a few raw
   logits (``logit_diff``: ``Metric.columns``) only those vocabulary columns are computed.
+* **Sites that cannot differ are not run.** A causal model's activations at the positions before
+  the first token where clean and corrupted differ are equal in both runs: those sites' value is the
+  corrupted metric (every strategy but ``"full"``; a minimal pair skips most of its sites).
 * **No per-pass weight copies**: the sweep runs inside :func:`steer_lens.models.matmul_layout`.
 * **Only the patched hooks are cached**, and the metric of every copy is kept on the device and read
   back once at the end.
@@ -236,14 +239,30 @@ def _changed_sites(model, plan: _Plan, clean_tokens: Tensor, corrupted_tokens: T
 
 
 def _with_unchanged_sites(values: Tensor, corrupted_m: Tensor, plan: _Plan, full_plan: _Plan) -> Tensor:
-    """``values`` of ``plan``'s sites spread over ``full_plan``'s grid, the corrupted metric at the
-    sites :func:`_changed_sites` dropped."""
-    if plan is full_plan:
-        return values
-    dim = full_plan.by.index("pos")  # the layer axis is dim 0 of values
-    full = corrupted_m.reshape(()).to(values.dtype).expand(len(full_plan.layers), *full_plan.grid).clone()
-    where = [i for i, p in enumerate(full_plan.index["pos"]) if p in set(plan.index["pos"])]
-    return full.index_copy_(dim, torch.tensor(where, device=values.device), values)
+    """``values`` of ``plan``'s sites spread over ``full_plan``'s grid (layers and positions), the
+    corrupted metric at the sites ``plan`` leaves out (:func:`_changed_sites`, :func:`_vector_layers`)."""
+    axes = [(0, full_plan.layers, plan.layers)]
+    if "pos" in full_plan.by:  # the layer axis is dim 0 of values
+        axes.append((full_plan.by.index("pos"), full_plan.index["pos"], plan.index["pos"]))
+    for dim, every, kept in axes:
+        if tuple(kept) == tuple(every):
+            continue
+        shape = list(values.shape)
+        shape[dim] = len(every)
+        full = corrupted_m.reshape(()).to(values.dtype).expand(shape).clone()
+        where = [i for i, x in enumerate(every) if x in set(kept)]
+        values = full.index_copy_(dim, torch.tensor(where, device=values.device), values)
+    return values
+
+
+def _vector_layers(plan: _Plan, before: Sequence[int], strategy) -> _Plan:
+    """``plan`` without the layers whose hook fires before every steering vector (``before``): there the
+    steered and base activations are equal, so the patched run is the corrupted run. Kept as is for
+    ``strategy="full"`` and when no layer would remain."""
+    keep = tuple(layer for layer in plan.layers if layer not in set(before))
+    if getattr(strategy, "name", strategy) == "full" or not keep or len(keep) == len(plan.layers):
+        return plan
+    return replace(plan, layers=keep, names={layer: plan.names[layer] for layer in keep})
 
 
 BLOCK_EVERY_HOOKS = ("resid_pre", "attn_out", "mlp_out")
@@ -337,9 +356,11 @@ def steering_patch(
     vector) and every hook that fires later, never by earlier ones. In particular
     ``blocks.{L-1}.hook_resid_post`` fires *before* ``blocks.L.hook_resid_pre`` adds the vector: the two
     carry the same tensor in an unhooked run, but at ``resid_post`` of layer ``L-1`` the steered and base
-    activations are equal and that row is the baseline (up to ~1e-16 of rounding). The result names the
-    vector's hooks (``vector_hooks``) and the swept layers that come before all of them
-    (``before_vector``); sweep ``hook="resid_pre"`` to see a ``resid_pre`` vector at its own layer.
+    activations are equal and that row is the baseline. The result names the vector's hooks
+    (``vector_hooks``) and the swept layers that come before all of them (``before_vector``); sweep
+    ``hook="resid_pre"`` to see a ``resid_pre`` vector at its own layer. Those layers are not run: their
+    patched run is the unpatched one, so their values are exactly the baseline (``corrupted_metric``);
+    ``strategy="full"`` runs them (TransformerLens's way, equal up to rounding).
 
     Args:
         steered: a :class:`~steer_lens.SteeredTransformer`.
@@ -374,6 +395,9 @@ def steering_patch(
     plan = _plan(model, hook, by, pos=tokens.shape[1], layers=layers, heads=heads, positions=positions)
     steer = steered.fwd_hooks()
     clean_hooks, corrupted_hooks = (steer, []) if mode == "denoise" else ([], steer)
+    vector_hooks = tuple(steered.hook_names)
+    before = _before_vector(model, tokens, plan, vector_hooks)
+    full_plan, plan = plan, _vector_layers(plan, before, strategy)
     values, cm, km = _sweep(
         model,
         plan,
@@ -389,12 +413,11 @@ def steering_patch(
         progress=progress,
         **_steer_limits(steered),
     )
+    values = _with_unchanged_sites(values, km, plan, full_plan)
     names = ("steered", "base") if mode == "denoise" else ("base", "steered")
-    vector_hooks = tuple(steered.hook_names)
     return _finish(
-        values, cm, km, plan=plan, model=model, tokens=tokens, kind=mode, metric=metric,
-        what="steering_patch", names=names, vector_hooks=vector_hooks,
-        before_vector=_before_vector(model, tokens, plan, vector_hooks),
+        values, cm, km, plan=full_plan, model=model, tokens=tokens, kind=mode, metric=metric,
+        what="steering_patch", names=names, vector_hooks=vector_hooks, before_vector=before,
     )
 
 

@@ -21,6 +21,10 @@ for it here (which work the passes may skip), and the engine *executes* it
 * ``"last_query"``: (last-position metrics) the last block runs its query, attention output and MLP
   for the last position only; every pass's last block goes into a few merged calls.
 
+Every strategy but ``"full"`` (asked for by name) also leaves out the sites before the first position
+where the clean and corrupted tokens differ: their activations are equal, so their value is the
+corrupted metric (:func:`steer_lens.patching.activation_patch`; minimal pairs gain most).
+
 Each strategy includes the ones above it. ``"auto"`` (the default) takes the most economical one the
 model, the metric and the steering vectors allow; asking for one they do not allow is an error that
 says why. What each buys is measured by ``benchmarks/bench_patching.py --strategies`` (see
