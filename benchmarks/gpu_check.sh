@@ -128,6 +128,11 @@ if [ "$QUICK" = 1 ]; then
   step patching_smol_opaque 120 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
     --model-config "$CONFIG" --sweeps resid_pre --metric opaque --tl-sites 8 --no-plain --repeats 1 --no-memory \
     --json "$WORK/patching_smol_opaque.json"
+  step patching_smol_minimal 120 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
+    --model-config "$CONFIG" --sweeps resid_pre --pairs minimal --tl-sites 8 --no-plain --repeats 1 --no-memory \
+    --json "$WORK/patching_smol_minimal.json"
+  step ab_patching_skip 120 $PY benchmarks/ab_patching_skip.py --device "$DEVICE" --model-config "$CONFIG" \
+    --vector-layer 1 --repeats 1 --json "$WORK/ab_patching_skip.json"
 else
   # P1 and P3 on the 30-layer shape first: the figures the issue asks for
   step patching_smol 75 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol --model-config "$CONFIG" \
@@ -163,6 +168,12 @@ else
   step patching_smol_opaque 45 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
     --model-config "$CONFIG" --sweeps resid_pre,head_out_by_pos --metric opaque --tl-sites 200 --no-plain \
     --repeats 2 --no-memory --json "$WORK/patching_smol_opaque.json"
+  # P1 on minimal pairs (one token swapped half-way: the sites before it are not run) and what the skips buy
+  step patching_smol_minimal 30 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
+    --model-config "$CONFIG" --sweeps resid_pre,head_out_by_pos --pairs minimal --tl-sites 300 --no-plain \
+    --repeats 2 --no-memory --json "$WORK/patching_smol_minimal.json"
+  step ab_patching_skip 30 $PY benchmarks/ab_patching_skip.py --device "$DEVICE" --model-config "$CONFIG" \
+    --repeats 3 --json "$WORK/ab_patching_skip.json"
 fi
 
 [ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$OUT/tests.log"
