@@ -133,6 +133,8 @@ if [ "$QUICK" = 1 ]; then
     --json "$WORK/patching_smol_minimal.json"
   step ab_patching_skip 120 $PY benchmarks/ab_patching_skip.py --device "$DEVICE" --model-config "$CONFIG" \
     --vector-layer 1 --repeats 1 --json "$WORK/ab_patching_skip.json"
+  step profile_tl_vs_hf 120 $PY benchmarks/profile_tl_vs_hf.py --device "$DEVICE" --batch 2 --seq 16 --repeats 1 \
+    --json "$WORK/profile_tl_vs_hf.json"
 else
   # P1 and P3 on the 30-layer shape first: the figures the issue asks for
   step patching_smol 75 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol --model-config "$CONFIG" \
@@ -174,6 +176,8 @@ else
     --repeats 2 --no-memory --json "$WORK/patching_smol_minimal.json"
   step ab_patching_skip 30 $PY benchmarks/ab_patching_skip.py --device "$DEVICE" --model-config "$CONFIG" \
     --repeats 3 --json "$WORK/ab_patching_skip.json"
+  step profile_tl_vs_hf 25 $PY benchmarks/profile_tl_vs_hf.py --device "$DEVICE" --batch 16 --seq 128 --repeats 3 \
+    --json "$WORK/profile_tl_vs_hf.json"
 fi
 
 [ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$OUT/tests.log"

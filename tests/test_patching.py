@@ -1031,7 +1031,7 @@ def test_minimal_pairs_skip_the_shared_prefix_and_equal_transformer_lens(tiny_mo
             swept.clear()
             res = sl.patching.activation_patch(model, clean, corrupted, metric, hook, by=by, strategy=name)
             torch.testing.assert_close(res.values, ref, atol=ATOL, rtol=0, msg=f"{name} {hook} {by}")
-            if by is not None and "pos" in by or by is None:
+            if by is None or "pos" in by:
                 assert swept == [tuple(range(7)) if name == "full" else (4, 5, 6)], (name, hook, by)
                 if name != "full":  # the skipped sites hold the corrupted metric itself
                     skipped = res.values.movedim(res.axes.index("pos"), 1)[:, :4]

@@ -76,10 +76,10 @@ from steer_lens.patching._runner import _Runner  # noqa: F401
 from steer_lens.patching._sites import (
     HOOKS,
     By,
-    _Plan,
     _check_align,
     _check_metric,
     _check_tokens,
+    _Plan,
     _plan,
     _prepare,
     _steer_limits,
