@@ -203,10 +203,14 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         def hook(act: Tensor, hook) -> Tensor:
             if acting_thread() != owner:  # (acting_for: the backward recomputation of recompute.py)
                 return act
-            by_token = getattr(self.vectors, "delta_in", None)  # kinds that select by the pass's tokens
+            vectors = self.vectors
+            # kinds that select by the pass's tokens; looked up on the class (a missing attribute on an
+            # nn.Module instance costs ~5 us per call, through Module.__getattr__'s AttributeError)
+            by_token = hasattr(type(vectors), "delta_in")
             grad = self._grad or act.requires_grad
-            with contextlib.nullcontext() if grad else torch.no_grad():
-                delta = self.vectors.delta(hook_name, act) if by_token is None else by_token(hook_name, act, self._ctx)
+            # no graph to keep out when grad mode is already off (decoding loops): skip the no_grad context
+            with contextlib.nullcontext() if grad or not torch.is_grad_enabled() else torch.no_grad():
+                delta = vectors.delta_in(hook_name, act, self._ctx) if by_token else vectors.delta(hook_name, act)
             if not grad:  # inference: the vectors are constants, so no graph is recorded (see gradients())
                 delta = delta.detach()  # (the plain kind returns the parameter itself)
             delta = delta.to(act.device)  # no-op on one device; a block on another GPU (n_devices > 1)
