@@ -250,7 +250,8 @@ def _with_unchanged_sites(values: Tensor, corrupted_m: Tensor, plan: _Plan, full
         shape = list(values.shape)
         shape[dim] = len(every)
         full = corrupted_m.reshape(()).to(values.dtype).expand(shape).clone()
-        where = [i for i, x in enumerate(every) if x in set(kept)]
+        kept_set = set(kept)
+        where = [i for i, x in enumerate(every) if x in kept_set]
         values = full.index_copy_(dim, torch.tensor(where, device=values.device), values)
     return values
 
@@ -259,7 +260,8 @@ def _vector_layers(plan: _Plan, before: Sequence[int], strategy) -> _Plan:
     """``plan`` without the layers whose hook fires before every steering vector (``before``): there the
     steered and base activations are equal, so the patched run is the corrupted run. Kept as is for
     ``strategy="full"`` and when no layer would remain."""
-    keep = tuple(layer for layer in plan.layers if layer not in set(before))
+    skipped = set(before)
+    keep = tuple(layer for layer in plan.layers if layer not in skipped)
     if getattr(strategy, "name", strategy) == "full" or not keep or len(keep) == len(plan.layers):
         return plan
     return replace(plan, layers=keep, names={layer: plan.names[layer] for layer in keep})
