@@ -52,6 +52,8 @@ def read_examples(path: str | Path) -> list:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="raincandy-u/TinyStories-656K", help="Hugging Face model name")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file in that repository, for a GGUF model (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--layer", type=int, default=1, help="block index of the hook")
     p.add_argument("--hook", default="resid_pre",
@@ -147,7 +149,7 @@ def _run_sft(args) -> int:
     from steer_lens.hook_sites import HookSite
     from steer_lens.train import SFTConfig, sft
 
-    model = sl.load_model(args.model, device=args.device)
+    model = sl.load_model(args.model, gguf_file=args.gguf_file, device=args.device)
     steered = sl.SteeredTransformer(model, [HookSite.name_of(args.hook, args.layer)])
     out = Path(args.out)
     cfg = SFTConfig(steps=args.steps, lr=args.lr, lr_units=args.lr_units, batch_size=args.batch_size,
@@ -223,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from steer_lens.demo import run_demo, summary_text
 
-            res = run_demo(model_name=args.model, word=args.word, layer=args.layer, hook=args.hook,
+            res = run_demo(model_name=args.model, gguf_file=args.gguf_file, word=args.word, layer=args.layer, hook=args.hook,
                            steps=args.steps, lr=args.lr, texts=args.texts, out=args.out, device=args.device,
                            n_samples=args.samples, seed=args.seed, kl_coef=args.kl_coef, kl_every=args.kl_every)
             print(summary_text(res))

@@ -35,9 +35,12 @@ logger = logging.getLogger(__name__)
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``steer-lens train rl`` to ``parser``."""
     from steer_lens.train.rl import DEFAULT_RL_LR, advantage_names, get_advantage
+    from steer_lens.train.rl.config import SAMPLERS
 
     p = parser
     p.add_argument("--model", default="raincandy-u/TinyStories-656K", help="Hugging Face model name")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file in that repository, for a GGUF model (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--layer", type=int, nargs="+", default=[1], help="block index (or indices) of the hook")
     p.add_argument("--hook", default="resid_pre",
@@ -64,6 +67,14 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="transformer_lens",
+                   help="who samples the rollouts: transformer_lens (any vector) or hf (transformers' generate "
+                        "with the vectors as hooks: faster; constant vectors at every position)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="at most this many sequences per forward/backward of the update (default: all)")
+    p.add_argument("--recompute", choices=["off", "full", "selective"], default="off",
+                   help="activation recomputation over the blocks from the first vector (less memory)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the k3 KL to the base model")
     p.add_argument("--entropy-coef", type=float, default=0.0)
     p.add_argument("--ppo-epochs", type=int, default=1)
@@ -180,13 +191,15 @@ def run_rl_command(args: argparse.Namespace) -> int:
     cfg = RLConfig(
         algorithm=args.algorithm, steps=args.steps, lr=args.lr, lr_units=args.lr_units,
         group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        sampler=args.sampler, micro_batch_size=args.micro_batch_size,
+        recompute=False if args.recompute == "off" else args.recompute,
         kl_coef=args.kl_coef, entropy_coef=args.entropy_coef, ppo_epochs=args.ppo_epochs,
         max_norm=args.max_norm, heldout_texts=heldout, heldout_every=args.heldout_every, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         log_path=str(out / "metrics.jsonl"), progress=not args.no_progress,
     )
-    model = sl.load_model(args.model, device=args.device)
+    model = sl.load_model(args.model, gguf_file=args.gguf_file, device=args.device)
     hooks = [HookSite.name_of(args.hook, layer) for layer in args.layer]
     d_model = int(model.cfg.d_model)
     vectors = None

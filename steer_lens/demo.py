@@ -128,6 +128,7 @@ def _word_rank(lens_scores, model, word: str) -> int | None:
 def run_demo(
     *,
     model_name: str = DEFAULT_MODEL,
+    gguf_file: str | None = None,
     word: str = "dog",
     layer: int = 1,
     hook: str = "resid_pre",
@@ -147,7 +148,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo end to end and write its report; see the module docstring.
 
-    ``kl_coef`` / ``kl_every`` are :class:`~steer_lens.train.SFTConfig`'s KL-to-base term on the
+    ``gguf_file``: the GGUF file in ``model_name``'s repository, for a GGUF model (see
+    :func:`steer_lens.load_model`). ``kl_coef`` / ``kl_every`` are :class:`~steer_lens.train.SFTConfig`'s KL-to-base term on the
     model's continuations of ``prompt`` (0: off; without it the default vector writes broken text,
     with a :class:`~steer_lens.train.side_effects.SideEffectWarning`).
 
@@ -163,7 +165,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     out = Path(out)
-    model = sl.load_model(model_name, device=device)
+    model = sl.load_model(model_name, gguf_file=gguf_file, device=device)
     hook_name = f"blocks.{layer}.hook_{hook}"
     steered = sl.SteeredTransformer(model, [hook_name])
 

