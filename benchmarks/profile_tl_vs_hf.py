@@ -9,6 +9,13 @@ kernels summed in one row), the self time of each side and the difference, large
 TransformerLens runs that Hugging Face does not (or runs cheaper).
 
     python benchmarks/profile_tl_vs_hf.py --batch 4 --seq 128 --threads 1 [--device cuda]
+
+``--decode N`` profiles sampling instead (issue 19, P3): ``steered.sample``'s loop
+(:func:`steer_lens.generation.sample_tokens`, TransformerLens's KV-cache decoding, 30 vectors) of ``N`` new
+tokens after a ``--seq``-token prompt, against ``generate`` of the Hugging Face model with the same weights
+(no hooks), same batch, temperature 1, no EOS stop:
+
+    python benchmarks/profile_tl_vs_hf.py --decode 32 --batch 8 --seq 40 --threads 2
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from _report import add_args, header, write_json
 from torch.profiler import ProfilerActivity, profile
 
 import steer_lens as sl
+from steer_lens.generation import sample_tokens
 
 CONFIG = Path(__file__).with_name("smollm2_135m_config.json")
 # the matrix products and fused attention kernels, one row (TransformerLens uses addmm/bmm where HF uses mm/SDPA)
@@ -54,10 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--decode", type=int, default=0, help="profile sampling of this many new tokens instead")
     add_args(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    head = header("profile_tl_vs_hf", "the Hugging Face model's forward + backward with the same weights", args.device)
+    ref = "generate" if args.decode else "forward + backward"
+    head = header("profile_tl_vs_hf", f"the Hugging Face model's {ref} with the same weights", args.device)
     tl, hf = config_models(CONFIG, args.device)
     for p in [*tl.parameters(), *hf.parameters()]:
         p.requires_grad_(False)
@@ -74,6 +84,8 @@ def main(argv=None) -> int:
         x = embed(tokens).detach().requires_grad_(True)
         hf.model(inputs_embeds=x).last_hidden_state.pow(2).mean().backward()
 
+    if args.decode:
+        tl_step, hf_step = _decode_steps(steered, hf, tokens, args.decode)
     best = {}
     for name, step in (("tl", tl_step), ("hf", hf_step)):
         step()  # warm-up
@@ -96,7 +108,8 @@ def main(argv=None) -> int:
         ({"op": k, "tl_ms": ops["tl"].get(k, 0.0), "hf_ms": ops["hf"].get(k, 0.0)} for k in ops["tl"].keys() | ops["hf"].keys()),
         key=lambda r: r["hf_ms"] - r["tl_ms"],
     )
-    print(f"fwd+bwd, batch {args.batch} x {args.seq}, {args.threads} thread(s): TransformerLens (30 vectors) "
+    what = f"sampling {args.decode} new tokens after" if args.decode else "fwd+bwd,"
+    print(f"{what} batch {args.batch} x {args.seq}, {args.threads} thread(s): TransformerLens (30 vectors) "
           f"{best['tl']:.3f} s, Hugging Face {best['hf']:.3f} s, ratio {best['tl'] / best['hf']:.3f}")
     print("\n| op | TL self (ms) | HF self (ms) | TL - HF (ms) |\n|---|---|---|---|")
     for r in rows[: args.top] + [r for r in rows[args.top :] if r["op"] == MATMULS]:
@@ -104,6 +117,22 @@ def main(argv=None) -> int:
     write_json(args.json, head, {"tl_s": best["tl"], "hf_s": best["hf"], "ratio": best["tl"] / best["hf"], "ops": rows},
                args)
     return 0
+
+
+def _decode_steps(steered, hf, tokens, new: int):
+    """(TransformerLens sampler, Hugging Face ``generate``) of ``new`` tokens after ``tokens``, no EOS stop."""
+    mask = torch.ones_like(tokens)
+
+    def tl_step():
+        sample_tokens(steered, tokens, mask, None, new, temperature=1.0, top_p=1.0, top_k=None, do_sample=True,
+                      seed=0, stop_at_eos=False, use_kv_cache=True)
+
+    def hf_step():
+        with torch.no_grad():
+            hf.generate(tokens, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                        max_new_tokens=new, min_new_tokens=new, use_cache=True, eos_token_id=None, pad_token_id=0)
+
+    return tl_step, hf_step
 
 
 if __name__ == "__main__":

@@ -453,7 +453,10 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
 
         Prompts of different lengths are left-padded and masked; each sequence stops at its own EOS
         (later positions hold the pad id and are masked). ``positions`` is honoured while decoding:
-        the hook knows each step's absolute position.
+        the hook knows each step's absolute position. Every step unembeds the last position only
+        (the prompt's too, as ``generate``'s ``logits_to_keep=1``; not with a vector at the final norm or
+        the unembedding): no ``[batch, prompt, d_vocab]`` logits are allocated
+        (:func:`steer_lens.generation.last_position_logits`).
 
         Args:
             prompts: one text, a list of texts, or token ids ``[batch, pos]`` (no padding); a
