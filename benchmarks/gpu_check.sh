@@ -137,6 +137,8 @@ if [ "$QUICK" = 1 ]; then
     --json "$WORK/profile_tl_vs_hf.json"
   step profile_decode 120 $PY benchmarks/profile_tl_vs_hf.py --device "$DEVICE" --decode 4 --batch 2 --seq 8 \
     --repeats 1 --json "$WORK/profile_decode.json"
+  step ab_bridge_sft 120 $PY benchmarks/ab_bridge_sft.py --device "$DEVICE" --batch 2 --seq 16 --steps 1 \
+    --repeats 1 --json "$WORK/ab_bridge_sft.json"
 else
   # P1 and P3 on the 30-layer shape first: the figures the issue asks for
   step patching_smol 75 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol --model-config "$CONFIG" \
@@ -183,6 +185,9 @@ else
   # P3: where the TransformerLens sampler's decoding time goes against generate's
   step profile_decode 30 $PY benchmarks/profile_tl_vs_hf.py --device "$DEVICE" --decode 64 --batch 64 --seq 40 \
     --repeats 2 --json "$WORK/profile_decode.json"
+  # P4: the Sinii layout's SFT step on a TransformerBridge vs the HookedTransformer vs LoRA
+  step ab_bridge_sft 40 $PY benchmarks/ab_bridge_sft.py --device "$DEVICE" --batch 16 --seq 128 --steps 3 \
+    --repeats 3 --json "$WORK/ab_bridge_sft.json"
 fi
 
 [ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$OUT/tests.log"
