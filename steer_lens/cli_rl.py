@@ -68,6 +68,8 @@ def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as one user turn through the tokenizer's chat template (chat models)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="transformer_lens",
                    help="who samples the rollouts: transformer_lens (any vector) or hf (transformers' generate "
                         "with the vectors as hooks: faster; constant vectors at every position)")
@@ -182,6 +184,8 @@ def run_rl_command(args: argparse.Namespace) -> int:
                     if ln.strip()]
     if not prompts:
         prompts = ["Once upon a time"]
+    if args.chat:  # one user turn each, rendered with the chat template when the rollouts are tokenised
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
     heldout = None
     if args.heldout:
         from steer_lens.demo import load_texts

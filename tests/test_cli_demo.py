@@ -90,7 +90,7 @@ def test_demo_cli_passes_the_kl_settings(monkeypatch):
 def test_training_commands_load_gguf_models_and_pass_the_rollout_settings(monkeypatch, real_model, tmp_path):
     """``--gguf-file`` reaches ``load_model`` in demo / train sft / train rl; ``train rl``'s ``--sampler``,
     ``--micro-batch-size``, ``--recompute`` and ``--top-k`` reach the :class:`RLConfig` (issue 19, P3: the
-    Hugging Face sampler from the command line)."""
+    Hugging Face sampler from the command line); ``--chat`` makes each prompt one user turn."""
     import sys
 
     import steer_lens as sl
@@ -117,12 +117,13 @@ def test_training_commands_load_gguf_models_and_pass_the_rollout_settings(monkey
     data.write_text("a dog\n")
     for argv in (["demo", "--steps", "1"], ["train", "sft", "--data", str(data)],
                  ["train", "rl", "--reward", "contains:dog", "--sampler", "hf", "--micro-batch-size", "4",
-                  "--recompute", "selective", "--top-k", "5"]):
+                  "--recompute", "selective", "--top-k", "5", "--chat", "--prompt", "What is 2 + 2?"]):
         with pytest.raises(SystemExit):
             main([*argv, "--model", model, "--gguf-file", gguf, "--device", "cpu", "--out", str(tmp_path / "o")])
         assert loads[-1] == (model, gguf), argv
     cfg = runs[-1][0][3]
     assert (cfg.sampler, cfg.micro_batch_size, cfg.recompute, cfg.top_k) == ("hf", 4, "selective", 5)
+    assert runs[-1][0][1] == [[{"role": "user", "content": "What is 2 + 2?"}]]  # --chat: one user turn
     default = build_parser().parse_args(["train", "rl", "--reward", "contains:dog", "--out", "x"])
     assert (default.sampler, default.micro_batch_size, default.recompute, default.gguf_file) == (
         "transformer_lens", None, "off", None)
