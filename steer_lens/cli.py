@@ -225,8 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from steer_lens.demo import run_demo, summary_text
 
-            res = run_demo(model_name=args.model, gguf_file=args.gguf_file, word=args.word, layer=args.layer, hook=args.hook,
-                           steps=args.steps, lr=args.lr, texts=args.texts, out=args.out, device=args.device,
+            res = run_demo(model_name=args.model, gguf_file=args.gguf_file, word=args.word, layer=args.layer,
+                           hook=args.hook, steps=args.steps, lr=args.lr, texts=args.texts, out=args.out, device=args.device,
                            n_samples=args.samples, seed=args.seed, kl_coef=args.kl_coef, kl_every=args.kl_every)
             print(summary_text(res))
             return 0

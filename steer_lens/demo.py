@@ -149,8 +149,8 @@ def run_demo(
     """Run the demo end to end and write its report; see the module docstring.
 
     ``gguf_file``: the GGUF file in ``model_name``'s repository, for a GGUF model (see
-    :func:`steer_lens.load_model`). ``kl_coef`` / ``kl_every`` are :class:`~steer_lens.train.SFTConfig`'s KL-to-base term on the
-    model's continuations of ``prompt`` (0: off; without it the default vector writes broken text,
+    :func:`steer_lens.load_model`). ``kl_coef`` / ``kl_every`` are :class:`~steer_lens.train.SFTConfig`'s
+    KL-to-base term on the model's continuations of ``prompt`` (0: off; without it the default vector writes broken text,
     with a :class:`~steer_lens.train.side_effects.SideEffectWarning`).
 
     Returns:

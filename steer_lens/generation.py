@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from steer_lens._utils import Prompt, check_token_ids, is_conversation
@@ -168,14 +168,21 @@ def unembeds_apart(steered) -> bool:
     )
 
 
-def last_position_logits(steered, tokens: Int[Tensor, "batch pos"], apart: bool, **forward_kwargs) -> Tensor:
-    """``steered.model(tokens, **forward_kwargs)[:, -1]``: the next-token logits ``[batch, d_vocab]``.
+def last_position_logits(
+    steered, tokens: Int[Tensor, "batch pos"], apart: bool, **forward_kwargs
+) -> Float[Tensor, "batch d_vocab"]:
+    """``steered.model(tokens, **forward_kwargs)[:, -1]``: the next-token logits ``[batch, d_vocab]`` (the
+    model's dtype, unnormalised).
 
     With ``apart`` (:func:`unembeds_apart`) the blocks run with ``stop_at_layer=n_layers`` and the
     final norm and unembedding on the last position alone, as ``generate`` in transformers does
     (``logits_to_keep=1``): a prompt's prefill unembeds ``batch`` rows instead of ``batch × pos``
     (``[batch, pos, d_vocab]`` logits never exist). Equal logits (the final norm acts position by
-    position). Hooks installed on ``steered.model`` fire as in the full call.
+    position). The blocks' hooks fire as in the full call; the final norm's hooks see the last position
+    only (why a vector there turns ``apart`` off). ``forward_kwargs`` go to the blocks' run (``attention_mask``, ``past_kv_cache``).
+
+    Raises:
+        Exception: none of its own; the model's errors propagate.
     """
     model = steered.model
     if not apart:
