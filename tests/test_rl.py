@@ -163,6 +163,80 @@ def test_completion_logprobs_equal_full_logits(tiny, hooks):
     assert unembeds_apart(steered) == (len(hooks) == 1)
 
 
+def _groups(device, seed: int = 3, d_vocab: int = 50):
+    """3 left-padded prompts (lengths 5, 3, 4) x 3 samples, completions of 1..6 tokens, then padding."""
+    g = torch.Generator().manual_seed(seed)
+    P, T = 5, 6
+    toks = torch.zeros(9, P + T, dtype=torch.long)
+    attn = torch.zeros_like(toks)
+    for i, pl in enumerate([5, 3, 4]):
+        prompt = torch.randint(3, d_vocab, (pl,), generator=g)
+        for j in range(3):
+            r, cl = 3 * i + j, int(torch.randint(1, T + 1, (1,), generator=g))
+            toks[r, P - pl : P] = prompt
+            toks[r, P : P + cl] = torch.randint(3, d_vocab, (cl,), generator=g)
+            attn[r, P - pl : P + cl] = 1
+    return toks.to(device), attn.to(device), P
+
+
+@pytest.mark.parametrize("setup", ["plain", "generated", "prompt", "gated"])
+def test_shared_prompts_give_the_full_forwards_logprobs_and_gradients(tiny_model, setup):
+    """Groups of rows with one prompt (RL's samples): each distinct prompt runs once, the completions on
+    its cached keys and values (`share_prompts=True`); log-probs, entropies and the vectors' gradients
+    equal the full forward's (`share_prompts=False`), for position masks that depend on where the
+    prompt ends and for a kind that reads the pass's tokens; the prompt pass sees 3 rows, not 9."""
+    from steer_lens.vectors import GatedVectors
+
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"]
+    kw = {"generated": dict(positions="generated"), "prompt": dict(positions="prompt")}.get(setup, {})
+    if setup == "gated":
+        vec = GatedVectors(hooks, int(tiny_model.cfg.d_model), init="random", init_norm=2.0)
+        with torch.no_grad():
+            for p in vec.gate_w.values():
+                p.normal_()
+        kw = dict(vectors=vec)
+    else:
+        kw.update(init="random", init_norm=3.0, seed=4)
+    steered = sl.SteeredTransformer(tiny_model, hooks, **kw)
+    tokens, attn, P = _groups(steered.device, d_vocab=int(tiny_model.cfg.d_vocab))
+    cmask = attn[:, P:].bool()
+    seen: list[tuple[int, ...]] = []
+    out = {}
+    for share in (True, False):
+        seen.clear()
+        with tiny_model.hooks(fwd_hooks=[("hook_embed", lambda a, hook: seen.append(tuple(a.shape[:2])))]):
+            logp, ent = completion_logprobs(steered, tokens, attn, P, share_prompts=share)
+        (logp[cmask].sum() + 0.1 * ent[cmask].sum()).backward()
+        out[share] = (logp.detach(), ent.detach(), [v.grad.clone() for v in steered.vectors.parameters()])
+        steered.vectors.zero_grad(set_to_none=True)
+        assert seen == ([(3, P), (9, 5)] if share else [(9, P + 6)])  # 3 distinct prompts, then 9 x (6 - 1)
+    (lp, en, gr), (lp0, en0, gr0) = out[True], out[False]
+    torch.testing.assert_close(lp[cmask], lp0[cmask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(en[cmask], en0[cmask], atol=1e-5, rtol=1e-5)
+    assert all(g0.abs().max() > 0 for g0 in gr0)
+    for g, g0 in zip(gr, gr0, strict=True):
+        torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompts_fall_back_to_the_full_forward(tiny_llama):
+    """Nothing shared, an explicit position mask (rows of the full batch) or a vector at the final norm:
+    `shared_prompt_logits` returns None and `completion_logprobs` runs the full forward."""
+    from steer_lens.train.scored import shared_prompt_logits
+
+    tokens, attn, P = _groups("cpu")
+    steered = sl.SteeredTransformer(tiny_llama, [HOOK], init="random", init_norm=3.0, seed=4)
+    assert shared_prompt_logits(steered, tokens, attn, P) is not None
+    assert shared_prompt_logits(steered, tokens[::3], attn[::3], P) is None  # one row per prompt
+    mask = torch.zeros(tokens.shape[1], dtype=torch.bool)
+    mask[P:] = True
+    assert shared_prompt_logits(sl.SteeredTransformer(tiny_llama, [HOOK], positions=mask), tokens, attn, P) is None
+    final = sl.SteeredTransformer(tiny_llama, [HOOK, "ln_final.hook_normalized"], init="random", init_norm=3.0)
+    assert shared_prompt_logits(final, tokens, attn, P) is None
+    full = final(tokens, attention_mask=attn, prompt_lengths=torch.full((9,), P))[:, P - 1 : -1].log_softmax(-1)
+    logp, _ = completion_logprobs(final, tokens, attn, P)
+    torch.testing.assert_close(logp, full.gather(-1, tokens[:, P:, None])[..., 0], atol=1e-5, rtol=1e-5)
+
+
 def test_kl_estimator_nonnegative_and_zero_for_zero_vector(tiny_llama):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=g) * 3, torch.randn(1000, generator=g) * 3
@@ -390,3 +464,23 @@ def test_tempered_rloo_loss_equals_sinii_formula(tiny_llama):
     assert not torch.allclose(our_grad(1.0), ref_grad, atol=1e-4)
     assert RLConfig(temperature=T).logprob_temperature == T
     assert RLConfig(temperature=T, tempered_logprobs=False).logprob_temperature == 1.0
+
+
+def test_step_time_split_metrics(tiny_llama):
+    """`score_s` holds the reward's time (a reward that sleeps 0.05 s), `reference_s` the KL reference
+    forward's (0 exactly when kl_coef=0 and log_kl=False skip it); both within the step's wall time."""
+    import time as _time
+
+    def slow_reward(prompts, completions):
+        _time.sleep(0.05)
+        return torch.tensor([float(len(c)) for c in completions])
+
+    prompts = torch.tensor([[1, 5, 9], [1, 6, 8]])
+    base = dict(steps=2, group_size=2, prompts_per_step=2, max_new_tokens=3, progress=False)
+    for log_kl in (True, False):
+        steered = sl.SteeredTransformer(tiny_llama, [HOOK])
+        res = rl(steered, prompts, slow_reward, RLConfig(**base, log_kl=log_kl))
+        m = res.metrics
+        assert (m["score_s"] >= 0.05).all()
+        assert ((m["reference_s"] > 0) if log_kl else (m["reference_s"] == 0)).all()
+        assert float((m["sample_s"] + m["score_s"] + m["reference_s"]).sum()) <= res.seconds

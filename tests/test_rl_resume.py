@@ -20,7 +20,7 @@ from steer_lens.train.rl import RLConfig, rl
 
 HOOK = "blocks.1.hook_resid_pre"
 PROMPTS = torch.tensor([[1, 5, 9], [1, 6, 8], [1, 7, 7]])
-TIMING = {"tokens_per_s", "sample_s"}
+TIMING = {"tokens_per_s", "sample_s", "score_s", "reference_s"}
 # `steer_lens.train.rl` the attribute is the function `rl`; the module is reached by its full name
 trainer = importlib.import_module("steer_lens.train.rl.trainer")
 

@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from steer_lens.steering import SteeredTransformer
-from steer_lens.train.scored import scored_logits
+from steer_lens.train.scored import scored_logits, shared_prompt_logits
 
 __all__ = ["completion_logprobs", "k3_kl", "policy_loss"]
 
@@ -35,6 +35,7 @@ def completion_logprobs(
     with_entropy: bool = True,
     entropy_grad: bool = True,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> tuple[Float[Tensor, "batch new"], Float[Tensor, "batch new"] | None]:
     """Log-probabilities (nats) of the generated tokens under ``steered``, by one training forward.
 
@@ -64,9 +65,10 @@ def completion_logprobs(
     batch = tokens.shape[0]
     lengths = torch.full((batch,), prompt_len, device=tokens.device)
     with steered.gradients():  # a training forward: the policy's log-probs carry the vectors' graph
-        # the final norm and unembedding on the scored positions only (steer_lens.train.scored)
-        logits = scored_logits(steered, tokens, lambda x: x[:, prompt_len - 1 : -1],
-                               attention_mask=attention_mask, prompt_lengths=lengths)
+        logits = shared_prompt_logits(steered, tokens, attention_mask, prompt_len) if share_prompts else None
+        if logits is None:  # the final norm and unembedding on the scored positions only (steer_lens.train.scored)
+            logits = scored_logits(steered, tokens, lambda x: x[:, prompt_len - 1 : -1],
+                                   attention_mask=attention_mask, prompt_lengths=lengths)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

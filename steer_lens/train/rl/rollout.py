@@ -50,6 +50,8 @@ class Rollout:
         ref_logp: ``[batch, new]`` base-model log-probs (nats) of the sampled tokens; ``None`` when
             the run does not need them (``kl_coef=0`` and ``log_kl=False``).
         sample_seconds: wall-clock seconds spent sampling.
+        score_seconds: wall-clock seconds spent in the reward.
+        reference_seconds: wall-clock seconds of the base model's forward (``ref_logp``; 0 without it).
         prompts: the ``batch`` prompt texts (as the reward saw them).
         completions: the ``batch`` completion texts.
         n_tokens: generated tokens in the *global* batch (distributed: summed over processes, whose
@@ -66,6 +68,8 @@ class Rollout:
     completions: tuple[str, ...] = ()
     n_tokens: Tensor | None = None
     batch_rewards: Tensor | None = None
+    score_seconds: float = 0.0
+    reference_seconds: float = 0.0
 
 
 def prompt_items(prompts: Sequence[Prompt] | Prompt | Int[Tensor, "n_prompts pos"]) -> tuple[list[Any], list[str]]:
@@ -183,17 +187,24 @@ def collect_rollout(
     g = sample_shard(steered, batch_items, config, config.seed * 1_000_003 + rollout + 1, lo, hi)
     dt = time.perf_counter() - t0
     completions = completion_texts(g)
+    t1 = time.perf_counter()
     rewards = score(reward, batch_texts, completions).to(steered.device)
+    t_score = time.perf_counter() - t1
     parts = torch.zeros(len(batch_items) + 1, dtype=torch.float32, device=steered.device)
     parts[lo:hi], parts[-1] = rewards.float(), g.completion_mask.sum()
     parts = distributed.all_reduce_sum(parts)  # one all_reduce: [global rewards..., global tokens]
     all_rewards = parts[:-1].to(rewards.dtype) if distributed.is_distributed() else rewards
     adv = estimator(all_rewards.view(-1, k)).reshape(-1)[lo:hi]
+    t2 = time.perf_counter()
     ref = reference_logprobs(steered, g, config) if config.needs_reference else None
+    if ref is not None and ref.is_cuda:
+        torch.cuda.synchronize(ref.device)  # (the forward's kernels, not the update's, take this time)
+    t_ref = time.perf_counter() - t2 if ref is not None else 0.0
     return Rollout(
         generation=g, rewards=rewards, advantages=adv, ref_logp=ref, sample_seconds=dt,
         prompts=tuple(batch_texts), completions=tuple(completions),
-        n_tokens=parts[-1].round().long(), batch_rewards=all_rewards,
+        n_tokens=parts[-1].round().long(), batch_rewards=all_rewards, score_seconds=t_score,
+        reference_seconds=t_ref,
     )
 
 

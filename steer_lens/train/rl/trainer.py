@@ -115,7 +115,8 @@ class RLState:
             if self.old_logp is not None:
                 tensors["old_logp"] = self.old_logp
             meta["rollout"] = {"prompt_len": g.prompt_len, "prompts": g.prompts, "completions": g.completions,
-                               "sample_seconds": ro.sample_seconds, "reward_prompts": list(ro.prompts),
+                               "sample_seconds": ro.sample_seconds, "score_seconds": ro.score_seconds,
+                               "reference_seconds": ro.reference_seconds, "reward_prompts": list(ro.prompts),
                                "reward_completions": list(ro.completions)}
         return {k: v.detach().cpu() for k, v in tensors.items()}, meta
 
@@ -134,7 +135,8 @@ class RLState:
                        prompt_len=int(m["prompt_len"]), prompts=m["prompts"], completions=m["completions"])
         self.rollout = Rollout(
             generation=g, rewards=t["rewards"], advantages=t["advantages"], ref_logp=t.get("ref_logp"),
-            sample_seconds=float(m["sample_seconds"]), prompts=tuple(m["reward_prompts"]),
+            sample_seconds=float(m["sample_seconds"]), score_seconds=float(m.get("score_seconds", 0.0)),
+            reference_seconds=float(m.get("reference_seconds", 0.0)), prompts=tuple(m["reward_prompts"]),
             completions=tuple(m["reward_completions"]),
         )
         self.old_logp = t.get("old_logp")
@@ -157,6 +159,7 @@ class RLState:
                 logp, ent = completion_logprobs(
                     self.steered, g.tokens[rows], g.attention_mask[rows], g.prompt_len,
                     entropy_grad=config.entropy_coef > 0, temperature=config.logprob_temperature,
+                    share_prompts=config.recompute is False,  # (a block with a KV cache is not recomputed)
                 )
             if config.ppo_epochs > 1 and self.old_logp is None:
                 fresh.append(logp.detach())
@@ -180,6 +183,8 @@ class RLState:
             completion_tokens=n_tok.float() / rewards.shape[0],
             tokens_per_s=n_tok.float() / max(ro.sample_seconds, 1e-9),
             sample_s=torch.tensor(ro.sample_seconds),
+            score_s=torch.tensor(ro.score_seconds),
+            reference_s=torch.tensor(ro.reference_seconds),
         )
         if config.heldout_texts and (step % config.heldout_every == 0 or step == config.steps - 1):
             with torch.no_grad():
@@ -196,7 +201,8 @@ class RLResult(TrainResult):
     when ``kl_coef=0`` and ``log_kl=False``, which skip the reference forward), ``entropy``
     (nats/token), ``pg_loss``, ``clip_frac``, ``completion_tokens`` (mean generated tokens per
     completion), ``tokens_per_s`` (sampling throughput), ``sample_s``
-    (seconds sampling), ``heldout_loss`` (nats/token; NaN between evaluations), ``grad_norm``,
+    (seconds sampling), ``score_s`` (seconds in the reward), ``reference_s`` (seconds in the base
+    model's forward for ``kl``; 0 without it), ``heldout_loss`` (nats/token; NaN between evaluations), ``grad_norm``,
     ``lr`` and ``norm/<hook>``.
 
     Attributes:
