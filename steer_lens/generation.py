@@ -21,7 +21,8 @@ from steer_lens.errors import ConfigError, SequenceTooLongError
 from steer_lens.models import matmul_layout
 
 __all__ = [
-    "Generation", "last_position_logits", "new_kv_cache", "pick_next_token", "repeat_prompts", "sample_tokens",
+    "Generation", "distinct_prompts", "expand_kv_cache", "last_position_logits", "new_kv_cache", "pick_next_token",
+    "repeat_prompts", "sample_tokens",
     "unembeds_apart",
 ]
 
@@ -150,6 +151,35 @@ def new_kv_cache(model, batch: int, device):
     return TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
 
 
+def distinct_prompts(
+    tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"], Int[Tensor, " batch"]] | None:
+    """The distinct rows of ``(tokens, attention_mask)`` and, per row, which one it is; ``None`` if all differ.
+
+    Returns ``(distinct_tokens [n, pos], distinct_mask [n, pos], index [batch])`` with
+    ``distinct_tokens[index] == tokens`` (RL's groups: ``n`` prompts, each ``group_size`` times). A causal
+    model's activations on equal rows are equal, so a forward over the distinct rows, indexed by
+    ``index``, is the batch's forward (:func:`expand_kv_cache` for its key/value cache).
+    """
+    rows = torch.cat([tokens, attention_mask.to(tokens.dtype)], 1)
+    distinct, index = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return None
+    pos = tokens.shape[1]
+    return distinct[:, :pos], distinct[:, pos:].to(attention_mask.dtype), index
+
+
+def expand_kv_cache(cache, index: Int[Tensor, " batch"]) -> None:
+    """Make a TransformerLens key/value cache of ``n`` rows one of ``batch`` rows: row ``i`` takes ``index[i]``'s.
+
+    Keys, values and the attention mask are indexed (new tensors; under autograd the backward sums the
+    rows' gradients into the ``n`` cached rows). In place on ``cache``.
+    """
+    for entry in cache.entries:
+        entry.past_keys, entry.past_values = entry.past_keys[index], entry.past_values[index]
+    cache.previous_attention_mask = cache.previous_attention_mask[index]
+
+
 def unembeds_apart(steered) -> bool:
     """Whether the final norm and unembedding of ``steered`` can run apart from its blocks.
 
@@ -238,7 +268,12 @@ def sample_tokens(
         gen = torch.Generator(device=steered.device).manual_seed(seed)
     eos = steered.eos_token_id if stop_at_eos else None
     pad = steered.pad_token_id
-    cache = new_kv_cache(steered.model, batch, steered.device) if use_kv_cache else None
+    # a prompt repeated (RL's groups, n_samples) is prefilled once, its cache rows then copied
+    shared = distinct_prompts(tokens, attn) if use_kv_cache else None
+    n_prefill = batch if shared is None else shared[0].shape[0]
+    cache = new_kv_cache(steered.model, n_prefill, steered.device) if use_kv_cache else None
+    if cache is None:
+        shared = None
     prompt_end = torch.full((batch,), plen, device=steered.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=steered.device)
     new_tokens: list[Tensor] = []
@@ -247,7 +282,13 @@ def sample_tokens(
     # matmul_layout: TransformerLens copies W_U.T and the attention weights on every forward; one decode
     # step per token makes those copies most of the step on large vocabularies (same logits either way)
     with matmul_layout(steered.model), steered.steering(prompt_end=prompt_end, tokens=tokens):
-        logits = last_position_logits(steered, tokens, apart, attention_mask=attn, past_kv_cache=cache)
+        if shared is None:
+            logits = last_position_logits(steered, tokens, apart, attention_mask=attn, past_kv_cache=cache)
+        else:
+            p_tokens, p_mask, index = shared
+            steered.set_offset(0, prompt_end[:n_prefill], tokens=p_tokens)
+            logits = last_position_logits(steered, p_tokens, apart, attention_mask=p_mask, past_kv_cache=cache)[index]
+            expand_kv_cache(cache, index)
         for i in range(max_new_tokens):
             nxt = pick_next_token(logits, do_sample, temperature, top_p, top_k, gen, rows)
             alive.append(~finished)

@@ -396,6 +396,34 @@ def test_sampling_unembeds_the_last_position_only_and_equals_the_full_forward(ti
     assert apart == (full if len(hooks) == 2 else [(3, 1)] * 7)
 
 
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_sampling_prefills_each_distinct_prompt_once(tiny_model, positions):
+    """Rows that repeat a prompt (RL's groups) are prefilled once, the KV cache rows copied: the prefill
+    sees the 2 distinct prompts (one left-padded), not 6 rows; the seeded samples equal those of the loop
+    prefilling every row, and the rows of a group still sample independently."""
+    from unittest import mock
+
+    import steer_lens as sl
+    from steer_lens import generation
+
+    s = sl.SteeredTransformer(tiny_model, ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"], init="random",
+                              init_norm=6.0, seed=4, positions=positions)
+    toks = _tokens(tiny_model, batch=2, pos=6)[[0, 0, 0, 1, 1, 1]]
+    attn = torch.ones_like(toks)
+    attn[3:, :2] = 0
+    seen: list[tuple[int, ...]] = []
+    kw = dict(temperature=1.0, top_p=1.0, top_k=None, do_sample=True, seed=3, stop_at_eos=False, use_kv_cache=True)
+    with tiny_model.hooks(fwd_hooks=[("hook_embed", lambda a, hook: seen.append(tuple(a.shape[:2])))]):
+        got = generation.sample_tokens(s, toks, attn, None, 7, **kw)
+        shared = seen[:]
+        seen.clear()
+        with mock.patch.object(generation, "distinct_prompts", lambda t, a: None):
+            ref = generation.sample_tokens(s, toks, attn, None, 7, **kw)
+    assert shared == [(2, 6)] + [(6, 1)] * 6 and seen == [(6, 6)] + [(6, 1)] * 6
+    assert torch.equal(got.tokens, ref.tokens)
+    assert not torch.equal(got.tokens[0, 6:], got.tokens[1, 6:])
+
+
 # -- vectors of other hook shapes (issue 14: the width comes from the hook grammar) -------------------
 @pytest.mark.parametrize("hook, dims", [
     ("blocks.0.attn.hook_z", ("n_heads", "d_head")),

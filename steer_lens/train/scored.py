@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steer_lens.generation import new_kv_cache, unembeds_apart
+from steer_lens.generation import distinct_prompts, expand_kv_cache, new_kv_cache, unembeds_apart
 from steer_lens.hooks import frozen_parameters, shared_weights
 
 __all__ = ["scored_logits", "shared_prompt_logits", "unembeds_apart"]
@@ -114,23 +114,19 @@ def shared_prompt_logits(
     batch, seq = tokens.shape
     if not (unembeds_apart(steered) and 0 < prompt_len < seq and isinstance(steered.positions, str)):
         return None
-    prompts = torch.cat([tokens[:, :prompt_len], attention_mask[:, :prompt_len].to(tokens.dtype)], 1)
-    distinct, index = torch.unique(prompts, dim=0, return_inverse=True)
-    n = distinct.shape[0]
-    cache = new_kv_cache(steered.model, n, tokens.device) if n < batch else None
+    shared = distinct_prompts(tokens[:, :prompt_len], attention_mask[:, :prompt_len])
+    cache = None if shared is None else new_kv_cache(steered.model, shared[0].shape[0], tokens.device)
     if cache is None:
         return None
-    model, n_layers = steered.model, int(steered.model.cfg.n_layers)
-    p_tokens, p_mask = distinct[:, :prompt_len], distinct[:, prompt_len:].to(attention_mask.dtype)
+    p_tokens, p_mask, index = shared
+    n, model, n_layers = p_tokens.shape[0], steered.model, int(steered.model.cfg.n_layers)
     weights = shared_weights(model) if steered.records_gradients and torch.is_grad_enabled() \
         else contextlib.nullcontext()
     with steered.steering(prompt_end=torch.full((n,), prompt_len, device=tokens.device), tokens=p_tokens), weights:
         last = model(p_tokens, attention_mask=p_mask, past_kv_cache=cache, stop_at_layer=n_layers)[:, -1:]
         resid = last[index]
         if seq - prompt_len > 1:
-            for entry in cache.entries:  # every row takes its prompt's keys and values (gradients sum back)
-                entry.past_keys, entry.past_values = entry.past_keys[index], entry.past_values[index]
-            cache.previous_attention_mask = cache.previous_attention_mask[index]
+            expand_kv_cache(cache, index)  # every row takes its prompt's keys and values (gradients sum back)
             steered.set_offset(prompt_len, torch.full((batch,), prompt_len, device=tokens.device),
                                tokens=tokens[:, prompt_len:-1])
             rest = model(tokens[:, prompt_len:-1], attention_mask=attention_mask[:, prompt_len:-1],
