@@ -456,7 +456,9 @@ class SteeredTransformer(TokenizationMixin, nn.Module):
         the hook knows each step's absolute position. Every step unembeds the last position only
         (the prompt's too, as ``generate``'s ``logits_to_keep=1``; not with a vector at the final norm or
         the unembedding): no ``[batch, prompt, d_vocab]`` logits are allocated
-        (:func:`steer_lens.generation.last_position_logits`).
+        (:func:`steer_lens.generation.last_position_logits`). A prompt given several times (RL's
+        groups of samples) is prefilled once and its key/value cache rows copied
+        (:func:`steer_lens.generation.distinct_prompts`); its rows still sample independently.
 
         Args:
             prompts: one text, a list of texts, or token ids ``[batch, pos]`` (no padding); a
