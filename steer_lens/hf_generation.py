@@ -22,6 +22,9 @@ What is equal to :func:`steer_lens.generation.sample_tokens`: the next-token log
 top-p keeping the smallest set of mass ≥ ``top_p``), and the :class:`~steer_lens.generation.Generation`
 returned (tokens after a sequence's EOS hold the pad id, masks, the length: ``sample_tokens`` checks
 for "all finished" every 8 steps, and the completion is padded to the length it would have).
+A prompt repeated in the batch (RL's groups) is prefilled once: its tokens but the last run into a
+``DynamicCache`` whose rows are copied to the batch (``DynamicCache.batch_select_indices``), and
+``generate`` runs each row's last prompt token on it (``generate`` itself would run every row's prompt).
 What differs: the random numbers. ``generate`` draws ``torch.multinomial`` from the global generator
 (forked and seeded here when ``seed`` is given, so a seed reproduces a sample and the caller's RNG is
 untouched); ``sample_tokens`` draws exponential noise from a private generator. The same seed gives
@@ -34,6 +37,7 @@ architectures not in :data:`steer_lens.export.hf.SUPPORTED`; use ``steered.sampl
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -46,7 +50,7 @@ from torch import Tensor
 from steer_lens._utils import Conversation, Prompt, check_token_ids, is_conversation
 from steer_lens.errors import ConfigError, EmptyInputError, IncompatibleVectorError, SequenceTooLongError
 from steer_lens.export.hf import SUPPORTED, bias_vectors, load_hf_model
-from steer_lens.generation import Generation, check_sampling_args
+from steer_lens.generation import Generation, check_sampling_args, distinct_prompts
 from steer_lens.prompts import one_of
 
 __all__ = ["HFSampler", "check_same_weights", "generation_from_new_tokens"]
@@ -54,6 +58,11 @@ __all__ = ["HFSampler", "check_same_weights", "generation_from_new_tokens"]
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # TL model -> its transformers model
 _USE_TL = ("Fix: sample with steered.sample(...) (the TransformerLens sampler), which adds every kind of "
            "vector at every hook and position mask.")
+
+
+def _cache_kwarg(hf: Any) -> str:
+    """The name transformers gives the key/value cache argument: ``cache`` (5.x) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -289,7 +298,31 @@ class HFSampler:
         if do_sample:
             kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0 if top_k is None else top_k)
         with self._plain_generation_config(), self.applied() as hf, _seeded(seed, self.steered.device):
+            name = _cache_kwarg(hf)
+            if not {"cache", "past_key_values"} & set(hf_kwargs):
+                kw[name] = self._shared_prefill(hf, tokens, attn, name)
             return hf.generate(tokens, **kw, **hf_kwargs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _shared_prefill(hf: Any, tokens: Tensor, attn: Tensor, name: str) -> Any:
+        """A prompt repeated in ``tokens`` (RL's groups): each distinct prompt but its last token run once
+        into a ``DynamicCache``, whose rows are then copied to the batch; ``None`` when every prompt differs.
+
+        ``generate`` then runs only the uncached last position of each row (its prefill), with the
+        position ids it would give (``attention_mask.cumsum - 1``, 1 at padding).
+        """
+        shared = distinct_prompts(tokens, attn) if tokens.shape[1] > 1 else None
+        if shared is None:
+            return None
+        from transformers import DynamicCache
+
+        p_tokens, p_mask, index = shared[0][:, :-1], shared[1][:, :-1], shared[2]
+        cache = DynamicCache(config=hf.config)
+        position_ids = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)
+        hf(input_ids=p_tokens, attention_mask=p_mask, position_ids=position_ids, use_cache=True, **{name: cache})
+        cache.batch_select_indices(index)
+        return cache
 
     def sample_tokens(
         self,

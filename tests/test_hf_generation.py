@@ -83,6 +83,31 @@ def test_logits_equal_the_steered_transformer_lens_model_at_every_step(family):
     _assert_steps_equal(steered, HFSampler(steered, hf), toks, attn, seed=0, stop_at_eos=False)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+def test_repeated_prompts_are_prefilled_once_with_the_same_logits(family, monkeypatch):
+    """Rows repeating a prompt (RL's groups; two of the three prompts left-padded): the distinct prompts but
+    their last token run once into the cache, whose rows are copied; the logits of every step still equal
+    the steered TransformerLens model's, and the seeded samples equal those of the unshared prefill."""
+    from steer_lens import hf_generation
+
+    hf, steered = _steered(family, scale=1.3)
+    toks, attn = _left_padded()
+    toks, attn = toks[[0, 0, 1, 1, 2, 2]], attn[[0, 0, 1, 1, 2, 2]]
+    sampler = HFSampler(steered, hf)
+    rows: list[int] = []
+    handle = hf.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
+    try:
+        out = _assert_steps_equal(steered, sampler, toks, attn, seed=0, stop_at_eos=False)
+        shared = rows[:2]
+        rows.clear()
+        monkeypatch.setattr(hf_generation, "distinct_prompts", lambda t, a: None)
+        ref = sampler.generate_hf(toks, attn, 12, seed=0, stop_at_eos=False)
+    finally:
+        handle.remove()
+    assert shared == [(3, 6), (6, 1)] and rows[0] == (6, 7)  # 3 prompts x 6 tokens, then each row's last
+    assert torch.equal(out.sequences, ref)
+
+
 @pytest.mark.real_model
 def test_real_model_logits_equal_at_every_step_with_eos(real_model):
     steered = sl.SteeredTransformer(real_model, hooks=REAL_HOOKS, init=_vecs(REAL_HOOKS, 128, norm=0.5))
