@@ -124,7 +124,7 @@ if [ "$QUICK" = 1 ]; then
   step ab_recompute 60 $PY benchmarks/ab_recompute.py --device "$DEVICE" --model-config "$CONFIG" --batch 2 --seq 16 \
     --repeats 1 --json "$WORK/ab_recompute.json"
   step rl_step 120 $PY benchmarks/bench_rl_step.py --device "$DEVICE" --model-config "$CONFIG" --prompts 2 --group 2 \
-    --new-tokens 4 --steps 1 --json "$WORK/rl_step.json"
+    --new-tokens 4 --steps 1 --compare-share --json "$WORK/rl_step.json"
   step patching_smol_opaque 120 $PY benchmarks/bench_patching.py --device "$DEVICE" --models smol \
     --model-config "$CONFIG" --sweeps resid_pre --metric opaque --tl-sites 8 --no-plain --repeats 1 --no-memory \
     --json "$WORK/patching_smol_opaque.json"
