@@ -318,7 +318,10 @@ class HFSampler:
         from transformers import DynamicCache
 
         p_tokens, p_mask, index = shared[0][:, :-1], shared[1][:, :-1], shared[2]
-        cache = DynamicCache(config=hf.config)
+        try:
+            cache = DynamicCache(config=hf.config)
+        except TypeError:  # transformers before 4.56 builds its DynamicCache without the config
+            cache = DynamicCache()
         position_ids = (p_mask.long().cumsum(-1) - 1).masked_fill(p_mask == 0, 1)
         hf(input_ids=p_tokens, attention_mask=p_mask, position_ids=position_ids, use_cache=True, **{name: cache})
         cache.batch_select_indices(index)
