@@ -50,14 +50,17 @@ def _models(args):
     return sl.load_model(MODEL, gguf_file=GGUF, device=args.device), None
 
 
-def _prompts(steered, batch: int, device: torch.device):
-    """Left-padded prompts of different lengths: chat prompts (real model) or random ids (random model)."""
+def _prompts(steered, batch: int, device: torch.device, group: int = 1):
+    """Left-padded prompts of different lengths: chat prompts (real model) or random ids (random model),
+    ``batch / group`` distinct prompts each ``group`` times in a row (RL's groups; 1: every row distinct)."""
+    n = -(-batch // group)
     if getattr(steered.model, "tokenizer", None) is not None:
-        msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
-        return steered.left_pad([steered.prompt_tokens(m) for m in msgs])
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, steered.cfg.d_vocab, (8 + i % 5,), generator=g) for i in range(batch)]
-    return steered.left_pad(rows)
+        texts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})") for i in range(n)]
+        rows = [steered.prompt_tokens([{"role": "user", "content": t}]) for t in texts]
+    else:
+        g = torch.Generator().manual_seed(0)
+        rows = [torch.randint(3, steered.cfg.d_vocab, (8 + i % 5,), generator=g) for i in range(n)]
+    return steered.left_pad([r for r in rows for _ in range(group)][:batch])
 
 
 def _timed(fn, device) -> float:
@@ -83,6 +86,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--group", type=int, default=1,
+                    help="samples per prompt (RL's groups: both samplers prefill each distinct prompt once, "
+                         "generate every row); 1: every row a different prompt")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch default)")
     add_args(ap, model_config=True)
     args = ap.parse_args()
@@ -96,7 +102,7 @@ def main() -> None:
     sampler = HFSampler(steered, hf)
     hf = sampler.hf_model
     dev = steered.device
-    toks, attn = _prompts(steered, args.batch, dev)
+    toks, attn = _prompts(steered, args.batch, dev, args.group)
     new, pad = args.new_tokens, steered.pad_token_id
     kw = dict(temperature=1.0, top_p=1.0, top_k=None, do_sample=True, stop_at_eos=False)
     runs = {  # steered.sample's loop on the same left-padded batch (steered.sample takes unpadded ids)
@@ -120,9 +126,9 @@ def main() -> None:
     figures["speedup_hf_sampler_vs_transformer_lens"] = (figures["hf_sampler_tok_per_s"]
                                                         / figures["transformer_lens_sampler_tok_per_s"])
     figures["step0_logits_max_abs_diff"] = _step0_logit_diff(steered, sampler, toks, attn)
-    figures.update(n_vectors=len(hooks), batch=args.batch, new_tokens=new, prompt_len=int(toks.shape[1]),
+    figures.update(n_vectors=len(hooks), batch=args.batch, group=args.group, new_tokens=new, prompt_len=int(toks.shape[1]),
                    model=args.model_config or f"{MODEL}:{GGUF}")
-    print(f"# {len(hooks)} vectors at hook_mlp_out, batch {args.batch} x {new} new tokens, prompt {toks.shape[1]} "
+    print(f"# {len(hooks)} vectors at hook_mlp_out, batch {args.batch} ({args.group} per prompt) x {new} new tokens, prompt {toks.shape[1]} "
           f"(left-padded), temperature 1, median of {args.repeats}")
     for k in runs:
         print(f"{k:28s} {figures[k + '_tok_per_s']:9.1f} tok/s")
