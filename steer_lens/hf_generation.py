@@ -299,8 +299,9 @@ class HFSampler:
             kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0 if top_k is None else top_k)
         with self._plain_generation_config(), self.applied() as hf, _seeded(seed, self.steered.device):
             name = _cache_kwarg(hf)
-            if not {"cache", "past_key_values"} & set(hf_kwargs):
-                kw[name] = self._shared_prefill(hf, tokens, attn, name)
+            cache = None if {"cache", "past_key_values"} & set(hf_kwargs) else self._shared_prefill(hf, tokens, attn, name)
+            if cache is not None:
+                kw[name] = cache
             return hf.generate(tokens, **kw, **hf_kwargs)
 
     @staticmethod
